@@ -1,0 +1,28 @@
+"""pymglu: Masked Gated Linear Units (MGLU) on NumPy and CuPy, with FlashMGLU CUDA kernels.
+
+Public API (re-exported here): the array-level reference :mod:`pymglu.functional`, masks and bit-planes
+(:mod:`pymglu.masks`), the autograd tape (:mod:`pymglu.autograd`), layers (:mod:`pymglu.nn`), optimizers
+(:mod:`pymglu.optim`) and checkpoints (:mod:`pymglu.io`).
+"""
+__version__ = "0.1.0"
+
+from pymglu.backend import DeviceMismatchError, get_array_module, gpu_available
+from pymglu.functional import glu, mglu
+from pymglu.masks import mask_statistics, masks_from_logits, pack_masks, unpack_masks
+from pymglu.autograd import Tensor, check_grads, no_grad
+
+__all__ = [
+    "__version__",
+    "DeviceMismatchError",
+    "Tensor",
+    "check_grads",
+    "get_array_module",
+    "glu",
+    "gpu_available",
+    "mask_statistics",
+    "masks_from_logits",
+    "mglu",
+    "no_grad",
+    "pack_masks",
+    "unpack_masks",
+]

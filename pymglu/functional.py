@@ -1,0 +1,195 @@
+"""MGLU and GLU forward and backward on arrays: the reference path for every backend.
+
+Notation (DESIGN.md sections 1-2; the paper swaps the letters ``d`` and ``h``):
+
+* ``x``: ``(..., d)`` activations; ``W``: ``(h, d)`` shared weight (``[out, in]``, like a Linear weight);
+* ``masks``: ``(n, h, d)`` bool, ``M_i`` marks the elements of ``W`` that feed the gate of route ``i``,
+  or the same masks packed as ``(n, h, ceil(d/32))`` uint32 bit-planes (:mod:`pymglu.masks`);
+* ``y = sum_i g(s_i) * (t - s_i)`` with ``t = x W^T`` and ``s_i = x (M_i * W)^T``: ``(..., h)``.
+
+The complement trick gives every value stream as ``t - s_i``, so a pass needs ``n + 1`` products;
+the backward pass needs ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the mask-logit gradients
+(straight-through estimator), which share ``e_i^T x``. Masked copies of ``W`` are built one at a time.
+
+dtypes: float64 is computed in float64; float32, float16 and bfloat16 (``ml_dtypes``) in float32, with
+outputs and ``dx``/``dW`` cast back to the input dtype. Works on NumPy and CuPy arrays alike.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pymglu import _checks, activations, masks as _masks
+from pymglu.backend import get_array_module, unwrap
+from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
+
+__all__ = ["MGLUCache", "mglu", "mglu_forward", "mglu_backward", "glu", "glu_forward", "glu_backward"]
+
+
+class MGLUCache(NamedTuple):
+    """What :func:`mglu_backward` needs from the forward pass, in the compute dtype.
+
+    ``t``: ``(N, h)`` full product ``x W^T``; ``s``: ``(n, N, h)`` gate products; ``N`` = tokens.
+    """
+
+    t: Any
+    s: Any
+
+
+def _check_x_w(x: Any, W: Any, w_name: str = "W") -> None:
+    _checks.check_dtype("x", x, FLOAT_DTYPES)
+    _checks.check_ndim(w_name, W, 2)
+    _checks.check_dtype(w_name, W, FLOAT_DTYPES)
+    _checks.check_same_dtype(("x", w_name), x, W)
+    _checks.check_min_ndim("x", x, 1)
+    if x.shape[-1] != W.shape[1]:
+        raise ValueError(
+            f"x: expected last dim d = {W.shape[1]} (the input width of {w_name}), got {_checks.describe(x)}"
+        )
+
+
+def _bool_masks(masks: Any, W: Any) -> Any:
+    """Validate ``masks`` against ``W`` and return them as ``(n, h, d)`` bool."""
+    h, d = W.shape
+    if masks.dtype == np.uint32:
+        _masks.check_packed(masks, None, h, d, name="masks")
+        return _masks.unpack_masks(masks, d)
+    _checks.check_dtype("masks", masks, (np.bool_,))
+    _checks.check_shape("masks", masks, (None, h, d))
+    if masks.shape[0] < 1:
+        raise ValueError(f"masks: expected n_masks >= 1, got {_checks.describe(masks)}")
+    return masks
+
+
+def _flatten(x: Any, ct: np.dtype) -> Any:
+    return x.reshape(-1, x.shape[-1]).astype(ct, copy=False)
+
+
+def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[Any, MGLUCache]:
+    """MGLU forward that also returns the cache :func:`mglu_backward` needs.
+
+    Args:
+        x: ``(..., d)`` float array. W: ``(h, d)``, same dtype and device as ``x``.
+        masks: ``(n, h, d)`` bool, or ``(n, h, ceil(d/32))`` uint32 bit-planes, ``n >= 1``.
+        activation: one of :data:`pymglu.activations.ACTIVATIONS`.
+    Returns:
+        ``y`` of shape ``(..., h)`` in ``x.dtype``, and an :class:`MGLUCache`.
+    """
+    x, W, masks = unwrap(x), unwrap(W), unwrap(masks)
+    activations.check_activation(activation)
+    xp = get_array_module(x, W, masks)
+    _check_x_w(x, W)
+    masks = _bool_masks(masks, W)
+    ct = compute_dtype(x.dtype)
+    xf = _flatten(x, ct)
+    Wc = W.astype(ct, copy=False)
+    t = xf @ Wc.T
+    s = xp.stack([xf @ (Wc * m).T for m in masks])
+    y = (activations.forward(s, activation) * (t - s)).sum(axis=0)
+    return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (W.shape[0],)), MGLUCache(t, s)
+
+
+def mglu(x: Any, W: Any, masks: Any, activation: str = "silu") -> Any:
+    """``y = sum_i g(x (M_i*W)^T) * x ((1-M_i)*W)^T``: ``(..., h)`` in ``x.dtype``. See :func:`mglu_forward`."""
+    return mglu_forward(x, W, masks, activation)[0]
+
+
+def mglu_backward(
+    dy: Any, x: Any, W: Any, masks: Any, activation: str = "silu", cache: MGLUCache | None = None
+) -> tuple[Any, Any, Any]:
+    """Gradients of MGLU with the straight-through estimator for the masks.
+
+    Args:
+        dy: ``(..., h)`` upstream gradient. x, W, masks, activation: as in :func:`mglu_forward`.
+        cache: the forward's cache; recomputed (``n + 1`` products) when ``None``.
+    Returns:
+        ``dx`` ``(..., d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, and ``dlogits``
+        ``(n, h, d)`` in the compute dtype (float32, or float64 for float64 inputs):
+        ``dlogits_i = W * (e_i^T x)``, the STE gradient of the mask logits.
+    """
+    dy, x, W, masks = unwrap(dy), unwrap(x), unwrap(W), unwrap(masks)
+    activations.check_activation(activation)
+    xp = get_array_module(dy, x, W, masks)
+    _check_x_w(x, W)
+    masks = _bool_masks(masks, W)
+    h = W.shape[0]
+    _checks.check_dtype("dy", dy, FLOAT_DTYPES)
+    _checks.check_shape("dy", dy, tuple(x.shape[:-1]) + (h,))
+    if cache is None:
+        cache = mglu_forward(x, W, masks, activation)[1]
+    ct = compute_dtype(x.dtype)
+    xf = _flatten(x, ct)
+    dyf = dy.reshape(-1, h).astype(ct, copy=False)
+    Wc = W.astype(ct, copy=False)
+    t, s = cache
+    a = activations.forward(s, activation)
+    dv = dyf * a                                   # (n, N, h)
+    e = dyf * (t - s) * activations.derivative(s, activation) - dv
+    dv_sum = dv.sum(axis=0)                        # (N, h)
+    dx = dv_sum @ Wc
+    dW = dv_sum.T @ xf
+    dlogits = xp.empty(masks.shape, dtype=ct)
+    for i, m in enumerate(masks):
+        masked = Wc * m
+        dx += e[i] @ masked
+        g = e[i].T @ xf                            # (h, d), shared by dW and dlogits
+        dW += g * m
+        dlogits[i] = Wc * g
+    return (
+        dx.astype(x.dtype, copy=False).reshape(x.shape),
+        dW.astype(W.dtype, copy=False),
+        dlogits,
+    )
+
+
+def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> tuple[Any, tuple[Any, Any]]:
+    """GLU forward ``g(x Wg^T) * (x Wv^T)``; returns ``y`` ``(..., h)`` and the cache ``(gate, value)``.
+
+    ``W_gate`` and ``W_value`` are ``(h, d)``, same dtype and device as ``x``.
+    """
+    x, W_gate, W_value = unwrap(x), unwrap(W_gate), unwrap(W_value)
+    activations.check_activation(activation)
+    get_array_module(x, W_gate, W_value)
+    _check_x_w(x, W_gate, "W_gate")
+    _check_x_w(x, W_value, "W_value")
+    _checks.check_shape("W_value", W_value, W_gate.shape)
+    ct = compute_dtype(x.dtype)
+    xf = _flatten(x, ct)
+    gate = xf @ W_gate.astype(ct, copy=False).T
+    value = xf @ W_value.astype(ct, copy=False).T
+    y = activations.forward(gate, activation) * value
+    return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (W_gate.shape[0],)), (gate, value)
+
+
+def glu(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:
+    """``g(x Wg^T) * (x Wv^T)``: ``(..., h)`` in ``x.dtype``. See :func:`glu_forward`."""
+    return glu_forward(x, W_gate, W_value, activation)[0]
+
+
+def glu_backward(
+    dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str = "silu", cache: tuple[Any, Any] | None = None
+) -> tuple[Any, Any, Any]:
+    """Gradients of GLU: ``dx`` ``(..., d)``, ``dW_gate`` and ``dW_value`` ``(h, d)`` in the input dtypes."""
+    dy, x, W_gate, W_value = unwrap(dy), unwrap(x), unwrap(W_gate), unwrap(W_value)
+    activations.check_activation(activation)
+    get_array_module(dy, x, W_gate, W_value)
+    _check_x_w(x, W_gate, "W_gate")
+    _check_x_w(x, W_value, "W_value")
+    h = W_gate.shape[0]
+    _checks.check_dtype("dy", dy, FLOAT_DTYPES)
+    _checks.check_shape("dy", dy, tuple(x.shape[:-1]) + (h,))
+    if cache is None:
+        cache = glu_forward(x, W_gate, W_value, activation)[1]
+    gate, value = cache
+    ct = compute_dtype(x.dtype)
+    xf = _flatten(x, ct)
+    dyf = dy.reshape(-1, h).astype(ct, copy=False)
+    d_value = dyf * activations.forward(gate, activation)
+    d_gate = dyf * value * activations.derivative(gate, activation)
+    dx = d_gate @ W_gate.astype(ct, copy=False) + d_value @ W_value.astype(ct, copy=False)
+    return (
+        dx.astype(x.dtype, copy=False).reshape(x.shape),
+        (d_gate.T @ xf).astype(W_gate.dtype, copy=False),
+        (d_value.T @ xf).astype(W_value.dtype, copy=False),
+    )
