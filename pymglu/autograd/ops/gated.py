@@ -1,0 +1,58 @@
+"""MGLU and GLU as single tape ops; the math lives in :mod:`pymglu.functional`."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pymglu import functional
+from pymglu.autograd.function import Function
+
+
+class MGLU(Function):
+    """``y = sum_i g(x (M_i*W)^T) * x ((1-M_i)*W)^T`` with ``M_i = logits_i > 0``.
+
+    The third input is either float mask logits ``(n, h, d)`` (trainable through the straight-through
+    estimator) or fixed masks: bool ``(n, h, d)`` or uint32 bit-planes ``(n, h, ceil(d/32))``.
+    """
+
+    def forward(self, x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:
+        self.is_logits = np.dtype(masks_or_logits.dtype).kind == "f" or masks_or_logits.dtype.name == "bfloat16"
+        if self.is_logits:
+            self.logits_dtype = masks_or_logits.dtype
+            masks = masks_or_logits > 0
+        else:
+            masks = masks_or_logits
+        y, cache = functional.mglu_forward(x, W, masks, activation)
+        self.x, self.W, self.masks, self.activation, self.cache = x, W, masks, activation, cache
+        return y
+
+    def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        dx, dW, dlogits = functional.mglu_backward(g, self.x, self.W, self.masks, self.activation, self.cache)
+        dl = dlogits.astype(self.logits_dtype, copy=False) if self.is_logits else None
+        return dx, dW, dl
+
+
+class GLU(Function):
+    """``y = g(x Wg^T) * (x Wv^T)``."""
+
+    def forward(self, x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:
+        y, cache = functional.glu_forward(x, W_gate, W_value, activation)
+        self.x, self.W_gate, self.W_value, self.activation, self.cache = x, W_gate, W_value, activation, cache
+        return y
+
+    def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        return functional.glu_backward(g, self.x, self.W_gate, self.W_value, self.activation, self.cache)
+
+
+def mglu(x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:
+    """MGLU on Tensors: ``x`` ``(..., d)``, ``W`` ``(h, d)``, mask logits ``(n, h, d)`` (or fixed masks).
+
+    Returns a Tensor of shape ``(..., h)`` in ``x``'s dtype. See :func:`pymglu.functional.mglu`.
+    """
+    return MGLU.apply(x, W, masks_or_logits, activation=activation)
+
+
+def glu(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:
+    """GLU on Tensors: ``g(x Wg^T) * (x Wv^T)``, ``(..., h)``. See :func:`pymglu.functional.glu`."""
+    return GLU.apply(x, W_gate, W_value, activation=activation)
