@@ -29,3 +29,29 @@ def as_array_like(a: Any, like: Any) -> Any:
     if hasattr(a, "shape"):
         return a
     return get_array_module(like).asarray(a, dtype=like.dtype) if hasattr(like, "dtype") else a
+
+
+def normalize_axes(name: str, axis: Any, ndim: int) -> tuple[int, ...]:
+    """``axis`` (``None``, an int or a sequence of ints) as sorted non-negative axes of an ``ndim``-d array.
+
+    Raises ValueError naming ``name`` for an axis out of range or given twice, TypeError for a non-integer.
+    """
+    import numpy as np
+
+    if axis is None:
+        return tuple(range(ndim))
+    items = (axis,) if isinstance(axis, (int, np.integer)) else axis
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name}: expected None, an int or a sequence of ints, got {axis!r}") from None
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"{name}: expected None, an int or a sequence of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}: axis {a} is out of range for an array of {ndim} dims")
+        out.append(int(a) % ndim if ndim else 0)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated axis in {axis!r}")
+    return tuple(sorted(out))
