@@ -63,3 +63,8 @@ def test_rms_norm_errors():
         ops.rms_norm(x, np.ones(4), eps=float("nan"))
     with pytest.raises(ValueError, match="eps: expected a number >= 0"):
         ops.rms_norm(x, np.ones(4), eps=-1.0)
+
+
+def test_rms_norm_eps_must_be_a_number():
+    with pytest.raises(TypeError, match="eps: expected a real number, got '1e-6'"):
+        ops.rms_norm(Tensor(np.ones((2, 4))), np.ones(4), eps="1e-6")

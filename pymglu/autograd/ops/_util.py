@@ -55,3 +55,12 @@ def normalize_axes(name: str, axis: Any, ndim: int) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"{name}: repeated axis in {axis!r}")
     return tuple(sorted(out))
+
+
+def real_number(name: str, value: Any, **bounds: Any) -> float:
+    """:func:`pymglu._checks.check_finite` that also refuses strings (``float("0.5")`` would accept them)."""
+    from pymglu import _checks
+
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    return _checks.check_finite(name, value, **bounds)

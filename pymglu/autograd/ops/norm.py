@@ -5,6 +5,7 @@ from typing import Any
 
 from pymglu import _checks
 from pymglu.autograd.function import Function
+from pymglu.autograd.ops._util import real_number
 from pymglu.backend import get_array_module
 from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
@@ -24,7 +25,7 @@ class RMSNorm(Function):
         _checks.check_dtype("weight", weight, FLOAT_DTYPES)
         _checks.check_shape("weight", weight, (x.shape[-1],))
         _checks.check_same_dtype(("x", "weight"), x, weight)
-        eps = _checks.check_finite("eps", eps, minimum=0.0)
+        eps = real_number("eps", eps, minimum=0.0)
         xp = get_array_module(x, weight)
         ct = compute_dtype(x.dtype)
         xc = x.astype(ct, copy=False)
