@@ -120,7 +120,8 @@ class Tensor:
                 continue
             fn = node._creator
             if fn is None:
-                node.grad = g if node.grad is None else node.grad + g
+                # copy on first store: g may be the caller's array or shared with another leaf
+                node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             if fn.released:
                 raise GraphFreedError(
