@@ -33,7 +33,9 @@ class StateDictError(ValueError):
             parts.append("unexpected keys: " + ", ".join(unexpected))
         if mismatched:
             parts.append("mismatched: " + "; ".join(mismatched))
-        super().__init__(f"cannot load state into {owner} (nothing was changed): " + " | ".join(parts))
+        #: the problems alone, without the leading sentence.
+        self.details = " | ".join(parts)
+        super().__init__(f"cannot load state into {owner} (nothing was changed): {self.details}")
 
 
 def _as_array(data: Any) -> Any:
