@@ -1,0 +1,245 @@
+"""FlashMGLU: MGLU decode (1 to 16 tokens) in one pass over ``W`` and the mask bits, on CuPy arrays.
+
+``y = sum_i g(s_i) * (t - s_i)`` with ``t = x W^T``, ``s_i = x (M_i * W)^T``; ``x`` ``(T, d)`` or
+``(..., d)`` with at most 16 tokens, ``W`` ``(h, d)``, masks as canonical bit-planes
+``(n, h, ceil(d/32))`` uint32 (:mod:`pymglu.masks`), ``n`` from 1 to :data:`MAX_MASKS`.
+
+Two kernels (``flash_mglu.cu``), chosen by the dtype of ``W``:
+
+* bfloat16 / float16: the tensor-core kernel. It reads ``W`` and the masks in its own *inference
+  format*, built once by :func:`pack_weights` (a :class:`FlashMGLUWeights`):
+
+  - ``w_tiles`` ``(S, G, 4, 32, 8)`` (``S = ceil(h/16)`` row strips, ``G = ceil(d/64)`` column groups,
+    4 tiles of 16x16 per group, 32 lanes, 8 elements): lane ``L = 4 g + c`` of tile ``q`` holds the
+    ``mma.m16n8k16`` A fragment ``W[r0+g, k0+2c+{0,1}], W[r0+g+8, k0+2c+{0,1}], W[r0+g, k0+2c+8+{0,1}],
+    W[r0+g+8, k0+2c+8+{0,1}]`` (``r0 = 16 s``, ``k0 = 64 G + 16 q``), zero-padded past ``h`` and ``d``;
+  - ``mask_words`` ``(S, G, n, 32)`` uint32: word ``(s, G, i, L)`` holds the 32 bits of mask ``i`` for
+    lane ``L``'s 8 elements in each of the 4 tiles. Register ``j`` of tile ``q`` is register-mask
+    ``p = 4 q + j``; its two elements sit at bits ``7 - p//2 + 16 (p % 2)`` and that plus 8, so that
+    one left shift and one ``prmt`` turn them into 0x0000/0xFFFF halfword masks.
+
+  Bytes read per call: ``2 h d + n h d / 8`` (plus padding to multiples of 16 rows and 64 columns).
+* float32: a CUDA-core kernel over ``W`` and the canonical bit-planes as they are (no packing);
+  correct, not tuned.
+
+Accumulation is float32, the output is in the input dtype, and the default path uses no float
+atomics: the same inputs give the same bits. The kernels run on CuPy's current stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from pymglu import _checks, activations
+from pymglu import cuda as _cuda
+from pymglu import masks as _masks
+from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
+from pymglu.dtypes import bfloat16, float16, float32
+
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "flash_mglu", "kernel_names"]
+
+MAX_MASKS = 16
+MAX_TOKENS = 16
+#: warps per block of the tensor-core kernel; they split the 64-column groups of a 16-row strip.
+MMA_WARPS = 4
+SIMT_ROWS_PER_BLOCK = 4
+
+_SOURCE = "flash_mglu.cu"
+_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid": 4}
+_CUDA_TYPES = {bfloat16: "__nv_bfloat16", float16: "__half", float32: "float"}
+
+
+def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int = MMA_WARPS) -> str:
+    return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {nt}, {warps}>"
+
+
+def _simt_name(dtype: np.dtype, n: int) -> str:
+    return f"pymglu::flash_mglu_simt<{_CUDA_TYPES[np.dtype(dtype)]}, {n}>"
+
+
+def kernel_names() -> list[str]:
+    """Every template instance the library can launch (for compile checks): name expressions."""
+    names = [_mma_name(dt, n, nt) for dt in (bfloat16, float16) for n in range(1, MAX_MASKS + 1) for nt in (1, 2)]
+    names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashMGLUWeights:
+    """``W`` and its masks in the layout the FlashMGLU kernel for their dtype reads (module docstring).
+
+    For bfloat16/float16, ``w_tiles`` and ``mask_words`` hold the tensor-core format; for float32
+    ``w_tiles`` is ``W`` itself and ``mask_words`` the canonical bit-planes.
+    """
+
+    w_tiles: Any
+    mask_words: Any
+    h: int
+    d: int
+    n_masks: int
+    dtype: np.dtype
+
+    @property
+    def uses_tensor_cores(self) -> bool:
+        return self.dtype != float32
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per call for the weights and masks (padding included)."""
+        return int(self.w_tiles.nbytes + self.mask_words.nbytes)
+
+
+def _require_device_array(name: str, a: Any) -> None:
+    if not is_cupy_array(a):
+        raise TypeError(
+            f"{name}: FlashMGLU needs a CuPy array on the GPU, got {_checks.describe(a)}; "
+            "use pymglu.functional.mglu for NumPy arrays"
+        )
+
+
+def pack_weights(W: Any, packed_masks: Any) -> FlashMGLUWeights:
+    """Build the kernel's inference format from ``W`` ``(h, d)`` and bit-planes ``(n, h, ceil(d/32))``.
+
+    Args:
+        W: CuPy array, bfloat16, float16 or float32.
+        packed_masks: CuPy uint32 bit-planes on the same device, ``1 <= n <= MAX_MASKS``.
+    Returns:
+        A :class:`FlashMGLUWeights`; build it once per layer and reuse it for every call.
+    """
+    W, packed_masks = unwrap(W), unwrap(packed_masks)
+    _require_device_array("W", W)
+    _require_device_array("packed_masks", packed_masks)
+    _checks.check_ndim("W", W, 2)
+    _checks.check_dtype("W", W, tuple(_CUDA_TYPES))
+    h, d = (int(s) for s in W.shape)
+    _masks.check_packed(packed_masks, None, h, d)
+    if W.device.id != packed_masks.device.id:
+        raise ValueError(
+            f"W and packed_masks must be on one device, got {_checks.describe(W)} and {_checks.describe(packed_masks)}"
+        )
+    n = int(packed_masks.shape[0])
+    if n > MAX_MASKS:
+        raise ValueError(f"packed_masks: FlashMGLU supports 1 to {MAX_MASKS} masks, got n = {n}")
+    cp = cupy_or_none()
+    dtype = np.dtype(W.dtype)
+    with cp.cuda.Device(W.device.id):
+        if dtype == float32:
+            return FlashMGLUWeights(cp.ascontiguousarray(W), cp.ascontiguousarray(packed_masks), h, d, n, dtype)
+        strips, groups = -(-h // 16), -(-d // 64)
+        w16 = cp.zeros((strips * 16, groups * 64), dtype=cp.uint16)
+        w16[:h, :d] = cp.ascontiguousarray(W).view(cp.uint16)
+        # (S, rh, g, G, q, ch, c, e) -> (S, G, q, g, c, ch, rh, e): row = 8 rh + g, col = 16 q + 8 ch + 2 c + e
+        w_tiles = w16.reshape(strips, 2, 8, groups, 4, 2, 4, 2).transpose(0, 3, 4, 2, 6, 5, 1, 7)
+        w_tiles = cp.ascontiguousarray(w_tiles).reshape(strips, groups, 4, 32, 8).view(W.dtype)
+        words = cp.empty((strips, groups, n, 32), dtype=cp.uint32)
+        for i in range(n):
+            words[:, :, i, :] = _mask_words_one_plane(cp, packed_masks[i], h, d, strips, groups)
+    return FlashMGLUWeights(w_tiles, words, h, d, n, dtype)
+
+
+def _bit_positions(cp: Any) -> Any:
+    """Bit of each element in a lane's mask word, shaped to broadcast over (rh, g, G, q, ch, c, e)."""
+    rh = np.arange(2).reshape(2, 1, 1, 1, 1, 1, 1)
+    q = np.arange(4).reshape(1, 1, 1, 4, 1, 1, 1)
+    ch = np.arange(2).reshape(1, 1, 1, 1, 2, 1, 1)
+    e = np.arange(2).reshape(1, 1, 1, 1, 1, 1, 2)
+    p = 4 * q + 2 * ch + rh
+    return cp.asarray((7 - p // 2 + 16 * (p % 2) + 8 * e).astype(np.uint32))
+
+
+def _mask_words_one_plane(cp: Any, plane: Any, h: int, d: int, strips: int, groups: int) -> Any:
+    bits = cp.zeros((strips * 16, groups * 64), dtype=cp.uint32)
+    bits[:h, :d] = _masks.unpack_masks(plane, d)
+    bits = bits.reshape(strips, 2, 8, groups, 4, 2, 4, 2)
+    shifted = bits << _bit_positions(cp)[None]
+    words = shifted.sum(axis=(1, 4, 5, 7), dtype=cp.uint32)  # distinct bits: the sum is an OR
+    return words.transpose(0, 2, 1, 3).reshape(strips, groups, 32)
+
+
+def flash_mglu(
+    x: Any,
+    W: Any,
+    packed_masks: Any = None,
+    activation: str = "silu",
+    out: Any = None,
+) -> Any:
+    """MGLU decode on the GPU for 1 to 16 tokens.
+
+    Args:
+        x: CuPy array ``(..., d)`` with at most 16 tokens (product of the leading dims), dtype of ``W``.
+            A non-contiguous or misaligned ``x`` is copied to a contiguous array first.
+        W: a :class:`FlashMGLUWeights` from :func:`pack_weights` (fast: pack once, call many times),
+            or a CuPy ``(h, d)`` array together with ``packed_masks``; then the weights are packed on
+            every call, one extra pass over ``W``.
+        packed_masks: ``(n, h, ceil(d/32))`` uint32 bit-planes when ``W`` is an array, else ``None``.
+        activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"sigmoid"``.
+        out: optional C-contiguous CuPy array ``(..., h)`` of ``x``'s dtype to write into; with it the
+            call allocates nothing (for a contiguous aligned ``x``) and can be captured in a CUDA graph.
+    Returns:
+        ``y`` ``(..., h)`` in ``x``'s dtype (``out`` when given).
+    """
+    activations.check_activation(activation)
+    if isinstance(W, FlashMGLUWeights):
+        if packed_masks is not None:
+            raise ValueError("packed_masks: must be None when W is a FlashMGLUWeights (it holds the masks)")
+        weights = W
+    else:
+        if packed_masks is None:
+            raise ValueError("packed_masks: required when W is an array (or pass W = pack_weights(W, packed_masks))")
+        weights = pack_weights(W, packed_masks)
+    x = unwrap(x)
+    _require_device_array("x", x)
+    _checks.check_min_ndim("x", x, 1)
+    if np.dtype(x.dtype) != weights.dtype:
+        raise TypeError(f"x: expected dtype {weights.dtype.name} (the dtype of W), got {_checks.describe(x)}")
+    if x.shape[-1] != weights.d:
+        raise ValueError(f"x: expected last dim d = {weights.d}, got {_checks.describe(x)}")
+    if x.device.id != weights.w_tiles.device.id:
+        raise ValueError(
+            f"x: expected an array on cuda:{weights.w_tiles.device.id} (where W is), got {_checks.describe(x)}"
+        )
+    n_tokens = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if n_tokens > MAX_TOKENS:
+        raise ValueError(
+            f"x: FlashMGLU serves 1 to {MAX_TOKENS} tokens, got {n_tokens} ({_checks.describe(x)}); "
+            "use pymglu.functional.mglu (cuBLAS products) for larger batches"
+        )
+    out_shape = tuple(x.shape[:-1]) + (weights.h,)
+    cp = cupy_or_none()
+    if out is None:
+        out = cp.empty(out_shape, dtype=x.dtype)
+    else:
+        out = unwrap(out)
+        _require_device_array("out", out)
+        _checks.check_shape("out", out, out_shape)
+        if np.dtype(out.dtype) != weights.dtype or not out.flags.c_contiguous or out.device.id != x.device.id:
+            raise ValueError(
+                f"out: expected a C-contiguous {weights.dtype.name} array of shape {out_shape} on "
+                f"cuda:{x.device.id}, got {_checks.describe(out)} (contiguous={out.flags.c_contiguous})"
+            )
+    if n_tokens == 0:
+        return out
+    if not x.flags.c_contiguous or x.data.ptr % 4:
+        x = x.copy()  # documented rule: non-contiguous or misaligned inputs are copied
+    _launch(cp, weights, x, out, n_tokens, _ACTIVATION_CODES[activation])
+    return out
+
+
+def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act: int) -> None:
+    i32 = np.int32
+    with cp.cuda.Device(x.device.id):
+        if wts.uses_tensor_cores:
+            nt = 1 if n_tokens <= 8 else 2
+            name = _mma_name(wts.dtype, wts.n_masks, nt)
+            kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
+            strips, groups = wts.w_tiles.shape[:2]
+            kernel((strips,), (MMA_WARPS * 32,),
+                   (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act)))
+        else:
+            name = _simt_name(wts.dtype, wts.n_masks)
+            kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
+            blocks = -(-wts.h // SIMT_ROWS_PER_BLOCK)
+            kernel((blocks,), (SIMT_ROWS_PER_BLOCK * 32,),
+                   (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(act)))
