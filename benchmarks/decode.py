@@ -155,7 +155,8 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
             cp.matmul(x, Wg[k % n_g].T, out=gu)
             silu_mul((blocks,), (256,), (gu, y, np.int32(T), np.int32(h)))
 
-        glu[T] = {"cupy": time_graph([lambda k=k: glu_call(k) for k in range(calls_per_graph)], args.replays, stream)}
+        # CuPy refuses cuBLAS calls during stream capture: back-to-back launches timed with events.
+        glu[T] = {"cupy": time_events([lambda k=k: glu_call(k) for k in range(calls_per_graph)], args.replays, stream)}
         if have_torch:
             import torch
             import torch.nn.functional as F

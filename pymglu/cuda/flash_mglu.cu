@@ -17,9 +17,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
 
 namespace pymglu {
+
+// NVRTC ships no <stdint.h>; these are the only fixed-width types the kernels need.
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
 
 enum Activation { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SIGMOID = 4 };
 
@@ -230,12 +233,11 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
 // CUDA-core path over canonical bit-planes
 // ---------------------------------------------------------------------------------------------
 
-constexpr int SIMT_TOKENS = 4;
-
 template <typename T, int N_MASKS>
 __global__ void __launch_bounds__(128)
 flash_mglu_simt(const T* __restrict__ W, const uint32_t* __restrict__ planes, const T* __restrict__ x,
                 T* __restrict__ y, int n_tokens, int d, int h, int act) {
+  constexpr int SIMT_TOKENS = 4;
   const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= h) return;
