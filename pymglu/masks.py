@@ -58,11 +58,12 @@ def pack_masks(masks: Any) -> Any:
     if masks.dtype != np.bool_:
         if masks.dtype.kind != "f" and np.dtype(masks.dtype).name != "bfloat16":
             raise TypeError(f"masks: expected bool masks or float logits, got {_checks.describe(masks)}")
-        masks = masks > 0
     if is_cupy_array(masks):
         from pymglu.cuda import bitpack
 
-        return bitpack.pack_masks_device(masks)
+        return bitpack.pack_masks_device(masks)  # thresholds float logits (> 0) inside the kernel
+    if masks.dtype != np.bool_:
+        masks = masks > 0
     return _pack_numpy(masks)
 
 
