@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from types import ModuleType
 from typing import Any, Callable
 
 from pymglu import _checks, activations
@@ -151,15 +152,32 @@ class MGLU(Module):
         offers one, else the reference op (which also records gradients for ``x`` and ``W``)."""
         packed = self._current_packed()
         kernel = self._flash_kernel(x)
-        if kernel is not None:
-            return Tensor(kernel(x.data, self.W.data, packed, self.activation))
-        return ops.mglu(x, self.W, packed, activation=self.activation)
+        if kernel is None:
+            return ops.mglu(x, self.W, packed, activation=self.activation)
+        flash, pack_weights = kernel
+        if pack_weights is None:
+            return Tensor(flash(x.data, self.W.data, packed, self.activation))
+        return Tensor(flash(x.data, self._flash_weights(pack_weights, packed), None, self.activation))
 
-    def _flash_kernel(self, x: Tensor) -> Callable[..., Any] | None:
-        """``pymglu.cuda.flash_mglu(x, W, packed, activation) -> y`` when it applies, else ``None``.
+    def _flash_weights(self, pack_weights: Callable[[Any, Any], Any], packed: Any) -> Any:
+        """The kernel's own inference format of ``(W, packed)``, built once and kept until ``W`` or the
+        bit-planes change (same identity-and-version key as the bit-plane cache)."""
+        key = (self.W.data, self.W.version, packed)
+        cached = self.__dict__.get("_flash_cache")
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1] and cached[0][2] is key[2]:
+            return cached[1]
+        weights = pack_weights(self.W.data, packed)
+        self._flash_cache = (key, weights)
+        return weights
+
+    def _flash_kernel(self, x: Tensor) -> tuple[Callable[..., Any], Callable[..., Any] | None] | None:
+        """``(flash_mglu, pack_weights or None)`` when the GPU decode kernel applies, else ``None``.
 
         It applies to CuPy inputs of at most :data:`FLASH_MAX_TOKENS` tokens in float16, bfloat16 or
-        float32, when no gradient is to be recorded and :mod:`pymglu.cuda` provides ``flash_mglu``.
+        float32, when no gradient is to be recorded and :mod:`pymglu.cuda` provides ``flash_mglu``
+        (a function, or its module ``pymglu.cuda.flash_mglu``, whose ``pack_weights`` then builds the
+        kernel's weight format once per layer). The call is ``flash_mglu(x, W, packed, activation)``,
+        or ``flash_mglu(x, pack_weights(W, packed), None, activation)``.
         """
         if not is_cupy_array(x.data) or self.dtype not in _FLASH_DTYPES:
             return None
@@ -169,9 +187,19 @@ class MGLU(Module):
             return None
         try:
             cuda = importlib.import_module("pymglu.cuda")
+            provided = getattr(cuda, "flash_mglu", None)
+            if provided is None:
+                provided = importlib.import_module("pymglu.cuda.flash_mglu")
         except ImportError:
             return None
-        return getattr(cuda, "flash_mglu", None)
+        if callable(provided) and not isinstance(provided, ModuleType):
+            return provided, None
+        flash = getattr(provided, "flash_mglu", None)
+        if not callable(flash) or self.n_masks > getattr(provided, "MAX_MASKS", self.n_masks):
+            return None
+        if math.prod(x.shape[:-1]) > getattr(provided, "MAX_TOKENS", FLASH_MAX_TOKENS):
+            return None
+        return flash, getattr(provided, "pack_weights", None)
 
     def extra_repr(self) -> str:
         form = "inference" if self.inference_only else "training"

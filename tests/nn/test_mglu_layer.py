@@ -189,3 +189,29 @@ def test_flash_kernel_hook_dispatch_on_gpu(monkeypatch):
     assert calls == [(2, 8, 64)]
     want = functional.mglu(x, layer.W.data, layer.mask_logits.data > 0, "silu")
     cp.testing.assert_array_equal(y_small.data, want)
+
+
+@pytest.mark.gpu
+def test_real_flash_kernel_matches_reference_and_caches_weights():
+    import cupy as cp
+
+    pytest.importorskip("pymglu.cuda.flash_mglu")
+    from pymglu.dtypes import bfloat16
+
+    rng = np.random.default_rng(3)
+    layer = SwiMGLU(200, 72, n_masks=3, dtype=bfloat16, rng=4).to("cuda").eval()
+    x = cp.asarray(rng.standard_normal((4, 200)).astype(bfloat16))
+    with no_grad():
+        y = layer(x).data
+        cached = layer._flash_cache[1]
+        layer(x)
+        assert layer._flash_cache[1] is cached
+        want = functional.mglu(x, layer.W.data, layer.mask_logits.data > 0, "silu")
+        np.testing.assert_allclose(cp.asnumpy(y).astype(np.float32), cp.asnumpy(want).astype(np.float32),
+                                   rtol=2e-2, atol=2e-2)
+        layer.W.data = layer.W.data * 2
+        y2 = layer(x).data
+        assert layer._flash_cache[1] is not cached
+        want2 = functional.mglu(x, layer.W.data, layer.mask_logits.data > 0, "silu")
+        np.testing.assert_allclose(cp.asnumpy(y2).astype(np.float32), cp.asnumpy(want2).astype(np.float32),
+                                   rtol=2e-2, atol=4e-2)
