@@ -10,6 +10,8 @@ from pymglu.backend import DeviceMismatchError, get_array_module, gpu_available
 from pymglu.functional import glu, mglu
 from pymglu.masks import mask_statistics, masks_from_logits, pack_masks, unpack_masks
 from pymglu.autograd import Tensor, check_grads, no_grad
+from pymglu import io, nn, optim
+from pymglu.io import load_checkpoint, save_checkpoint
 
 __all__ = [
     "__version__",
@@ -19,10 +21,15 @@ __all__ = [
     "get_array_module",
     "glu",
     "gpu_available",
+    "io",
+    "load_checkpoint",
     "mask_statistics",
     "masks_from_logits",
     "mglu",
+    "nn",
     "no_grad",
+    "optim",
     "pack_masks",
+    "save_checkpoint",
     "unpack_masks",
 ]
