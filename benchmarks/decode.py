@@ -128,6 +128,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
+    default_warps = fm.MMA_WARPS
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -195,14 +196,21 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
         for T in tokens_list:
             x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
             out = cp.empty((T, h), dtype=dtype)
-            t = time_graph([lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
-                           args.replays, stream)
+            by_warps = {}
+            for warps in args.warps:
+                fm.MMA_WARPS = warps
+                by_warps[warps] = time_graph(
+                    [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
+                    args.replays, stream)
+            fm.MMA_WARPS = default_warps
+            t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
             rows.append({
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
-                "flash_us": t * 1e6, "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
+                "flash_us": t * 1e6, "flash_us_by_warps": {w: v * 1e6 for w, v in by_warps.items()},
+                "best_warps": min(by_warps, key=by_warps.get), "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
                 "glu_TBps": 4 * h * d / best_glu / 1e12,
                 "speedup_vs_glu": best_glu / t, "bound_vs_glu": 32 / (16 + n),
@@ -217,7 +225,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
 
 
 HEADER = ("| dtype | d | h | T | n | copy TB/s | FlashMGLU us | TB/s | % copy | GLU cupy us | GLU torch us "
-          "| GLU TB/s | vs GLU | bound | naive us | vs naive |\n|" + "---|" * 16)
+          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps |\n|" + "---|" * 17)
 
 
 def _row_md(r):
@@ -225,7 +233,7 @@ def _row_md(r):
     return (f"| {r['dtype']} | {r['d']} | {r['h']} | {r['T']} | {r['n']} | {f(r['copy_TBps'], 2)} | {f(r['flash_us'])} "
             f"| {f(r['flash_TBps'], 2)} | {f(r['flash_pct_copy'])} | {f(r['glu_cupy_us'])} | {f(r['glu_torch_us'])} "
             f"| {f(r['glu_TBps'], 2)} | {f(r['speedup_vs_glu'], 2)}x | {f(r['bound_vs_glu'], 2)}x | {f(r['naive_us'])} "
-            f"| {f(r['speedup_vs_naive'])}x |")
+            f"| {f(r['speedup_vs_naive'])}x | {r['best_warps']} |")
 
 
 def plot(rows, path):
@@ -258,9 +266,12 @@ def main(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--calls", type=int, default=30, help="calls per captured graph")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--warps", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="warps per block of the tensor-core kernel to sweep (default: the library's)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
+    args.warps = args.warps or [fm.MMA_WARPS]
     have_torch = False
     if args.torch:
         try:
@@ -269,7 +280,7 @@ def main(argv=None):
             have_torch = torch.cuda.is_available()
         except Exception:
             have_torch = False
-    shapes, tokens, ns = (SHAPES[1:2], [1, 8], [1, 4, 8]) if args.quick else (SHAPES, TOKENS, N_MASKS)
+    shapes, tokens, ns = (SHAPES[1:], [1, 8, 16], [1, 4, 8]) if args.quick else (SHAPES, TOKENS, N_MASKS)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)

@@ -12,15 +12,15 @@ python3 -m pytest -q -m gpu -p no:cacheprovider ${kexpr:+-k "$kexpr"} tests > "$
 tail -n 3 "$OUT/gpu_tests.log"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_flash.py > "$OUT/sanitizer_$tool.log" 2>&1 \
+    compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 benchmarks/sanitize_flash.py > "$OUT/sanitizer_$tool.log" 2>&1 \
       && echo "compute-sanitizer $tool: clean" || { echo "compute-sanitizer $tool: FAILED"; status=1; }
     tail -n 2 "$OUT/sanitizer_$tool.log"
   done
 fi
 if [ "$mode" = full ]; then
-  python3 benchmarks/decode.py --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
+  python3 benchmarks/decode.py ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
 else
-  python3 benchmarks/decode.py --quick --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
+  python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
 fi
 grep -E "^\|" "$OUT/decode.log" | cut -c1-200 | tail -n 40
 tail -n 3 "$OUT/decode.log" | grep -v "^|" || true

@@ -127,40 +127,45 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   const uint4* w_strip = Wp + (size_t)strip * groups * 4 * 32 + lane;
   const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32 + lane;
 
+  // Software pipeline: the W tiles, mask words and x fragments of the next group are in flight while
+  // the current group is multiplied.
   uint4 w_next[4];
   uint32_t m_next[N_MASKS];
-  int grp = warp;
-  if (grp < groups) {
+  uint32_t b_next[4][NT][2];
+  auto load_group = [&](int grp) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) w_next[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
 #pragma unroll
     for (int i = 0; i < N_MASKS; ++i) m_next[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
-  }
-  for (; grp < groups; grp += WARPS) {
-    uint4 w[4];
-    uint32_t m[N_MASKS];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) w[q] = w_next[q];
-#pragma unroll
-    for (int i = 0; i < N_MASKS; ++i) m[i] = m_next[i];
-    const int nxt = grp + WARPS;
-    if (nxt < groups) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w_next[q] = load_stream(w_strip + ((size_t)nxt * 4 + q) * 32);
-#pragma unroll
-      for (int i = 0; i < N_MASKS; ++i) m_next[i] = load_stream(m_strip + ((size_t)nxt * N_MASKS + i) * 32);
-    }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int k0 = grp * 64 + q * 16 + 2 * tg;
-      uint32_t b[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        b[nt][0] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0, d);
-        b[nt][1] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0 + 8, d);
+        b_next[q][nt][0] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0, d);
+        b_next[q][nt][1] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0 + 8, d);
       }
+    }
+  };
+  int grp = warp;
+  if (grp < groups) load_group(grp);
+  for (; grp < groups; grp += WARPS) {
+    uint4 w[4];
+    uint32_t m[N_MASKS];
+    uint32_t b[4][NT][2];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_t[nt], w[q].x, w[q].y, w[q].z, w[q].w, b[nt][0], b[nt][1]);
+    for (int q = 0; q < 4; ++q) {
+      w[q] = w_next[q];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) { b[q][nt][0] = b_next[q][nt][0]; b[q][nt][1] = b_next[q][nt][1]; }
+    }
+#pragma unroll
+    for (int i = 0; i < N_MASKS; ++i) m[i] = m_next[i];
+    if (grp + WARPS < groups) load_group(grp + WARPS);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_t[nt], w[q].x, w[q].y, w[q].z, w[q].w, b[q][nt][0], b[q][nt][1]);
 #pragma unroll
       for (int i = 0; i < N_MASKS; ++i) {
         const uint32_t s0 = m[i] << (2 * q);
@@ -170,7 +175,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
         const uint32_t a2 = w[q].z & halfword_mask(s1, 0x9988u);
         const uint32_t a3 = w[q].w & halfword_mask(s1, 0xBBAAu);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_s[i][nt], a0, a1, a2, a3, b[nt][0], b[nt][1]);
+        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_s[i][nt], a0, a1, a2, a3, b[q][nt][0], b[q][nt][1]);
       }
     }
   }

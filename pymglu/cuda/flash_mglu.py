@@ -43,7 +43,7 @@ __all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "flash
 MAX_MASKS = 16
 MAX_TOKENS = 16
 #: warps per block of the tensor-core kernel; they split the 64-column groups of a 16-row strip.
-MMA_WARPS = 4
+MMA_WARPS = 2
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
