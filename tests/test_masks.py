@@ -166,3 +166,18 @@ def test_check_packed_and_statistics_errors():
         M.mask_overlap(np.ones((3,), dtype=bool))
     with pytest.raises(ValueError, match=r"^logits: expected an array with at least 1 dims"):
         M.masks_from_logits(np.float32(1.0))
+
+
+def test_pack_unpack_on_each_array_module(xp):
+    """Same bytes from NumPy and (gpu-marked) CuPy input, bool and float32 logits, ragged d."""
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((3, 5, 77)).astype(np.float32)
+    want = M.pack_masks(logits > 0)
+    for x in (xp.asarray(logits > 0), xp.asarray(logits)):
+        packed = M.pack_masks(x)
+        assert type(packed) is type(x) and packed.dtype == np.uint32
+        host = packed.get() if hasattr(packed, "get") else packed
+        assert host.tobytes() == want.tobytes()
+        back = M.unpack_masks(packed, 77)
+        assert bool((back == (xp.asarray(logits) > 0)).all())
+    assert M.gate_fraction(xp.asarray(logits)).tolist() == M.gate_fraction(logits > 0).tolist()
