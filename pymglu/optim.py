@@ -224,8 +224,7 @@ class Optimizer:
     def _write(p: Any, new_value: Any) -> None:
         """Store ``new_value`` (compute dtype) into ``p.data``, rounding to ``p``'s dtype; in place unless
         the array is read-only (e.g. a NumPy view of a file)."""
-        flags = getattr(p.data, "flags", None)
-        if flags is not None and not flags.writeable:
+        if not getattr(getattr(p.data, "flags", None), "writeable", True):  # CuPy flags have no "writeable"
             p.data = new_value.astype(p.dtype, copy=True)
         else:
             p.data[...] = new_value.astype(p.dtype, copy=False)

@@ -339,3 +339,14 @@ def test_adamw_on_cupy_matches_numpy(xp):
         got = q.data.get() if hasattr(q.data, "get") else q.data
         np.testing.assert_allclose(got, p.data, rtol=1e-5, atol=1e-6)
     assert type(opt_d.state[id(dev[0])]["exp_avg"]) is type(dev[0].data)
+
+
+def test_read_only_parameter_array_is_replaced_not_written():
+    raw = np.arange(4, dtype=np.float32)
+    frozen = np.frombuffer(raw.tobytes(), dtype=np.float32)
+    assert not frozen.flags.writeable
+    p = Parameter(frozen)
+    p.grad = np.ones(4, dtype=np.float32)
+    SGD([p], lr=0.5).step()
+    np.testing.assert_array_equal(p.data, raw - 0.5)
+    np.testing.assert_array_equal(frozen, raw)
