@@ -59,9 +59,8 @@ def gpu_available() -> bool:
 
 def is_cupy_array(x: Any) -> bool:
     """True for a ``cupy.ndarray``; looks only at already-imported modules, so it never imports CuPy."""
-    if "cupy" not in sys.modules:
-        return False
-    return isinstance(x, sys.modules["cupy"].ndarray)
+    cupy = sys.modules.get("cupy")  # None when absent, or when blocked with sys.modules["cupy"] = None
+    return cupy is not None and isinstance(x, cupy.ndarray)
 
 
 def unwrap(x: Any) -> Any:

@@ -103,9 +103,6 @@ def test_import_without_cupy_in_a_subprocess():
     assert proc.stdout.strip().splitlines()[-1:] == ["NO-CUPY-OK"], proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="pymglu.backend.is_cupy_array/get_array_module read sys.modules['cupy'] "
-                   "when it is None (cupy blocked): AttributeError 'NoneType' object has no attribute 'ndarray'. "
-                   "Fix in pymglu/backend.py, then drop this marker.")
 def test_arrays_work_without_cupy_in_a_subprocess():
     proc = _run_without_cupy(
         """

@@ -1,0 +1,85 @@
+"""Every kernel instance the library can launch compiles for each target architecture without spills.
+
+Runs without a GPU: NVRTC through ``cuda.core`` (cubin output needs no driver), or ``nvcc`` when
+cuda.core is missing. ``-Xptxas -v`` output is parsed; any error, or any instance with spill stores or
+loads, fails the test, naming the instance.
+"""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pymglu import cuda as pymglu_cuda
+from pymglu.cuda import flash_mglu
+
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
+
+#: source file -> the name expressions of every instance the library can launch from it
+INSTANCES = {"flash_mglu.cu": flash_mglu.kernel_names()}
+
+
+def _compile_nvrtc(source: str, names: list[str], arch: str) -> str:
+    core = pytest.importorskip("cuda.core")
+    import cuda.pathfinder
+
+    include = cuda.pathfinder.find_nvidia_header_directory("cudart")
+    options = core.ProgramOptions(arch=arch, std="c++17", ftz=True, include_path=[include, str(pymglu_cuda.source_dir())],
+                                  ptxas_options=["-v"])
+
+    class Log:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+    log = Log()
+    core.Program(source, "c++", options=options).compile("cubin", name_expressions=tuple(names), logs=log)
+    return log.text
+
+
+def _compile_nvcc(path: Path, names: list[str], arch: str) -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("neither cuda.core (NVRTC) nor nvcc is available")
+    # Explicit instantiation of each name expression, through a kernel pointer.
+    lines = [f'#include "{path}"']
+    lines += [f"static auto* _i{k} = &{name};" for k, name in enumerate(names)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tu = Path(tmp) / "instances.cu"
+        tu.write_text("\n".join(lines) + "\n")
+        res = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-o",
+                              str(Path(tmp) / "k.cubin"), str(tu)], capture_output=True, text=True)
+    assert res.returncode == 0, f"nvcc failed for {arch}:\n{res.stderr[-4000:]}"
+    return res.stderr
+
+
+def _compile(source_name: str, arch: str) -> str:
+    path = pymglu_cuda.source_path(source_name)
+    names = INSTANCES[source_name]
+    if os.environ.get("PYMGLU_COMPILE_WITH") != "nvcc":
+        try:
+            return _compile_nvrtc(path.read_text(), names, arch)
+        except pytest.skip.Exception:
+            pass
+    return _compile_nvcc(path, names, arch)
+
+
+def test_every_source_has_its_instances_listed():
+    assert sorted(INSTANCES) == pymglu_cuda.list_sources()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source_name", sorted(INSTANCES))
+def test_compiles_without_spills(source_name, arch):
+    log = _compile(source_name, arch)
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(\w+)'", log)
+    assert len(entries) == len(INSTANCES[source_name]), f"expected one entry per instance in the ptxas log:\n{log[:2000]}"
+    assert all(a == arch for _, a in entries)
+    spills = [(name, stores, loads) for name, stores, loads in re.findall(
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads", log, flags=re.S)
+        if int(stores) or int(loads)]
+    assert not spills, f"register spills on {arch}: {spills}"
