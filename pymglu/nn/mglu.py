@@ -22,7 +22,6 @@ comparing the logits themselves would read ``n`` times the bytes of ``W``.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 from typing import Any, Callable
@@ -39,8 +38,7 @@ from pymglu.nn.module import Module, Parameter
 
 __all__ = ["MGLU", "SwiMGLU", "GeMGLU", "ReMGLU", "FLASH_MAX_TOKENS"]
 
-#: eval-mode calls on CuPy arrays with at most this many tokens go to ``pymglu.cuda.flash_mglu``
-#: when that kernel exists.
+#: eval-mode calls on CuPy arrays with at most this many tokens go to ``pymglu.cuda.flash_mglu``.
 FLASH_MAX_TOKENS = 16
 
 _FLASH_DTYPES = (float16, bfloat16, float32)
@@ -148,16 +146,13 @@ class MGLU(Module):
         return ops.mglu(x, self.W, self.mask_logits, activation=self.activation)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
-        """Eval-mode forward on the packed bit-planes: the FlashMGLU kernel when :meth:`_flash_kernel`
-        offers one, else the reference op (which also records gradients for ``x`` and ``W``)."""
+        """Eval-mode forward on the packed bit-planes: the FlashMGLU kernel when :meth:`_flash_module`
+        says it applies, else the reference op (which also records gradients for ``x`` and ``W``)."""
         packed = self._current_packed()
-        kernel = self._flash_kernel(x)
-        if kernel is None:
+        fm = self._flash_module(x)
+        if fm is None:
             return ops.mglu(x, self.W, packed, activation=self.activation)
-        flash, pack_weights = kernel
-        if pack_weights is None:
-            return Tensor(flash(x.data, self.W.data, packed, self.activation))
-        return Tensor(flash(x.data, self._flash_weights(pack_weights, packed), None, self.activation))
+        return Tensor(fm.flash_mglu(x.data, self._flash_weights(fm.pack_weights, packed), None, self.activation))
 
     def _flash_weights(self, pack_weights: Callable[[Any, Any], Any], packed: Any) -> Any:
         """The kernel's own inference format of ``(W, packed)``, built once and kept until ``W`` or the
@@ -170,36 +165,21 @@ class MGLU(Module):
         self._flash_cache = (key, weights)
         return weights
 
-    def _flash_kernel(self, x: Tensor) -> tuple[Callable[..., Any], Callable[..., Any] | None] | None:
-        """``(flash_mglu, pack_weights or None)`` when the GPU decode kernel applies, else ``None``.
+    def _flash_module(self, x: Tensor) -> ModuleType | None:
+        """:mod:`pymglu.cuda.flash_mglu` when the GPU decode kernel applies, else ``None``.
 
-        It applies to CuPy inputs of at most :data:`FLASH_MAX_TOKENS` tokens in float16, bfloat16 or
-        float32, when no gradient is to be recorded and :mod:`pymglu.cuda` provides ``flash_mglu``
-        (a function, or its module ``pymglu.cuda.flash_mglu``, whose ``pack_weights`` then builds the
-        kernel's weight format once per layer). The call is ``flash_mglu(x, W, packed, activation)``,
-        or ``flash_mglu(x, pack_weights(W, packed), None, activation)``.
+        It applies to CuPy inputs of at most ``MAX_TOKENS`` (16) tokens in float16, bfloat16 or float32,
+        with at most ``MAX_MASKS`` masks, when no gradient is to be recorded.
         """
         if not is_cupy_array(x.data) or self.dtype not in _FLASH_DTYPES:
             return None
-        if math.prod(x.shape[:-1]) > FLASH_MAX_TOKENS:
-            return None
         if grad_enabled() and (x.requires_grad or self.W.requires_grad):
             return None
-        try:
-            cuda = importlib.import_module("pymglu.cuda")
-            provided = getattr(cuda, "flash_mglu", None)
-            if provided is None:
-                provided = importlib.import_module("pymglu.cuda.flash_mglu")
-        except ImportError:
+        from pymglu.cuda import flash_mglu as fm
+
+        if math.prod(x.shape[:-1]) > fm.MAX_TOKENS or self.n_masks > fm.MAX_MASKS:
             return None
-        if callable(provided) and not isinstance(provided, ModuleType):
-            return provided, None
-        flash = getattr(provided, "flash_mglu", None)
-        if not callable(flash) or self.n_masks > getattr(provided, "MAX_MASKS", self.n_masks):
-            return None
-        if math.prod(x.shape[:-1]) > getattr(provided, "MAX_TOKENS", FLASH_MAX_TOKENS):
-            return None
-        return flash, getattr(provided, "pack_weights", None)
+        return fm
 
     def extra_repr(self) -> str:
         form = "inference" if self.inference_only else "training"
