@@ -18,7 +18,7 @@ if command -v compute-sanitizer >/dev/null; then
   done
 fi
 if [ "$mode" = full ]; then
-  python3 benchmarks/decode.py ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
+  python3 benchmarks/decode.py --replays 15 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
 else
   python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/decode.log" 2>&1 || status=1
 fi

@@ -92,14 +92,50 @@ __device__ __forceinline__ uint32_t load_stream(const uint32_t* p) { return __ld
 __device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
 // B fragment word for token `tok`, columns k and k + 1 (zero outside [0, d) and for tok >= n_tokens).
+// Only the last, partial group and odd d take this path; kept out of line so that its branches do not
+// cost the main loop registers (inlined, NVRTC spilled some instances).
 template <typename T>
-__device__ __forceinline__ uint32_t load_x_pair(const T* __restrict__ x, int tok, int n_tokens, int k, int d) {
+__device__ __noinline__ uint32_t load_x_pair(const T* __restrict__ x, int tok, int n_tokens, int k, int d) {
   if (tok >= n_tokens || k >= d) return 0u;
   const uint16_t* row = reinterpret_cast<const uint16_t*>(x) + (size_t)tok * d;
   if ((d & 1) == 0) return __ldg(reinterpret_cast<const unsigned int*>(row + k));
   uint16_t lo = __ldg(reinterpret_cast<const unsigned short*>(row + k));
   uint16_t hi = (k + 1 < d) ? __ldg(reinterpret_cast<const unsigned short*>(row + k + 1)) : (uint16_t)0;
   return pack2(lo, hi);
+}
+
+// Loads group `grp` of a strip: 4 W tiles, the mask words and this lane's x fragments (B operands).
+template <typename T, int N_MASKS, int NT>
+__device__ __forceinline__ void load_group(const uint4* __restrict__ w_strip, const uint32_t* __restrict__ m_strip,
+                                           const T* __restrict__ x, const uint16_t* __restrict__ x16,
+                                           const int (&x_offset)[NT], const bool (&tok_ok)[NT], bool even_d,
+                                           int n_tokens, int d, int g, int tg, int grp, uint4 (&w_next)[4],
+                                           uint32_t (&m_next)[N_MASKS], uint32_t (&b_next)[4][NT][2]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) w_next[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
+#pragma unroll
+  for (int i = 0; i < N_MASKS; ++i) m_next[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
+  if (even_d && grp * 64 + 64 <= d) {  // whole group inside x, 4-byte aligned pairs: plain loads
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const unsigned int* p = reinterpret_cast<const unsigned int*>(x16 + x_offset[nt] + grp * 64);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        b_next[q][nt][0] = tok_ok[nt] ? __ldg(p + q * 8) : 0u;
+        b_next[q][nt][1] = tok_ok[nt] ? __ldg(p + q * 8 + 4) : 0u;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int k0 = grp * 64 + q * 16 + 2 * tg;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        b_next[q][nt][0] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0, d);
+        b_next[q][nt][1] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0 + 8, d);
+      }
+    }
+  }
 }
 
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
@@ -132,23 +168,20 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   uint4 w_next[4];
   uint32_t m_next[N_MASKS];
   uint32_t b_next[4][NT][2];
-  auto load_group = [&](int grp) {
+  // Each lane reads x for tokens g and g + 8 only; rows past n_tokens read as zeros.
+  const bool even_d = (d & 1) == 0;
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  int x_offset[NT];  // element offset of this lane's first x pair; tokens < 16 and d < 2^26 keep it in int
+  bool tok_ok[NT];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) w_next[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
-#pragma unroll
-    for (int i = 0; i < N_MASKS; ++i) m_next[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int k0 = grp * 64 + q * 16 + 2 * tg;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        b_next[q][nt][0] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0, d);
-        b_next[q][nt][1] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0 + 8, d);
-      }
-    }
-  };
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = nt * 8 + g;
+    tok_ok[nt] = tok < n_tokens;
+    x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 2 * tg;
+  }
   int grp = warp;
-  if (grp < groups) load_group(grp);
+  if (grp < groups)
+    load_group<T, N_MASKS, NT>(w_strip, m_strip, x, x16, x_offset, tok_ok, even_d, n_tokens, d, g, tg, grp, w_next, m_next, b_next);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
     uint32_t m[N_MASKS];
@@ -161,7 +194,9 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     }
 #pragma unroll
     for (int i = 0; i < N_MASKS; ++i) m[i] = m_next[i];
-    if (grp + WARPS < groups) load_group(grp + WARPS);
+    if (grp + WARPS < groups)
+      load_group<T, N_MASKS, NT>(w_strip, m_strip, x, x16, x_offset, tok_ok, even_d, n_tokens, d, g, tg, grp + WARPS,
+                                 w_next, m_next, b_next);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -190,7 +225,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
 #pragma unroll
   for (int e = 0; e < PER_THREAD; ++e) { t_val[e] = 0.0f; y_val[e] = 0.0f; }
 
-#pragma unroll 1
+#pragma unroll
   for (int p = 0; p <= N_MASKS; ++p) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {

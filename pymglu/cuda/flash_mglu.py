@@ -42,8 +42,9 @@ __all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "flash
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
-#: warps per block of the tensor-core kernel; they split the 64-column groups of a 16-row strip.
-MMA_WARPS = 2
+#: warps per block of the tensor-core kernel (they split the 64-column groups of a 16-row strip);
+#: ``None`` picks them with :func:`mma_warps`. Benchmarks set an int to sweep.
+MMA_WARPS: int | None = None
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
@@ -51,7 +52,7 @@ _ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid":
 _CUDA_TYPES = {bfloat16: "__nv_bfloat16", float16: "__half", float32: "float"}
 
 
-def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int = MMA_WARPS) -> str:
+def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int) -> str:
     return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {nt}, {warps}>"
 
 
@@ -59,9 +60,17 @@ def _simt_name(dtype: np.dtype, n: int) -> str:
     return f"pymglu::flash_mglu_simt<{_CUDA_TYPES[np.dtype(dtype)]}, {n}>"
 
 
+def mma_warps(n_masks: int, d: int) -> int:
+    """Warps per 16-row strip, from the H200 sweep in docs/benchmarks.md: two for few masks on narrow
+    inputs, four otherwise (more mask arithmetic per byte wants more warps per strip)."""
+    return 2 if n_masks <= 2 and d <= 4096 else 4
+
+
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
-    names = [_mma_name(dt, n, nt) for dt in (bfloat16, float16) for n in range(1, MAX_MASKS + 1) for nt in (1, 2)]
+    warps_for = {n: sorted({mma_warps(n, 64), mma_warps(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
+    names = [_mma_name(dt, n, nt, w) for dt in (bfloat16, float16) for n in range(1, MAX_MASKS + 1)
+             for nt in (1, 2) for w in warps_for[n]]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
 
@@ -232,10 +241,11 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
     with cp.cuda.Device(x.device.id):
         if wts.uses_tensor_cores:
             nt = 1 if n_tokens <= 8 else 2
-            name = _mma_name(wts.dtype, wts.n_masks, nt)
+            warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
+            name = _mma_name(wts.dtype, wts.n_masks, nt, warps)
             kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
             strips, groups = wts.w_tiles.shape[:2]
-            kernel((strips,), (MMA_WARPS * 32,),
+            kernel((strips,), (warps * 32,),
                    (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act)))
         else:
             name = _simt_name(wts.dtype, wts.n_masks)
