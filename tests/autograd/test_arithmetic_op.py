@@ -61,3 +61,22 @@ def test_matmul_errors_name_shapes():
         ops.matmul(np.zeros((2, 3)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="a: expected an array with at least 2 dims"):
         ops.matmul(np.zeros(3), np.zeros((3, 5)))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_matmul_keeps_low_precision_dtype_in_value_and_gradients(dtype):
+    from pymglu import dtypes
+
+    dt = getattr(dtypes, dtype)
+    rng = np.random.default_rng(11)
+    a64, b64 = rng.standard_normal((3, 5)), rng.standard_normal((5, 4))
+    a, b = Tensor(a64.astype(dt), requires_grad=True), Tensor(b64.astype(dt), requires_grad=True)
+    y = ops.matmul(a, b)
+    assert y.dtype == dt
+    ref = a.data.astype(np.float64) @ b.data.astype(np.float64)
+    assert np.linalg.norm(y.data.astype(np.float64) - ref) / np.linalg.norm(ref) < 1e-2
+    y.backward(np.ones((3, 4), dtype=dt))
+    assert a.grad.dtype == dt and b.grad.dtype == dt
+    np.testing.assert_allclose(a.grad.astype(np.float64), np.ones((3, 4)) @ b.data.astype(np.float64).T, rtol=1e-2)
+    with pytest.raises(TypeError, match="a and b must share a dtype"):
+        ops.matmul(a, Tensor(b64))
