@@ -12,12 +12,14 @@ from pymglu.masks import mask_statistics, masks_from_logits, pack_masks, unpack_
 from pymglu.autograd import Tensor, check_grads, no_grad
 from pymglu import io, nn, optim
 from pymglu.io import load_checkpoint, save_checkpoint
+from pymglu.interop import from_dlpack
 
 __all__ = [
     "__version__",
     "DeviceMismatchError",
     "Tensor",
     "check_grads",
+    "from_dlpack",
     "get_array_module",
     "glu",
     "gpu_available",

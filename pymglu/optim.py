@@ -363,6 +363,11 @@ def _copy_to(value: Any, like: Any) -> Any:
     return np.array(value, copy=True)
 
 
+def _weight_decay(p: Any, group: dict[str, Any]) -> float:
+    """The group's weight decay, or 0 for a parameter created with ``decay=False`` (mask logits, norms)."""
+    return group["weight_decay"] if getattr(p, "decay", True) else 0.0
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay.
 
@@ -399,8 +404,9 @@ class SGD(Optimizer):
         ct = _state_dtype(p.dtype)
         g = grad.astype(ct, copy=True)
         value = p.data.astype(ct, copy=False)
-        if group["weight_decay"]:
-            g += group["weight_decay"] * value
+        wd = _weight_decay(p, group)
+        if wd:
+            g += wd * value
         momentum = group["momentum"]
         if momentum:
             st = self.state.get(id(p))
@@ -426,7 +432,8 @@ class AdamW(Optimizer):
     Per parameter, with step count ``t`` (from 1): ``p *= 1 - lr * weight_decay``;
     ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
     ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
-    Use :func:`param_groups_no_decay` to keep mask logits, norms and biases out of the decay.
+    Parameters created with ``decay=False`` (mask logits, norm weights) are never decayed; use
+    :func:`param_groups_no_decay` to keep further parameters (e.g. biases) out of the decay by name.
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
@@ -458,7 +465,7 @@ class AdamW(Optimizer):
         st["step"] += 1
         t = st["step"]
         b1, b2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, eps, wd = group["lr"], group["eps"], _weight_decay(p, group)
         g = grad.astype(ct, copy=False)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m *= b1

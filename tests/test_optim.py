@@ -350,3 +350,24 @@ def test_read_only_parameter_array_is_replaced_not_written():
     SGD([p], lr=0.5).step()
     np.testing.assert_array_equal(p.data, raw - 0.5)
     np.testing.assert_array_equal(frozen, raw)
+
+
+@pytest.mark.parametrize("make", [
+    lambda layer: AdamW(layer.parameters(), lr=0.1, weight_decay=0.5),
+    lambda layer: SGD(layer.parameters(), lr=0.1, weight_decay=0.5),
+])
+def test_mask_logits_and_norm_weights_are_not_decayed_by_default(make):
+    from pymglu.nn import SwiMGLU
+
+    layer = SwiMGLU(8, 6, n_masks=2, rng=0)
+    norm = RMSNorm(8)
+    for p in list(layer.parameters()) + list(norm.parameters()):
+        p.grad = np.zeros_like(p.data)
+    W0, L0 = layer.W.data.copy(), layer.mask_logits.data.copy()
+    make(layer).step()
+    assert np.allclose(layer.W.data, W0 * (1 - 0.1 * 0.5))
+    np.testing.assert_array_equal(layer.mask_logits.data, L0)
+    assert layer.mask_logits.decay is False and norm.weight.decay is False
+    layer.mask_logits.decay = True  # the documented opt-in
+    make(layer).step()
+    assert np.allclose(layer.mask_logits.data, L0 * (1 - 0.1 * 0.5))

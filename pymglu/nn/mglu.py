@@ -71,7 +71,7 @@ class MGLU(Module):
         self.dtype = _init.check_float_dtype(dtype)
         gen = _init.resolve_rng(rng)
         self.W = Parameter(_init.normal(gen, (self.h, self.d), self.d ** -0.5, self.dtype))
-        self.mask_logits = Parameter(_init.normal(gen, (self.n_masks, self.h, self.d), 0.01, float32))
+        self.mask_logits = Parameter(_init.normal(gen, (self.n_masks, self.h, self.d), 0.01, float32), decay=False)
         self.register_buffer("packed_masks", None, persistent=False)
         self._packed_key: tuple[Any, int] | None = None
         self.inference_only = False

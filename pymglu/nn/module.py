@@ -51,13 +51,18 @@ class Parameter(Tensor):
     ``_version`` counts assignments to ``.data``; code that edits ``.data`` in place (the optimizers do)
     calls :meth:`mark_modified` so that caches derived from the parameter (an MGLU layer's packed
     bit-planes) can tell that they are stale.
+
+    ``decay`` says whether the optimizers' weight decay applies to this parameter. Layers create mask
+    logits and norm weights with ``decay=False`` (DESIGN.md: no decay on logits by default); set the
+    attribute to ``True`` to decay them too.
     """
 
-    def __init__(self, data: Any, requires_grad: bool = True) -> None:
+    def __init__(self, data: Any, requires_grad: bool = True, decay: bool = True) -> None:
         data = _as_array(data)
         if not _dtypes.is_float(data.dtype):
             raise TypeError(f"Parameter: expected a float array, got {_checks.describe(data)}")
         self._version = 0
+        self.decay = bool(decay)
         super().__init__(data, requires_grad=requires_grad)
 
     @property

@@ -30,7 +30,7 @@ class RMSNorm(Module):
         self.D = _checks.check_positive_int("D", D)
         self.eps = _checks.check_finite("eps", eps, minimum=0.0)
         self.dtype = _init.check_float_dtype(dtype)
-        self.weight = Parameter(np.ones(self.D, dtype=self.dtype))
+        self.weight = Parameter(np.ones(self.D, dtype=self.dtype), decay=False)
 
     def forward(self, x: Any) -> Tensor:
         """``x`` ``(..., D)`` -> Tensor ``(..., D)`` in the same dtype."""
