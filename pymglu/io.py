@@ -9,7 +9,7 @@ File layout (one ``.safetensors`` file):
 * string metadata: ``pymglu.version``, ``pymglu.format`` (``"training"``: mask logits, or
   ``"inference"``: packed bit-planes in place of the logits of at least one MGLU layer),
   ``pymglu.module`` (class name, or ``"state_dict"`` for a bare mapping), ``pymglu.modules`` (JSON: dotted
-  sub-module name -> class name), ``pymglu.optimizer`` (JSON: class, hyper-parameters, step counts), and
+  sub-module name -> class name and settings, e.g. ``SwiMGLU(d=8, h=4, n_masks=2, ...)``), ``pymglu.optimizer`` (JSON: class, hyper-parameters, step counts), and
   the caller's own ``metadata`` (``str -> str``; keys must not start with ``"pymglu."``).
 
 CuPy arrays are copied to the host for saving; loading copies values onto each parameter's device.
@@ -53,6 +53,12 @@ _ST_DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+
+
+def _module_tree(module: Module) -> dict[str, str]:
+    """Dotted sub-module name -> ``Class(settings)``: what a strict load compares besides the arrays, so that
+    e.g. a SiLU layer's weights do not load silently into a GELU layer of the same shapes."""
+    return {name: f"{type(m).__name__}({m.extra_repr()})" for name, m in module.named_modules()}
 
 
 class CheckpointError(ValueError):
@@ -134,7 +140,7 @@ def save_checkpoint(path: str | os.PathLike, module_or_state: Module | Mapping[s
     if isinstance(module_or_state, Module):
         state = module_or_state.state_dict()
         module_name = type(module_or_state).__name__
-        tree = {name: type(m).__name__ for name, m in module_or_state.named_modules()}
+        tree = _module_tree(module_or_state)
     elif isinstance(module_or_state, Mapping):
         state = module_or_state
         module_name, tree = "state_dict", {}
@@ -258,11 +264,11 @@ def load_checkpoint(path: str | os.PathLike, module: Module, strict: bool = True
             saved_tree = json.loads(meta.get("pymglu.modules", "{}"))
         except ValueError:
             saved_tree = {}
-        tree = {name: type(m).__name__ for name, m in module.named_modules()}
+        tree = _module_tree(module)
         if saved_tree and saved_tree != tree:
             diffs = [f"{n or '<root>'}: file {saved_tree.get(n)}, module {tree.get(n)}"
                      for n in sorted(set(saved_tree) | set(tree)) if saved_tree.get(n) != tree.get(n)]
-            problems.append("layer classes differ (" + "; ".join(diffs) + ")")
+            problems.append("layer classes or settings differ (" + "; ".join(diffs) + ")")
         elif not saved_tree and saved_module != type(module).__name__:
             problems.append(f"saved from a {saved_module}, loading into a {type(module).__name__}")
     try:

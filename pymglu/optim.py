@@ -139,19 +139,20 @@ class Optimizer:
 
     def set_lr(self, lr: float, group: int | None = None) -> None:
         """Set the learning rate of every group (or of group ``group``); validated like the constructor."""
-        lr = _check_lr(lr)
+        self.set_hyperparameter("lr", lr, group)
+
+    def _groups(self, group: int | None) -> list[dict[str, Any]]:
+        """Every group (``None``) or the one at index ``group``, checked."""
         if group is None:
-            for g in self.param_groups:
-                g["lr"] = lr
-        else:
-            if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(self.param_groups):
-                raise ValueError(f"group: expected an index in [0, {len(self.param_groups)}), got {group!r}")
-            self.param_groups[group]["lr"] = lr
+            return self.param_groups
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(self.param_groups):
+            raise ValueError(f"group: expected an index in [0, {len(self.param_groups)}), got {group!r}")
+        return [self.param_groups[group]]
 
     def set_hyperparameter(self, name: str, value: Any, group: int | None = None) -> None:
         """Set a hyper-parameter (validated) on every group or on group ``group``."""
         cleaned = self._validate_hparams({name: value}, where="set_hyperparameter")[name]
-        groups = self.param_groups if group is None else [self.param_groups[group]]
+        groups = self._groups(group)
         for g in groups:
             trial = {k: g[k] for k in self.hyperparameters}
             trial[name] = cleaned

@@ -48,7 +48,9 @@ def test_training_round_trip_with_bfloat16(tmp_path):
     assert h["up.mask_logits"]["dtype"] == "F32"
     meta = h["__metadata__"]
     assert meta["pymglu.format"] == "training" and meta["pymglu.module"] == "FeedForward"
-    assert json.loads(meta["pymglu.modules"]) == {"": "FeedForward", "up": "SwiMGLU", "down": "Linear"}
+    classes = {k: v.split("(")[0] for k, v in json.loads(meta["pymglu.modules"]).items()}
+    assert classes == {"": "FeedForward", "up": "SwiMGLU", "down": "Linear"}
+    assert "n_masks=2" in json.loads(meta["pymglu.modules"])["up"]
     assert meta["run"] == "unit-test"
     dst = FeedForward(40, 24, kind="swimglu", n_masks=2, dtype=bfloat16, rng=1)
     returned = load_checkpoint(path, dst)
@@ -258,3 +260,17 @@ def test_cupy_module_saves_and_loads(tmp_path):
     for k, v in src.state_dict().items():
         assert isinstance(dst.state_dict()[k], cp.ndarray)
         np.testing.assert_array_equal(cp.asnumpy(dst.state_dict()[k]), cp.asnumpy(v))
+
+
+def test_strict_load_refuses_a_layer_with_other_settings(tmp_path):
+    from pymglu.nn import GeMGLU
+
+    path = tmp_path / "gelu.safetensors"
+    save_checkpoint(path, GeMGLU(8, 4, n_masks=2, approximate="none", rng=0))
+    other = GeMGLU(8, 4, n_masks=2, approximate="tanh", rng=1)
+    before = {k: v.copy() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="settings differ.*gelu"):
+        load_checkpoint(path, other)
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    load_checkpoint(path, other, strict=False)  # same shapes: a non-strict load takes the arrays

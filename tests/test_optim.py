@@ -371,3 +371,14 @@ def test_mask_logits_and_norm_weights_are_not_decayed_by_default(make):
     layer.mask_logits.decay = True  # the documented opt-in
     make(layer).step()
     assert np.allclose(layer.mask_logits.data, L0 * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("group", [2, -1, True, "0"])
+def test_set_hyperparameter_checks_the_group_index(group):
+    p = Parameter(np.ones(3))
+    opt = AdamW([{"params": [p]}, {"params": [Parameter(np.ones(2))]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"group: expected an index in \[0, 2\)"):
+        opt.set_hyperparameter("eps", 1e-6, group=group)
+    with pytest.raises(ValueError, match="group: expected an index"):
+        opt.set_lr(0.5, group=group)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]

@@ -190,6 +190,9 @@ def flash_mglu(
         ``y`` ``(..., h)`` in ``x``'s dtype (``out`` when given).
     """
     activations.check_activation(activation)
+    x = unwrap(x)
+    _require_device_array("x", x)
+    _checks.check_min_ndim("x", x, 1)
     if isinstance(W, FlashMGLUWeights):
         if packed_masks is not None:
             raise ValueError("packed_masks: must be None when W is a FlashMGLUWeights (it holds the masks)")
@@ -198,9 +201,6 @@ def flash_mglu(
         if packed_masks is None:
             raise ValueError("packed_masks: required when W is an array (or pass W = pack_weights(W, packed_masks))")
         weights = pack_weights(W, packed_masks)
-    x = unwrap(x)
-    _require_device_array("x", x)
-    _checks.check_min_ndim("x", x, 1)
     if np.dtype(x.dtype) != weights.dtype:
         raise TypeError(f"x: expected dtype {weights.dtype.name} (the dtype of W), got {_checks.describe(x)}")
     if x.shape[-1] != weights.d:
