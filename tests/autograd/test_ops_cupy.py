@@ -50,6 +50,7 @@ CASES = {
     "attention": (lambda q, k, v: ops.causal_self_attention(q, k, v), [R.standard_normal((2, 2, 3, 4)), R.standard_normal((2, 2, 5, 4)), R.standard_normal((2, 2, 5, 4))], ()),
     "mglu": (lambda x, W, L: ops.mglu(x, W, L, activation="gelu"), [X, R.standard_normal((5, 8)), R.standard_normal((3, 5, 8))], ()),
     "glu": (lambda x, Wg, Wv: ops.glu(x, Wg, Wv), [X, R.standard_normal((5, 8)), R.standard_normal((5, 8))], ()),
+    "rope": (lambda a, p: ops.rope(a, p, base=100.0), [R.standard_normal((2, 2, 3, 6))], (np.array([4, 5, 6]),)),
 }
 
 

@@ -10,6 +10,7 @@ from pymglu.autograd.ops.loss import softmax_cross_entropy
 from pymglu.autograd.ops.matmul import matmul
 from pymglu.autograd.ops.norm import rms_norm
 from pymglu.autograd.ops.reductions import mean, sum
+from pymglu.autograd.ops.rope import rope
 from pymglu.autograd.ops.shape import concat, getitem, reshape, transpose
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "relu",
     "reshape",
     "rms_norm",
+    "rope",
     "sigmoid",
     "silu",
     "softmax_cross_entropy",
