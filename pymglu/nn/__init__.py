@@ -1,7 +1,8 @@
-"""Layers: ``Module``/``Parameter`` machinery, ``Linear``, ``Embedding``, ``RMSNorm``, the GLU and MGLU
-families and the ``FeedForward`` block. All layers are created on the CPU (NumPy); ``Module.to("cuda")``
+"""Layers: ``Module``/``Parameter`` machinery, ``ModuleList``, ``Linear``, ``Embedding``, ``RMSNorm``, the GLU
+and MGLU families and the ``FeedForward`` block. All layers are created on the CPU (NumPy); ``Module.to("cuda")``
 moves them to a GPU.
 """
+from pymglu.nn.container import ModuleList
 from pymglu.nn.embedding import Embedding
 from pymglu.nn.feedforward import FEEDFORWARD_KINDS, FeedForward
 from pymglu.nn.glu import GLU, GeGLU, ReGLU, SwiGLU
@@ -21,6 +22,7 @@ __all__ = [
     "Linear",
     "MGLU",
     "Module",
+    "ModuleList",
     "Parameter",
     "RMSNorm",
     "ReGLU",
