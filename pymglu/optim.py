@@ -2,12 +2,30 @@
 
 Every update runs on the array module of its parameter (NumPy or CuPy) with no host round-trip:
 hyper-parameters and step counts are Python numbers, moments live beside the parameter. Optimizer
-state is float32 for float32, float16 and bfloat16 parameters (float64 for float64 ones); low-precision
-parameters are updated in float32 and rounded back (fp32 master weights are a separate concern).
+state is float32 for float32, float16 and bfloat16 parameters (float64 for float64 ones).
 
-``step()`` first checks every gradient (shape, dtype, device) and only then updates, so a bad gradient
-raises before any parameter or moment changes. ``load_state_dict`` likewise validates everything before
-it touches the optimizer.
+**fp32 master weights** (automatic; ``master_weights=False`` opts out). For every float16 or bfloat16
+parameter the optimizer keeps a float32 copy, ``state["master"]`` (same shape), created from the
+parameter on its first update. Each step updates the master in float32 and writes the master rounded to
+the parameter's dtype back into the parameter, so updates smaller than half a unit in the last place of
+the 16-bit value accumulate in the master instead of being rounded away. The master is saved and
+restored by :meth:`Optimizer.state_dict` / :meth:`Optimizer.load_state_dict` (and so by checkpoints).
+It costs 4 bytes per 16-bit parameter. float32 and float64 parameters have no master and their update is
+unchanged. Gradients of a 16-bit parameter may come in its own dtype or in float32 (what
+:meth:`pymglu.amp.DynamicLossScaler.unscale_` produces).
+
+The master follows changes made to the parameter outside the optimizer: the optimizer remembers the
+parameter's data array and :attr:`pymglu.nn.Parameter.version` after each of its own writes, and when
+either differs on the next update (an assignment to ``.data``, ``Module.load_state_dict``,
+``Module.to``, or an in-place edit followed by ``mark_modified()``), every element whose master no longer
+rounds to the parameter's value is reset to that value, elementwise on the device (no host read). After
+:meth:`Optimizer.load_state_dict` the same elementwise rule runs once, so a loaded master survives a
+model load in either order as long as the model holds the rounded master. An in-place edit of ``.data``
+*without* ``mark_modified()`` is not seen and is overwritten by the next update.
+
+``step()`` first checks every gradient (shape, dtype, device) and the existing state, and only then
+updates, so a bad gradient raises before any parameter or moment changes. ``load_state_dict`` likewise
+validates everything before it touches the optimizer.
 """
 from __future__ import annotations
 
@@ -33,8 +51,16 @@ __all__ = [
 ParamsLike = Any  # a Module, an iterable of Tensors, or an iterable of group dicts
 
 
+#: parameter dtypes that get an fp32 master copy in the optimizer state.
+LOW_PRECISION_DTYPES = (_dtypes.float16, _dtypes.bfloat16)
+
+
 def _state_dtype(param_dtype: Any) -> np.dtype:
     return _dtypes.compute_dtype(param_dtype)
+
+
+def _is_low_precision(dtype: Any) -> bool:
+    return np.dtype(dtype) in LOW_PRECISION_DTYPES
 
 
 def _check_lr(value: Any) -> float:
@@ -68,14 +94,24 @@ class Optimizer:
         params: a Module, an iterable of Parameters (Tensors with ``requires_grad``), or an iterable of
             group dicts ``{"params": [...], <hyper-parameter overrides>, "names": [...] (optional)}``.
         defaults: the hyper-parameters every group starts from.
+        master_weights: keep a float32 master copy of every float16/bfloat16 parameter in its state
+            (default ``True``; see the module docstring). ``False`` updates a 16-bit parameter from its
+            own rounded value, so updates below its resolution are lost.
     """
 
     #: hyper-parameter names a group may override (besides "params" and "names").
     hyperparameters: tuple[str, ...] = ("lr",)
-    #: names of the per-parameter arrays in ``state`` (besides the integer "step").
+    #: names of the per-parameter arrays every state entry has (besides the integer "step", and the
+    #: float32 "master" of a 16-bit parameter under ``master_weights``).
     state_arrays: tuple[str, ...] = ()
+    #: names of per-parameter arrays a state entry may have (created on first use).
+    optional_state_arrays: tuple[str, ...] = ()
 
-    def __init__(self, params: ParamsLike, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsLike, defaults: dict[str, Any], master_weights: bool = True) -> None:
+        if not isinstance(master_weights, (bool, np.bool_)):
+            raise TypeError(f"master_weights: expected a bool, got {master_weights!r}")
+        #: whether float16/bfloat16 parameters get an fp32 master copy in their state.
+        self.master_weights = bool(master_weights)
         self.defaults = self._validate_hparams(dict(defaults), where="defaults")
         items = _collect_params(params)
         if not items:
@@ -92,6 +128,9 @@ class Optimizer:
             self.param_groups.append(self._make_group(group, gi, seen))
         #: per-parameter state, keyed by ``id(parameter)`` (the groups keep the parameters alive).
         self.state: dict[int, dict[str, Any]] = {}
+        #: ``id(parameter) -> (data array, version)`` after this optimizer's last write of a parameter
+        #: with a master copy; a difference on the next update means the parameter changed outside.
+        self._master_keys: dict[int, tuple[Any, Any]] = {}
 
     # ----------------------------------------------------------------- groups and hyper-parameters
     def _validate_hparams(self, hp: dict[str, Any], where: str) -> dict[str, Any]:
@@ -181,23 +220,49 @@ class Optimizer:
                     continue
                 if tuple(grad.shape) != tuple(p.shape):
                     problems.append(f"{label}: gradient shape {tuple(grad.shape)} != parameter shape {p.shape}")
-                if np.dtype(grad.dtype) != np.dtype(p.dtype):
+                gdt, pdt = np.dtype(grad.dtype), np.dtype(p.dtype)
+                if gdt != pdt and not (_is_low_precision(pdt) and gdt == _dtypes.float32):
                     problems.append(
                         f"{label}: gradient dtype {_dtypes.name(grad.dtype)} != parameter dtype "
                         f"{_dtypes.name(p.dtype)}"
+                        + (" (or float32)" if _is_low_precision(pdt) else "")
                     )
                 if device_of(grad) != device_of(p.data):
                     problems.append(f"{label}: gradient on {device_of(grad)}, parameter on {device_of(p.data)}")
-                for key, value in self.state.get(id(p), {}).items():
-                    if hasattr(value, "shape") and device_of(value) != device_of(p.data):
-                        problems.append(
-                            f"{label}: optimizer state {key!r} on {device_of(value)}, parameter on "
-                            f"{device_of(p.data)} (move the optimizer state with load_state_dict)"
-                        )
+                problems.extend(self._state_problems(p, label))
         if problems:
             raise ValueError(
                 f"{type(self).__name__}.step: nothing was updated; bad gradients: " + "; ".join(problems)
             )
+
+    def _state_problems(self, p: Any, label: str) -> list[str]:
+        """What no longer fits between ``p`` and its existing state (device, shape, dtype, master)."""
+        st = self.state.get(id(p))
+        if not st:
+            return []
+        problems = []
+        want = _state_dtype(p.dtype)
+        for key, value in st.items():
+            if not hasattr(value, "shape"):
+                continue
+            if device_of(value) != device_of(p.data):
+                problems.append(
+                    f"{label}: optimizer state {key!r} on {device_of(value)}, parameter on "
+                    f"{device_of(p.data)} (move the optimizer state with load_state_dict)"
+                )
+            elif tuple(value.shape) != tuple(p.shape) or np.dtype(value.dtype) != want:
+                problems.append(
+                    f"{label}: optimizer state {key!r} is {_checks.describe(value)}, the parameter needs "
+                    f"{_dtypes.name(want)} of shape {tuple(p.shape)} (the parameter changed since its state "
+                    "was created)"
+                )
+        if ("master" in st) != self._uses_master(p):
+            problems.append(
+                f"{label}: the optimizer state {'has' if 'master' in st else 'lacks'} an fp32 master copy, "
+                f"which a {_dtypes.name(p.dtype)} parameter "
+                f"{'does not take' if 'master' in st else 'needs'} (the parameter changed dtype)"
+            )
+        return problems
 
     def step(self) -> None:
         """Update every parameter that has a gradient (validated first; see the module docstring)."""
@@ -210,16 +275,44 @@ class Optimizer:
                     self._update(p, unwrap(p.grad), g)
                     if hasattr(p, "mark_modified"):
                         p.mark_modified()
+                    st = self.state.get(id(p))
+                    if st is not None and "master" in st:
+                        self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
 
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _uses_master(self, p: Any) -> bool:
+        """Whether ``p`` gets an fp32 master copy (a float16/bfloat16 parameter under ``master_weights``)."""
+        return self.master_weights and _is_low_precision(p.dtype)
 
     def _new_state(self, p: Any) -> dict[str, Any]:
         xp = get_array_module(p.data)
         st: dict[str, Any] = {"step": 0}
         for key in self.state_arrays:
             st[key] = xp.zeros(p.shape, dtype=_state_dtype(p.dtype))
+        if self._uses_master(p):
+            st["master"] = p.data.astype(_dtypes.float32, copy=True)
         return st
+
+    def _state_for(self, p: Any) -> dict[str, Any]:
+        """The state of ``p``, created on first use; its master (if any) brought up to date."""
+        st = self.state.get(id(p))
+        if st is None:
+            st = self.state[id(p)] = self._new_state(p)
+        elif "master" in st:
+            self._sync_master(p, st)
+        return st
+
+    def _sync_master(self, p: Any, st: dict[str, Any]) -> None:
+        """Reset the master where the parameter was changed outside this optimizer (module docstring)."""
+        key = self._master_keys.get(id(p))
+        if key is not None and key[0] is p.data and key[1] == getattr(p, "version", None):
+            return
+        xp = get_array_module(p.data)
+        master = st["master"]
+        stale = master.astype(p.dtype) != p.data
+        xp.copyto(master, p.data.astype(master.dtype), where=stale)
 
     @staticmethod
     def _write(p: Any, new_value: Any) -> None:
@@ -260,6 +353,7 @@ class Optimizer:
         for g, hp in zip(self.param_groups, new_hparams):
             g.update(hp)
         self.state = new_state
+        self._master_keys.clear()  # the next update reconciles each master with its parameter
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming every problem unless :meth:`load_state_dict` would accept it."""
@@ -314,10 +408,15 @@ class Optimizer:
                 problems.append(f"state entry {idx}: no parameter with that index (0..{index - 1})")
                 continue
             p = params_by_index[idx]
-            expected = {"step", *self.state_arrays}
-            if not isinstance(entry, Mapping) or set(entry) != expected:
+            required = {"step", *self.state_arrays} | ({"master"} if self._uses_master(p) else set())
+            allowed = required | set(self.optional_state_arrays)
+            if not isinstance(entry, Mapping) or not required <= set(entry) <= allowed:
                 got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
-                problems.append(f"state entry {idx}: expected keys {sorted(expected)}, got {got}")
+                optional = f" (optional: {sorted(self.optional_state_arrays)})" if self.optional_state_arrays else ""
+                problems.append(
+                    f"state entry {idx}: expected keys {sorted(required)}{optional} for a "
+                    f"{_dtypes.name(p.dtype)} parameter (master_weights={self.master_weights}), got {got}"
+                )
                 continue
             step = entry["step"]
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -325,7 +424,7 @@ class Optimizer:
                 continue
             st: dict[str, Any] = {"step": int(step)}
             want_dtype = _state_dtype(p.dtype)
-            for name in self.state_arrays:
+            for name in sorted(set(entry) - {"step"}):
                 arr = unwrap(entry[name])
                 if not hasattr(arr, "shape") or tuple(arr.shape) != p.shape or np.dtype(arr.dtype) != want_dtype:
                     problems.append(
@@ -374,16 +473,18 @@ class SGD(Optimizer):
 
     Per parameter ``p`` with gradient ``g``: ``g += weight_decay * p``; with momentum,
     ``b = momentum * b + g`` (``b = g`` on the first step) and ``g = g + momentum * b`` (Nesterov) or
-    ``g = b``; then ``p -= lr * g``.
+    ``g = b``; then ``p -= lr * g``. For a float16/bfloat16 parameter ``p`` is its fp32 master copy
+    (module docstring). State: ``momentum_buffer`` once momentum is used, ``master`` for 16-bit
+    parameters; plain SGD on float32/float64 parameters keeps no state.
     """
 
     hyperparameters = ("lr", "momentum", "weight_decay", "nesterov")
-    state_arrays = ("momentum_buffer",)
+    optional_state_arrays = ("momentum_buffer",)
 
     def __init__(self, params: ParamsLike, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False) -> None:
+                 nesterov: bool = False, master_weights: bool = True) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                                  "nesterov": nesterov})
+                                  "nesterov": nesterov}, master_weights=master_weights)
 
     def _validate_hparams(self, hp: dict[str, Any], where: str) -> dict[str, Any]:
         out = super()._validate_hparams(hp, where)
@@ -403,28 +504,32 @@ class SGD(Optimizer):
 
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:
         ct = _state_dtype(p.dtype)
+        momentum = group["momentum"]
+        st = self._state_for(p) if momentum or self._uses_master(p) else None
+        master = None if st is None else st.get("master")
         g = grad.astype(ct, copy=True)
-        value = p.data.astype(ct, copy=False)
+        value = p.data.astype(ct, copy=False) if master is None else master
         wd = _weight_decay(p, group)
         if wd:
             g += wd * value
-        momentum = group["momentum"]
+        if st is not None:
+            st["step"] += 1
         if momentum:
-            st = self.state.get(id(p))
-            if st is None:
-                st = self.state[id(p)] = self._new_state(p)
-                st["momentum_buffer"][...] = g
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = g.copy()
             else:
-                buf = st["momentum_buffer"]
                 buf *= momentum
                 buf += g
-            st["step"] += 1
-            buf = st["momentum_buffer"]
             if group["nesterov"]:
                 g += momentum * buf
             else:
                 g = buf
-        self._write(p, value - group["lr"] * g)
+        if master is None:
+            self._write(p, value - group["lr"] * g)
+        else:
+            master -= group["lr"] * g
+            self._write(p, master)
 
 
 class AdamW(Optimizer):
@@ -432,17 +537,21 @@ class AdamW(Optimizer):
 
     Per parameter, with step count ``t`` (from 1): ``p *= 1 - lr * weight_decay``;
     ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
-    ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
+    ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``, all in float32 (float64 for float64
+    parameters); for a float16/bfloat16 parameter ``p`` is its fp32 master copy, rounded into the
+    parameter after the update (module docstring).
     Parameters created with ``decay=False`` (mask logits, norm weights) are never decayed; use
     :func:`param_groups_no_decay` to keep further parameters (e.g. biases) out of the decay by name.
+    State: ``exp_avg``, ``exp_avg_sq`` (and ``master`` for 16-bit parameters), shaped like the parameter.
     """
 
     hyperparameters = ("lr", "betas", "eps", "weight_decay")
     state_arrays = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: ParamsLike, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+                 eps: float = 1e-8, weight_decay: float = 0.01, master_weights: bool = True) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+                         master_weights=master_weights)
 
     def _validate_hparams(self, hp: dict[str, Any], where: str) -> dict[str, Any]:
         out = super()._validate_hparams(hp, where)
@@ -460,9 +569,7 @@ class AdamW(Optimizer):
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:
         xp = get_array_module(p.data)
         ct = _state_dtype(p.dtype)
-        st = self.state.get(id(p))
-        if st is None:
-            st = self.state[id(p)] = self._new_state(p)
+        st = self._state_for(p)
         st["step"] += 1
         t = st["step"]
         b1, b2 = group["betas"]
@@ -477,6 +584,13 @@ class AdamW(Optimizer):
         bc2 = 1.0 - b2 ** t
         denom = xp.sqrt(v / bc2)
         denom += eps
+        master = st.get("master")
+        if master is not None:
+            if wd:
+                master *= 1.0 - lr * wd
+            master -= (lr / bc1) * (m / denom)
+            self._write(p, master)
+            return
         value = p.data.astype(ct, copy=True) if p.dtype != ct else p.data
         if wd:
             value = value * (1.0 - lr * wd)

@@ -382,3 +382,120 @@ def test_set_hyperparameter_checks_the_group_index(group):
     with pytest.raises(ValueError, match="group: expected an index"):
         opt.set_lr(0.5, group=group)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
+
+
+# ---------------------------------------------------------------------------------- fp32 master weights
+_MASTER_OPTS = [
+    pytest.param(lambda ps: AdamW(ps, lr=0.05, weight_decay=0.1), id="adamw"),
+    pytest.param(lambda ps: SGD(ps, lr=0.05, momentum=0.9), id="sgd-momentum"),
+    pytest.param(lambda ps: SGD(ps, lr=0.05), id="sgd"),
+]
+
+
+@pytest.mark.parametrize("dtype", [bfloat16, np.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("make", _MASTER_OPTS)
+@pytest.mark.parametrize("order", ["module-first", "optimizer-first"])
+def test_master_weight_state_round_trip_continues_identically(make, dtype, order):
+    rng = np.random.default_rng(20)
+    ps = make_params(rng, [(3, 2), (4,)], dtype=dtype)
+    grads = grads_for(rng, ps, 6)
+    opt = make(ps)
+    _train(opt, ps, grads[:3])
+    sd = opt.state_dict()
+    assert all(sd["state"][i]["master"].dtype == np.float32 for i in (0, 1))
+    twin = [Parameter(np.zeros(p.shape, dtype=dtype)) for p in ps]
+    other = make(twin)
+    _train(other, twin, grads[:1])  # state of its own, overwritten by the load
+    if order == "module-first":
+        for p, q in zip(ps, twin):
+            q.data = p.data.copy()
+        other.load_state_dict(sd)
+    else:
+        other.load_state_dict(sd)
+        for p, q in zip(ps, twin):
+            q.data = p.data.copy()
+    _train(opt, ps, grads[3:])
+    _train(other, twin, grads[3:])
+    for p, q in zip(ps, twin):
+        assert p.data.tobytes() == q.data.tobytes()
+        assert opt.state[id(p)]["master"].tobytes() == other.state[id(q)]["master"].tobytes()
+
+
+def test_loaded_master_yields_to_parameters_it_does_not_round_to():
+    rng = np.random.default_rng(21)
+    (p,) = make_params(rng, [(6,)], dtype=bfloat16)
+    opt = SGD([p], lr=1e-3)
+    _train(opt, [p], grads_for(rng, [p], 2))
+    foreign = {"state": {0: {"step": 5, "master": np.full(6, 9.0, dtype=np.float32)}},
+               "param_groups": opt.state_dict()["param_groups"]}
+    foreign["state"][0]["master"][0] = float(p.data[0].astype(np.float32)) + 1e-4  # rounds to p[0]
+    kept = p.data.copy()
+    opt.load_state_dict(foreign)
+    p.grad = np.zeros(6, dtype=bfloat16)
+    opt.step()
+    master = opt.state[id(p)]["master"]
+    assert master[0] == foreign["state"][0]["master"][0]              # agrees with p: kept, bits and all
+    np.testing.assert_array_equal(master[1:], kept[1:].astype(np.float32))  # disagrees: p wins
+    np.testing.assert_array_equal(p.data, kept)
+
+
+def test_master_weight_state_is_validated():
+    rng = np.random.default_rng(22)
+    low = make_params(rng, [(3,)], dtype=bfloat16)
+    full = make_params(rng, [(2,)], dtype=np.float32)
+    opt = AdamW(low + full, lr=0.1)
+    _train(opt, low + full, grads_for(rng, low + full, 1))
+    good = opt.state_dict()
+    before = {k: {n: np.array(v, copy=True) for n, v in st.items()} for k, st in opt.state.items()}
+
+    def variant(idx, **changes):
+        state = {i: dict(st) for i, st in good["state"].items()}
+        state[idx].update(changes)
+        for k, v in changes.items():
+            if v is None:
+                del state[idx][k]
+        return {"state": state, "param_groups": good["param_groups"]}
+
+    cases = [
+        (variant(0, master=None), r"state entry 0: expected keys \['exp_avg', 'exp_avg_sq', 'master', 'step'\]"),
+        (variant(0, master=np.zeros(3, dtype=bfloat16)), r"state entry 0 'master': expected float32 of shape \(3,\)"),
+        (variant(0, master=np.zeros(4, dtype=np.float32)), r"state entry 0 'master': expected float32"),
+        (variant(1, master=np.zeros(2, dtype=np.float32)), r"state entry 1: expected keys .* float32 parameter"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"master_weights=False"):
+        AdamW(low + full, lr=0.1, master_weights=False).load_state_dict(good)
+    for k, st in opt.state.items():
+        for n, v in st.items():
+            np.testing.assert_array_equal(v, before[k][n])
+
+
+def test_master_weights_survive_a_checkpoint(tmp_path):
+    from pymglu import load_checkpoint, save_checkpoint
+    from pymglu.nn import SwiMGLU
+
+    def run(model, opt, xs):
+        for x in xs:
+            opt.zero_grad()
+            y = model(x)
+            (y * y).mean().backward()
+            opt.step()
+
+    rng = np.random.default_rng(23)
+    xs = [rng.standard_normal((4, 8)).astype(bfloat16) for _ in range(5)]
+    model = SwiMGLU(8, 12, n_masks=2, dtype=bfloat16, rng=0)
+    opt = AdamW(model, lr=1e-3)
+    run(model, opt, xs[:3])
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer=opt)
+    fresh = SwiMGLU(8, 12, n_masks=2, dtype=bfloat16, rng=1)
+    fresh_opt = AdamW(fresh, lr=1e-3)
+    load_checkpoint(tmp_path / "ckpt.safetensors", fresh, optimizer=fresh_opt)
+    assert fresh_opt.state[id(fresh.W)]["master"].dtype == np.float32
+    assert "master" not in fresh_opt.state[id(fresh.mask_logits)]  # float32 logits need none
+    run(model, opt, xs[3:])
+    run(fresh, fresh_opt, xs[3:])
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert p.data.tobytes() == q.data.tobytes()
+    assert opt.state[id(model.W)]["master"].tobytes() == fresh_opt.state[id(fresh.W)]["master"].tobytes()
