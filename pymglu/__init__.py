@@ -2,7 +2,8 @@
 
 Public API (re-exported here): the array-level reference :mod:`pymglu.functional`, masks and bit-planes
 (:mod:`pymglu.masks`), the autograd tape (:mod:`pymglu.autograd`), layers (:mod:`pymglu.nn`), optimizers
-(:mod:`pymglu.optim`) and checkpoints (:mod:`pymglu.io`).
+(:mod:`pymglu.optim`), loss scaling for mixed precision (:mod:`pymglu.amp`) and checkpoints
+(:mod:`pymglu.io`).
 """
 __version__ = "0.1.0"
 
@@ -10,13 +11,14 @@ from pymglu.backend import DeviceMismatchError, get_array_module, gpu_available
 from pymglu.functional import glu, mglu
 from pymglu.masks import mask_statistics, masks_from_logits, pack_masks, unpack_masks
 from pymglu.autograd import Tensor, check_grads, no_grad
-from pymglu import io, nn, optim
+from pymglu import amp, io, nn, optim
 from pymglu.io import load_checkpoint, save_checkpoint
 from pymglu.interop import from_dlpack
 
 __all__ = [
     "__version__",
     "DeviceMismatchError",
+    "amp",
     "Tensor",
     "check_grads",
     "from_dlpack",
