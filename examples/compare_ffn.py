@@ -1,0 +1,248 @@
+"""SwiGLU against SwiMGLU (and GeMGLU, ReMGLU) in the same small language model: loss, size, speed, masks.
+
+    python examples/compare_ffn.py --smoke            # every variant, tiny model, 1 seed: < 1 minute on a CPU
+    python examples/compare_ffn.py                    # the real experiment (sized for a GPU), 3 seeds
+    python examples/compare_ffn.py --variants swiglu,swimglu4 --seeds 0 1   # a part of it
+
+Variants: SwiGLU, SwiMGLU with n = 1, 2, 4, 8 masks, GeMGLU n = 4, ReMGLU n = 4, all at the same d_model and
+feed-forward width h (as the paper does, so SwiMGLU has fewer weights), plus a parameter-matched SwiGLU of
+width round(2h/3) (its feed-forward then has as many weights as SwiMGLU's). Every variant trains with the
+same settings on the same batches (seed s draws the same windows for every variant) through
+pymglu.models.training.Trainer, the loop train_lm.py uses.
+
+Each finished (variant, seed) run is stored as OUT/runs/<variant>-seed<s>.json and skipped when the script
+runs again, so the experiment can be split over several calls; OUT/results.md gets a Markdown table
+(final validation loss mean ± std over seeds, weights, mask bits, training tokens/s, gate fraction per
+layer) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
+Data: --data FILE, default ../shared/data/tinyshakespeare.txt when present, else the embedded corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pymglu
+from pymglu.models import ByteTokenizer, Transformer, TransformerConfig
+from pymglu.models.data import DataError, load_corpus, split_corpus
+from pymglu.models.training import Trainer, TrainSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ("../shared/data/tinyshakespeare.txt", "shared/data/tinyshakespeare.txt")
+
+#: variant name -> (label, ffn kind, n_masks, width rule: "h" or "pm" for the parameter-matched width)
+VARIANTS: dict[str, tuple[str, str, int | None, str]] = {
+    "swiglu": ("SwiGLU", "swiglu", None, "h"),
+    "swiglu-pm": ("SwiGLU, param-matched", "swiglu", None, "pm"),
+    "swimglu1": ("SwiMGLU", "swimglu", 1, "h"),
+    "swimglu2": ("SwiMGLU", "swimglu", 2, "h"),
+    "swimglu4": ("SwiMGLU", "swimglu", 4, "h"),
+    "swimglu8": ("SwiMGLU", "swimglu", 8, "h"),
+    "gemglu4": ("GeMGLU", "gemglu", 4, "h"),
+    "remglu4": ("ReMGLU", "remglu", 4, "h"),
+}
+
+#: (model, training) settings of the real run and of --smoke.
+FULL = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256, batch_size=32, steps=1000, lr=2e-3,
+            warmup=100, eval_every=100, eval_batches=16, seeds=[0, 1, 2])
+SMOKE = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32, batch_size=8, steps=12, lr=3e-3,
+             warmup=2, eval_every=4, eval_batches=2, seeds=[0])
+
+
+def matched_width(h: int) -> int:
+    """SwiGLU width whose feed-forward (gate, value and down: 3 h' d weights) matches SwiMGLU's (W and
+    down: 2 h d)."""
+    return max(1, round(2 * h / 3))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--smoke", action="store_true", help="tiny model, few steps, one seed (a check that it runs)")
+    p.add_argument("--data", default=None, help="text file (default: tinyshakespeare when present, else pydoc_data)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/compare_ffn, or "
+                   "runs/compare_ffn-smoke with --smoke)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; 0 with --smoke)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "warmup",
+                 "eval_every", "eval_batches"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"default {FULL[name]} ({SMOKE[name]} with --smoke)")
+    p.add_argument("--lr", type=float, default=None, help=f"default {FULL['lr']}")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    return p
+
+
+def _default_data() -> str | None:
+    for rel in SHAKESPEARE:
+        path = (REPO / rel).resolve()
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _run_one(name: str, seed: int, base: dict[str, Any], train_data: np.ndarray, val_data: np.ndarray,
+             device: str, progress: bool) -> dict[str, Any]:
+    label, kind, n_masks, width = VARIANTS[name]
+    h = base["d_ff"] if width == "h" else matched_width(base["d_ff"])
+    config = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, d_model=base["d_model"], n_layers=base["n_layers"],
+                               n_heads=base["n_heads"], d_ff=h, ffn_kind=kind, n_masks=n_masks,
+                               max_seq_len=base["seq_len"])
+    settings = TrainSettings(steps=base["steps"], batch_size=base["batch_size"], lr=base["lr"],
+                             warmup_steps=base["warmup"], eval_every=base["eval_every"],
+                             eval_batches=base["eval_batches"], seed=seed)
+    model = Transformer(config, rng=seed)
+    if device == "gpu":
+        model.to("cuda")
+    trainer = Trainer(model, settings, train_data, val_data)
+    start = time.perf_counter()
+    history = trainer.run(progress=progress, log=None)
+    ffn_weights = sum(p.size for n, p in model.named_parameters() if ".ffn." in n and not n.endswith("mask_logits"))
+    return {
+        "variant": name, "label": label, "seed": seed, "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings), "final_val_loss": history.val_loss[-1],
+        "weights": model.num_weights(), "ffn_weights": ffn_weights, "mask_bits": model.num_mask_bits(),
+        "gate_fraction_per_layer": model.gate_fractions(), "tokens_per_second": history.tokens_per_second,
+        "wall_seconds": time.perf_counter() - start, "history": history.to_dict(),
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def make_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table, one row per variant (in :data:`VARIANTS` order), over the seeds it ran."""
+    ref = results.get("swiglu")
+    ref_loss = float(np.mean([r["final_val_loss"] for r in ref])) if ref else None
+    lines = ["| variant | n | h | weights | FFN weights | mask bits | val loss (mean ± std) | vs SwiGLU | seeds "
+             "| train tokens/s | gate fraction per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        runs = results.get(name)
+        if not runs:
+            continue
+        r0 = runs[0]
+        losses = [r["final_val_loss"] for r in runs]
+        rel = f"{100 * (np.mean(losses) / ref_loss - 1):+.2f}%" if ref_loss else "—"
+        gates = np.mean([r["gate_fraction_per_layer"] for r in runs], axis=0) if r0["gate_fraction_per_layer"] else []
+        gate_text = " / ".join(f"{g:.3f}" for g in gates) if len(gates) else "—"
+        n = r0["config"]["n_masks"]
+        lines.append(
+            f"| {r0['label']} | {n if n else '—'} | {r0['config']['d_ff']} | {_count(r0['weights'])} "
+            f"| {_count(r0['ffn_weights'])} | {_count(r0['mask_bits']) if r0['mask_bits'] else '0'} "
+            f"| {_mean_std(losses)} | {rel} | {len(runs)} | {np.mean([r['tokens_per_second'] for r in runs]):,.0f} "
+            f"| {gate_text} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Validation loss against step, mean over seeds, one line per variant; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plot was drawn (pip install -e \".[plot]\" adds it)")
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in VARIANTS:
+        runs = results.get(name)
+        if not runs:
+            continue
+        steps = runs[0]["history"]["val_steps"]
+        curve = np.mean([r["history"]["val_loss"] for r in runs], axis=0)
+        n = runs[0]["config"]["n_masks"]
+        ax.plot(steps, curve, marker="o", markersize=3,
+                label=runs[0]["label"] + (f" n={n}" if n else "") + f" (h={runs[0]['config']['d_ff']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_title("Validation loss, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    defaults = SMOKE if args.smoke else FULL
+    base = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "eval_batches"):
+        if base[k] < 1:
+            parser.error(f"--{k.replace('_', '-')}: expected an integer >= 1, got {base[k]}")
+    if args.device == "gpu" and not pymglu.gpu_available():
+        parser.error("--device gpu: CuPy is not installed or no CUDA device is usable")
+    device = "gpu" if args.device == "gpu" or (args.device == "auto" and pymglu.gpu_available()) else "cpu"
+    data_path = args.data if args.data is not None else _default_data()
+    try:
+        corpus, source = load_corpus(data_path)
+        train_data, val_data = split_corpus(corpus, base["seq_len"])
+    except DataError as e:
+        parser.error(f"--data: {e}")
+    out = Path(args.out or ("runs/compare_ffn-smoke" if args.smoke else "runs/compare_ffn"))
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    setup = {k: v for k, v in base.items() if k != "seeds"}
+    setup["data"] = source
+    setup_path = out / "setup.json"
+    if setup_path.exists() and json.loads(setup_path.read_text()) != setup:
+        parser.error(f"{str(out)!r} holds results of other settings ({setup_path.read_text().strip()}); "
+                     "use another --out so that runs of different settings never share a table")
+    setup_path.write_text(json.dumps(setup, indent=1))
+
+    print(f"data: {source}; device: {'CuPy (GPU)' if device == 'gpu' else 'NumPy (CPU)'}; settings: {setup}")
+    for name in variants:
+        for seed in base["seeds"]:
+            path = runs_dir / f"{name}-seed{seed}.json"
+            if path.exists():
+                print(f"{name} seed {seed}: done before ({path.name})")
+                continue
+            try:
+                result = _run_one(name, seed, base, train_data, val_data, device, args.progress)
+            except (ValueError, TypeError) as e:
+                parser.error(f"{name}: {e}")
+            path.write_text(json.dumps(result))
+            print(f"{name} seed {seed}: val loss {result['final_val_loss']:.4f}, "
+                  f"{result['tokens_per_second']:,.0f} tok/s, {result['wall_seconds']:.1f} s")
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(runs_dir.glob("*.json")):
+        r = json.loads(path.read_text())
+        results.setdefault(r["variant"], []).append(r)
+    table = make_table(results)
+    cmd = "python examples/compare_ffn.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    plotted = plot_curves(results, out / "loss_curves.png")
+    text = (f"# compare_ffn results\n\nCommand: `{cmd.strip()}`\n\nData: {source}. Device: {device}. "
+            f"Settings: {json.dumps({k: v for k, v in setup.items() if k != 'data'})}.\n\n{table}\n")
+    if plotted:
+        text += "\n![validation loss](loss_curves.png)\n"
+    (out / "results.md").write_text(text)
+    print(table)
+    print(f"wrote {out / 'results.md'}" + (f" and {out / 'loss_curves.png'}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

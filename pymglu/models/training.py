@@ -1,0 +1,222 @@
+"""The language-model training loop shared by ``examples/train_lm.py`` and ``examples/compare_ffn.py``.
+
+:class:`Trainer` owns the optimizer (AdamW; mask logits and norm weights are left undecayed by their
+Parameter ``decay`` flag), the warmup + cosine schedule, gradient clipping, the batch sampler and the
+record of losses. Its whole state besides the model and optimizer arrays (step, sampler state, schedule,
+history) round-trips through :meth:`Trainer.state_metadata` / :meth:`Trainer.load_state_metadata`, so a
+resumed run continues exactly where the saved one stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from pymglu import optim
+from pymglu.autograd.function import no_grad
+from pymglu.backend import get_array_module
+from pymglu.models.data import eval_windows, sample_windows
+from pymglu.models.transformer import Transformer
+
+__all__ = ["TrainSettings", "History", "Trainer"]
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """Optimisation settings (the model's shape lives in :class:`TransformerConfig`).
+
+    Attributes:
+        steps: optimizer steps in total (the cosine schedule ends there).
+        batch_size: windows per step (each ``config.max_seq_len`` tokens).
+        lr, min_lr_ratio, warmup_steps: peak rate, final rate as a fraction of it, linear warmup steps
+            (capped at ``steps``).
+        weight_decay, beta1, beta2: AdamW.
+        grad_clip: global L2 norm the gradients are clipped to (0: no clipping).
+        eval_every: validation every this many steps (and at the last step); 0: only at the end.
+        eval_batches: validation batches (of ``batch_size`` consecutive windows).
+        seed: seed of the batch sampler.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps > self.steps:
+            self.warmup_steps = self.steps
+
+
+@dataclasses.dataclass
+class History:
+    """What a run measured.
+
+    Attributes:
+        train_loss: training loss of every step (index = step - 1).
+        val_steps, val_loss: step and validation loss of each evaluation.
+        tokens: training tokens processed; train_seconds: wall time of the training steps (evaluation,
+            checkpoints and logging excluded).
+    """
+
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    val_steps: list[int] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput (0 before the first step)."""
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """Trains a :class:`Transformer` on byte windows.
+
+    Args:
+        model: the model, already on its device (NumPy or CuPy parameters).
+        settings: a :class:`TrainSettings`.
+        train_data, val_data: 1-d uint8 host arrays, each at least ``max_seq_len + 1`` bytes
+            (:func:`pymglu.models.data.split_corpus` checks that).
+    """
+
+    def __init__(self, model: Transformer, settings: TrainSettings, train_data: np.ndarray,
+                 val_data: np.ndarray) -> None:
+        self.model, self.settings = model, settings
+        self.seq_len = model.config.max_seq_len
+        self.train_data, self.val_data = train_data, val_data
+        self.xp = get_array_module(model.embed.weight.data)
+        s = settings
+        self.optimizer = optim.AdamW(model, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        self.schedule = optim.WarmupCosine(self.optimizer, warmup_steps=s.warmup_steps, total_steps=s.steps,
+                                           min_lr_ratio=s.min_lr_ratio)
+        self.rng = np.random.default_rng(s.seed)
+        self.step = 0
+        self.history = History()
+        self._eval_set = eval_windows(val_data, s.batch_size, self.seq_len, s.eval_batches)
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self) -> float:
+        """One optimizer step on a fresh random batch; returns its loss."""
+        start = time.perf_counter()
+        x, y = sample_windows(self.train_data, self.settings.batch_size, self.seq_len, self.rng)
+        self.model.train()
+        loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.settings.grad_clip > 0:
+            optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        value = float(loss.item())  # synchronises a GPU, so the time below is the step's
+        self.step += 1
+        self.history.train_loss.append(value)
+        self.history.tokens += x.size
+        self.history.train_seconds += time.perf_counter() - start
+        return value
+
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows (eval mode, no gradients); the training flag is
+        restored afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        total = count = 0.0
+        try:
+            with no_grad():
+                for x, y in self._eval_set:
+                    total += float(self.model.loss(self.xp.asarray(x), self.xp.asarray(y)).item()) * x.size
+                    count += x.size
+        finally:
+            self.model.train(was_training)
+        return total / count
+
+    # ----------------------------------------------------------------- the loop
+    def run(self, progress: bool = True, log: Callable[[str], None] | None = print,
+            on_eval: Callable[["Trainer"], None] | None = None) -> History:
+        """Train from the current step to ``settings.steps``, validating every ``eval_every`` steps and
+        after the last one.
+
+        Args:
+            progress: show a tqdm bar with the loss and tokens/s.
+            log: receives one line per evaluation (``None``: silent).
+            on_eval: called after each evaluation (``train_lm`` writes its checkpoint there).
+        """
+        s = self.settings
+        bar = None
+        if progress and self.step < s.steps:
+            from tqdm import tqdm
+
+            bar = tqdm(total=s.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        write = (bar.write if bar is not None else log) if log is not None else None
+        try:
+            while self.step < s.steps:
+                loss = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.history.tokens_per_second:,.0f}",
+                                    refresh=False)
+                if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.steps:
+                    val = self.evaluate()
+                    self.history.val_steps.append(self.step)
+                    self.history.val_loss.append(val)
+                    if write is not None:
+                        write(f"step {self.step:5d} | train loss {loss:.4f} | val loss {val:.4f} | "
+                              f"lr {self.schedule.get_last_lr()[0]:.2e} | "
+                              f"{self.history.tokens_per_second:,.0f} tok/s")
+                    if on_eval is not None:
+                        on_eval(self)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    # ----------------------------------------------------------------- state for checkpoints
+    def state_metadata(self) -> dict[str, str]:
+        """``str -> str`` entries for a checkpoint header: step, sampler state, schedule, settings, history."""
+        return {
+            "train.step": str(self.step),
+            "train.rng": json.dumps(self.rng.bit_generator.state),
+            "train.schedule": json.dumps(self.schedule.state_dict()),
+            "train.settings": json.dumps(dataclasses.asdict(self.settings)),
+            "train.history": json.dumps(self.history.to_dict()),
+        }
+
+    def parse_state_metadata(self, meta: dict[str, str]) -> dict[str, Any]:
+        """Read what :meth:`state_metadata` saved without changing anything; ``ValueError`` when an entry
+        is missing or unreadable."""
+        try:
+            step = int(meta["train.step"])
+            rng = np.random.default_rng()
+            rng.bit_generator.state = json.loads(meta["train.rng"])
+            last_step = int(json.loads(meta["train.schedule"])["last_step"])
+            history = History(**json.loads(meta["train.history"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"training state missing or unreadable in the checkpoint metadata ({e!r})") from None
+        if step < 0 or last_step != step:
+            raise ValueError(f"training state: step {step} and schedule step {last_step} disagree")
+        return {"step": step, "rng": rng, "history": history}
+
+    def load_state_metadata(self, meta: dict[str, str]) -> None:
+        """Restore what :meth:`state_metadata` saved (after the model and optimizer arrays are loaded).
+
+        The learning-rate schedule continues from the saved step with this trainer's settings (so a
+        resumed run may raise ``steps``). Raises ``ValueError`` (changing nothing) when an entry is
+        missing or unreadable.
+        """
+        state = self.parse_state_metadata(meta)
+        self.schedule.load_state_dict({"last_step": state["step"], "base_lrs": self.schedule.base_lrs})
+        self.rng, self.step, self.history = state["rng"], state["step"], state["history"]
