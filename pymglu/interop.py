@@ -172,7 +172,10 @@ class _Exporter:
             if not getattr(getattr(a, "flags", None), "writeable", True):
                 hint = ("; read-only arrays export only to consumers that ask for DLPack >= 1.0 (NumPy, "
                         f"PyTorch), not to JAX: export {self.name}.copy()")
-            raise BufferError(f"{self.name}: {_checks.describe(a)} cannot be exported through DLPack: {str(e).rstrip('.')}{hint}") from e
+            reason = str(e).rstrip(".")
+            raise BufferError(
+                f"{self.name}: {_checks.describe(a)} cannot be exported through DLPack: {reason}{hint}"
+            ) from e
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return self.array.__dlpack_device__()
