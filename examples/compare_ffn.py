@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"default {FULL[name]} ({SMOKE[name]} with --smoke)")
     p.add_argument("--lr", type=float, default=None, help=f"default {FULL['lr']}")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="parameter dtype (16-bit: fp32 master weights, loss scaling for float16)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
     return p
 
@@ -94,7 +96,7 @@ def _run_one(name: str, seed: int, base: dict[str, Any], train_data: np.ndarray,
     h = base["d_ff"] if width == "h" else matched_width(base["d_ff"])
     config = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, d_model=base["d_model"], n_layers=base["n_layers"],
                                n_heads=base["n_heads"], d_ff=h, ffn_kind=kind, n_masks=n_masks,
-                               max_seq_len=base["seq_len"])
+                               max_seq_len=base["seq_len"], dtype=base["dtype"])
     settings = TrainSettings(steps=base["steps"], batch_size=base["batch_size"], lr=base["lr"],
                              warmup_steps=base["warmup"], eval_every=base["eval_every"],
                              eval_batches=base["eval_batches"], seed=seed)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else FULL
     base = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    base["dtype"] = args.dtype
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:

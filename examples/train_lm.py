@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-ff", type=_positive_int, default=384, help="feed-forward hidden width h")
     m.add_argument("--seq-len", type=_positive_int, default=64, help="context window in bytes")
     m.add_argument("--untied", action="store_true", help="separate output projection (default: tied embeddings)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="parameter dtype; 16-bit dtypes train with fp32 master weights (and loss scaling for "
+                   "float16): mixed precision for the GPU, slower than float32 on a CPU")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=_positive_int, default=300)
     t.add_argument("--batch-size", type=_positive_int, default=16)
@@ -105,7 +108,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Transf
         return TransformerConfig(
             vocab_size=ByteTokenizer.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
             d_ff=args.d_ff, ffn_kind=args.ffn, n_masks=args.n_masks, max_seq_len=args.seq_len,
-            tie_embeddings=not args.untied)
+            tie_embeddings=not args.untied, dtype=args.dtype)
     except (ValueError, TypeError) as e:
         parser.error(f"model settings: {e}")
 
@@ -175,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = config.ffn_kind + (f" (n_masks={config.n_masks})" if config.is_mglu else "")
     print(f"data: {source}; {train_data.size:,} training and {val_data.size:,} validation bytes")
     print(f"model: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, d_ff {config.d_ff}, "
-          f"feed-forward {kind}; {model.num_weights():,} weights + {model.num_mask_bits():,} mask bits; "
-          f"{'CuPy (GPU)' if device == 'gpu' else 'NumPy (CPU)'}")
+          f"feed-forward {kind}, {config.dtype}; {model.num_weights():,} weights + {model.num_mask_bits():,} "
+          f"mask bits; {'CuPy (GPU)' if device == 'gpu' else 'NumPy (CPU)'}")
     print(f"training: steps {trainer.step} -> {settings.steps}, batch {settings.batch_size} x {config.max_seq_len} "
           f"bytes, AdamW lr {settings.lr:g} (warmup {settings.warmup_steps}, cosine); checkpoint {str(path)!r}")
 
@@ -192,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train loss (mean of {k} steps) {first:.3f} at the start -> {last:.3f} at step {trainer.step}; "
               f"validation loss {history.val_loss[-1]:.3f}; {history.tokens_per_second:,.0f} training tokens/s; "
               f"{wall:.1f} s this run")
+        if trainer.scaler is not None:
+            print(f"float16 loss scale {trainer.scaler.get_scale():g}; {trainer.scaler.skipped_steps} steps skipped "
+                  "for non-finite gradients")
     else:
         print(f"the checkpoint is already at step {trainer.step} (--steps {settings.steps}): nothing to train")
     metrics = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "data": source,

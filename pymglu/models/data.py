@@ -80,7 +80,8 @@ def split_corpus(data: np.ndarray, seq_len: int, val_fraction: float = 0.1) -> t
     return train, val
 
 
-def sample_windows(data: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_windows(data: np.ndarray, batch: int, seq_len: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` random windows: inputs ``(batch, seq_len)`` and targets shifted by one, both int64."""
     starts = rng.integers(0, data.size - seq_len, size=batch)
     windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)

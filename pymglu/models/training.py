@@ -2,7 +2,10 @@
 
 :class:`Trainer` owns the optimizer (AdamW; mask logits and norm weights are left undecayed by their
 Parameter ``decay`` flag), the warmup + cosine schedule, gradient clipping, the batch sampler and the
-record of losses. Its whole state besides the model and optimizer arrays (step, sampler state, schedule,
+record of losses. Mixed precision follows the model's dtype: float16 and bfloat16 models train with the
+optimizer's fp32 master weights, and float16 ones with a :class:`pymglu.amp.DynamicLossScaler` as well.
+
+Its whole state besides the model and optimizer arrays (step, sampler state, schedule, loss scaler,
 history) round-trips through :meth:`Trainer.state_metadata` / :meth:`Trainer.load_state_metadata`, so a
 resumed run continues exactly where the saved one stopped.
 """
@@ -15,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pymglu import optim
+from pymglu import amp, optim
 from pymglu.autograd.function import no_grad
 from pymglu.backend import get_array_module
 from pymglu.models.data import eval_windows, sample_windows
@@ -105,6 +108,8 @@ class Trainer:
         self.schedule = optim.WarmupCosine(self.optimizer, warmup_steps=s.warmup_steps, total_steps=s.steps,
                                            min_lr_ratio=s.min_lr_ratio)
         self.rng = np.random.default_rng(s.seed)
+        #: loss scaler of a float16 model (``None`` otherwise).
+        self.scaler = amp.DynamicLossScaler() if model.config.dtype == "float16" else None
         self.step = 0
         self.history = History()
         self._eval_set = eval_windows(val_data, s.batch_size, self.seq_len, s.eval_batches)
@@ -117,10 +122,19 @@ class Trainer:
         self.model.train()
         loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
         self.optimizer.zero_grad()
-        loss.backward()
-        if self.settings.grad_clip > 0:
-            optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            if self.settings.grad_clip > 0:
+                optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+            self.optimizer.step()
+        else:  # float16: overflows are expected under a too large scale (the step is then skipped)
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                if self.settings.grad_clip > 0:
+                    optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         self.schedule.step()
         value = float(loss.item())  # synchronises a GPU, so the time below is the step's
         self.step += 1
@@ -186,13 +200,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- state for checkpoints
     def state_metadata(self) -> dict[str, str]:
-        """``str -> str`` entries for a checkpoint header: step, sampler state, schedule, settings, history."""
+        """``str -> str`` entries for a checkpoint header: step, sampler state, schedule, settings, history
+        and, for a float16 model, the loss scaler."""
         return {
             "train.step": str(self.step),
             "train.rng": json.dumps(self.rng.bit_generator.state),
             "train.schedule": json.dumps(self.schedule.state_dict()),
             "train.settings": json.dumps(dataclasses.asdict(self.settings)),
             "train.history": json.dumps(self.history.to_dict()),
+            **({"train.scaler": json.dumps(self.scaler.state_dict())} if self.scaler is not None else {}),
         }
 
     def parse_state_metadata(self, meta: dict[str, str]) -> dict[str, Any]:
@@ -204,11 +220,15 @@ class Trainer:
             rng.bit_generator.state = json.loads(meta["train.rng"])
             last_step = int(json.loads(meta["train.schedule"])["last_step"])
             history = History(**json.loads(meta["train.history"]))
+            scaler = None
+            if self.scaler is not None:
+                scaler = amp.DynamicLossScaler()
+                scaler.load_state_dict(json.loads(meta["train.scaler"]))
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"training state missing or unreadable in the checkpoint metadata ({e!r})") from None
         if step < 0 or last_step != step:
             raise ValueError(f"training state: step {step} and schedule step {last_step} disagree")
-        return {"step": step, "rng": rng, "history": history}
+        return {"step": step, "rng": rng, "history": history, "scaler": scaler}
 
     def load_state_metadata(self, meta: dict[str, str]) -> None:
         """Restore what :meth:`state_metadata` saved (after the model and optimizer arrays are loaded).
@@ -220,3 +240,5 @@ class Trainer:
         state = self.parse_state_metadata(meta)
         self.schedule.load_state_dict({"last_step": state["step"], "base_lrs": self.schedule.base_lrs})
         self.rng, self.step, self.history = state["rng"], state["step"], state["history"]
+        if state["scaler"] is not None:
+            self.scaler = state["scaler"]

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pymglu import Tensor, check_grads, no_grad, nn
-from pymglu.models import Transformer, TransformerConfig
+from pymglu import check_grads, no_grad, nn
+from pymglu.models import Transformer
 
 from conftest import tiny_config
 
