@@ -30,9 +30,15 @@ def applies(x: torch.Tensor, n_masks: int, tokens: int) -> bool:
             and n_masks <= MAX_MASKS and gpu_available())
 
 
-def _key(W: torch.Tensor, mask_logits: torch.Tensor) -> tuple[Any, ...]:
-    return (W.device, W.dtype, W.data_ptr(), tuple(W.shape), W._version,
-            mask_logits.data_ptr(), tuple(mask_logits.shape), mask_logits._version)
+def _key(W: torch.Tensor, mask_logits: torch.Tensor) -> tuple[Any, ...] | None:
+    """What identifies the packed weights, or ``None`` when it cannot be known (inference tensors,
+    created under ``torch.inference_mode()``, have no version counter: then every call repacks)."""
+    try:
+        versions = (W._version, mask_logits._version)
+    except RuntimeError:
+        return None
+    return (W.device, W.dtype, W.data_ptr(), tuple(W.shape), mask_logits.data_ptr(), tuple(mask_logits.shape),
+            versions)
 
 
 class FlashCache:
@@ -45,7 +51,7 @@ class FlashCache:
     def get(self, W: torch.Tensor, mask_logits: torch.Tensor) -> Any:
         """The ``FlashMGLUWeights`` of ``W`` and ``mask_logits > 0`` (call inside :func:`on_torch_stream`)."""
         key = _key(W, mask_logits)
-        if self.weights is None or key != self.key:
+        if key is None or self.weights is None or key != self.key:
             self.weights = pack(W, mask_logits)
             self.key = key
         return self.weights

@@ -90,3 +90,19 @@ def test_eval_and_no_grad_give_the_training_output_on_the_cpu():
         y_eval = layer(x)
     torch.testing.assert_close(y_eval, y_train.detach(), rtol=0, atol=0)
     assert layer.flash_cache.weights is None  # FlashMGLU is for CUDA tensors only
+
+
+def test_inference_mode_calls_work_and_flash_cache_keys_follow_versions():
+    from pymglu.torch import _flash
+
+    layer = pt.SwiMGLU(8, 16, 2)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        y = layer(x)
+        assert _flash._key(torch.ones(2, 3), torch.ones(1, 2, 3)) is None  # inference tensors: no versions
+    torch.testing.assert_close(y, layer(x).detach())
+    key = _flash._key(layer.W, layer.mask_logits)
+    assert key is not None and key == _flash._key(layer.W, layer.mask_logits)
+    with torch.no_grad():
+        layer.mask_logits.add_(0.0)  # any in-place write bumps the version, so the cache would repack
+    assert _flash._key(layer.W, layer.mask_logits) != key
