@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import load_example
+from lm_helpers import load_example
 
 compare_ffn = load_example("compare_ffn")
 

@@ -5,7 +5,7 @@ import pytest
 from pymglu import no_grad
 from pymglu.models import KVCache, Transformer, choose_next
 
-from conftest import tiny_config
+from lm_helpers import tiny_config
 
 
 @pytest.mark.parametrize("kind, dtype", [("swiglu", "float64"), ("swimglu", "float64"), ("swimglu", "float32"),

@@ -6,7 +6,7 @@ import pytest
 
 from pymglu.models.checkpoint import CHECKPOINT_NAME
 
-from conftest import load_example
+from lm_helpers import load_example
 
 train_lm = load_example("train_lm")
 

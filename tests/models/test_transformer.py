@@ -5,7 +5,7 @@ import pytest
 from pymglu import check_grads, no_grad, nn
 from pymglu.models import Transformer
 
-from conftest import tiny_config
+from lm_helpers import tiny_config
 
 IDS = np.array([[1, 5, 3, 15, 0, 7], [2, 2, 9, 4, 11, 6]])
 
