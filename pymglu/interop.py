@@ -18,8 +18,9 @@ Rules, for every producer:
 * **strides** are kept (non-contiguous and negatively strided NumPy/CuPy views import as such); on
   export, negative strides are refused, because consumers mishandle them (PyTorch 2.13 aborts the
   process).
-* **read-only** memory (JAX arrays, read-only NumPy arrays) imports read-only: pymglu never writes to
-  it, and an optimizer step on a Parameter over it raises. ``copy=True`` gives a writable copy.
+* **read-only** memory (JAX arrays, read-only NumPy arrays) imports read-only, and pymglu never writes
+  to it: an optimizer step on a Parameter over it gives the Parameter a new array (which no longer
+  shares the producer's memory) instead of writing in place. ``copy=True`` gives a writable copy.
 * ``copy``: ``None`` or ``False`` never copy (pymglu's import is always zero-copy); ``True`` returns a
   fresh C-contiguous copy.
 """

@@ -91,3 +91,17 @@ def test_mglu_on_jax_arrays_matches_jax_numpy_values_and_vjp():
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=name)
     back = jnp.from_dlpack(export(y))  # the result as a JAX array (zero-copy when 64-byte aligned)
     np.testing.assert_array_equal(np.asarray(back), y)
+
+
+def test_optimizer_steps_never_write_into_jax_buffers():
+    """A Parameter over a JAX buffer (read-only) is an in-place path: the step must rebind, not write."""
+    from pymglu.nn.module import Parameter
+
+    j = jnp.ones((2, 3))
+    p = Parameter(pymglu.from_dlpack(j).data)
+    opt = pymglu.optim.SGD([p], lr=0.5)
+    p.grad = np.ones((2, 3), dtype=np.float32)
+    opt.step()
+    np.testing.assert_array_equal(np.asarray(j), np.ones((2, 3)))
+    np.testing.assert_array_equal(p.data, np.full((2, 3), 0.5))
+    assert _address(p.data) != j.unsafe_buffer_pointer()
