@@ -146,8 +146,11 @@ class Tensor:
 
     # ----------------------------------------------------------------- DLPack
     def __dlpack__(self, **kwargs: Any) -> Any:
-        """Export the data (never the graph) through DLPack, zero-copy; see :mod:`pymglu.interop`."""
-        return self.data.__dlpack__(**kwargs)
+        """Export the data (never the graph) through DLPack, zero-copy, bfloat16 included; negative strides
+        are refused with a ``BufferError`` (see :func:`pymglu.interop.export`)."""
+        from pymglu.interop import export
+
+        return export(self.data, name="Tensor").__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return self.data.__dlpack_device__()

@@ -145,3 +145,11 @@ def test_producer_errors_are_reraised_naming_the_object():
 
     with pytest.raises(BufferError, match=r"obj: .*Refuses \(float32, shape \(2,\)\) cannot be shared .*no export"):
         pymglu.from_dlpack(Refuses())
+
+
+def test_tensor_dlpack_exports_bfloat16_and_refuses_negative_strides():
+    a = np.arange(6, dtype=np.float32).astype(bfloat16)
+    back = pymglu.from_dlpack(Tensor(a))
+    assert back.dtype == bfloat16 and _address(back.data) == _address(a)
+    with pytest.raises(BufferError, match="negative strides"):
+        Tensor(np.arange(4.0)[::-1]).__dlpack__()
