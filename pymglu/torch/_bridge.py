@@ -106,5 +106,19 @@ def on_torch_stream(device: torch.device) -> Iterator[None]:
             with cp.cuda.Stream.null:
                 yield
         else:
-            with cp.cuda.ExternalStream(stream.cuda_stream, index):
+            with external_stream(cp, stream.cuda_stream, index):
                 yield
+
+
+def external_stream(cp: Any, ptr: int, device_id: int) -> Any:
+    """A CuPy stream object over the CUDA stream ``ptr`` (owned by someone else, e.g. torch).
+
+    CuPy 14 deprecates ``cupy.cuda.ExternalStream`` in favour of ``Stream.from_external``, which takes an
+    object speaking the ``__cuda_stream__`` protocol; until that path has run on a GPU here, the
+    established class is used and its deprecation warning is silenced at this one place.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(ptr, device_id)

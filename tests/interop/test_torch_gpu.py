@@ -16,6 +16,7 @@ import pymglu.torch as pt  # noqa: E402
 from pymglu.backend import DeviceMismatchError  # noqa: E402
 from pymglu.dtypes import bfloat16  # noqa: E402
 from pymglu.torch import _flash  # noqa: E402
+from pymglu.torch._bridge import external_stream  # noqa: E402
 from _torch_reference import reference_mglu  # noqa: E402
 
 _SPIN = r"""
@@ -54,7 +55,7 @@ def test_consumer_stream_waits_for_the_torch_producer_stream():
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        with cp.cuda.ExternalStream(side.cuda_stream):
+        with external_stream(cp, side.cuda_stream, torch.cuda.current_device()):
             _spin_fill(cp.from_dlpack(x), 0x3F80)  # bfloat16 1.0, queued on the side stream
         with cp.cuda.Stream(non_blocking=True):
             t = pymglu.from_dlpack(x.view(torch.bfloat16))  # export while `side` is torch's current stream
