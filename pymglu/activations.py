@@ -73,3 +73,22 @@ def derivative(s: Any, name: str) -> Any:
         sig = sigmoid(s)
         return sig * (1.0 - sig)
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def forward_and_derivative(s: Any, name: str) -> tuple[Any, Any]:
+    """``(g(s), g'(s))`` in one pass, sharing the sigmoid, erf or tanh that both need."""
+    xp = get_array_module(s)
+    if name == "silu":
+        sig = sigmoid(s)
+        return s * sig, sig * (1.0 + s * (1.0 - sig))
+    if name == "sigmoid":
+        sig = sigmoid(s)
+        return sig, sig * (1.0 - sig)
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + _erf(xp, s * _SQRT_HALF))
+        return s * cdf, cdf + s * _INV_SQRT_2PI * xp.exp(-0.5 * s * s)
+    if name == "gelu_tanh":
+        th = xp.tanh(_TANH_K * (s + _TANH_C * s * s * s))
+        return (0.5 * s * (1.0 + th),
+                0.5 * (1.0 + th) + 0.5 * s * (1.0 - th * th) * _TANH_K * (1.0 + 3.0 * _TANH_C * s * s))
+    return forward(s, name), derivative(s, name)

@@ -123,9 +123,9 @@ def mglu_backward(
     dyf = dy.reshape(-1, h).astype(ct, copy=False)
     Wc = W.astype(ct, copy=False)
     t, s = cache
-    a = activations.forward(s, activation)
+    a, da = activations.forward_and_derivative(s, activation)
     dv = dyf * a                                   # (n, N, h)
-    e = dyf * (t - s) * activations.derivative(s, activation) - dv
+    e = dyf * (t - s) * da - dv
     dv_sum = dv.sum(axis=0)                        # (N, h)
     dx = dv_sum @ Wc
     dW = dv_sum.T @ xf
@@ -185,8 +185,9 @@ def glu_backward(
     ct = compute_dtype(x.dtype)
     xf = _flatten(x, ct)
     dyf = dy.reshape(-1, h).astype(ct, copy=False)
-    d_value = dyf * activations.forward(gate, activation)
-    d_gate = dyf * value * activations.derivative(gate, activation)
+    a, da = activations.forward_and_derivative(gate, activation)
+    d_value = dyf * a
+    d_gate = dyf * value * da
     dx = d_gate @ W_gate.astype(ct, copy=False) + d_value @ W_value.astype(ct, copy=False)
     return (
         dx.astype(x.dtype, copy=False).reshape(x.shape),

@@ -274,3 +274,18 @@ def test_strict_load_refuses_a_layer_with_other_settings(tmp_path):
     for k, v in other.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
     load_checkpoint(path, other, strict=False)  # same shapes: a non-strict load takes the arrays
+
+
+def test_checkpoint_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from pymglu.nn import SwiMGLU
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "perm.safetensors"
+        save_checkpoint(path, SwiMGLU(4, 3, rng=0))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -53,3 +53,13 @@ def test_errors():
         ops.activation(Tensor(np.zeros(2)), "swish")
     with pytest.raises(TypeError, match="x: expected dtype"):
         ops.silu(np.arange(3))
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu", "sigmoid"])
+def test_forward_and_derivative_equal_the_separate_functions(name):
+    from pymglu import activations
+
+    s = np.random.default_rng(3).standard_normal((4, 7)) * 3
+    value, slope = activations.forward_and_derivative(s, name)
+    np.testing.assert_array_equal(value, activations.forward(s, name))
+    np.testing.assert_allclose(slope, activations.derivative(s, name), rtol=1e-15, atol=1e-15)
