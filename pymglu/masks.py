@@ -112,6 +112,9 @@ def gate_fraction(masks: Any) -> np.ndarray:
     return frac.get() if xp is not np else np.asarray(frac)
 
 
+_OVERLAP_CHUNK = 1 << 20
+
+
 def mask_overlap(masks: Any) -> dict[str, np.ndarray]:
     """Pairwise overlap of ``n`` masks, as ``(n, n)`` float64 matrices on the CPU.
 
@@ -121,11 +124,16 @@ def mask_overlap(masks: Any) -> dict[str, np.ndarray]:
     """
     masks = _as_bool(masks)
     xp = get_array_module(masks)
-    flat = masks.reshape(masks.shape[0], -1).astype(np.float32)
-    both = flat @ flat.T
-    counts = flat.sum(axis=1)
-    union = counts[:, None] + counts[None, :] - both
+    flat = masks.reshape(masks.shape[0], -1)
     size = flat.shape[1]
+    # Pairwise |M_i & M_j| by float32 products over column chunks (exact: a chunk's counts stay below
+    # 2^24), summed in float64; memory stays at n x _OVERLAP_CHUNK floats whatever h * d is.
+    both = xp.zeros((flat.shape[0], flat.shape[0]), dtype=np.float64)
+    for start in range(0, size, _OVERLAP_CHUNK):
+        part = flat[:, start:start + _OVERLAP_CHUNK].astype(np.float32)
+        both += part @ part.T
+    counts = xp.diagonal(both).copy()
+    union = counts[:, None] + counts[None, :] - both
     neither = size - union
     agreement = (both + neither) / size
     jaccard = xp.where(union > 0, both / xp.maximum(union, 1), 1.0)

@@ -181,3 +181,15 @@ def test_pack_unpack_on_each_array_module(xp):
         back = M.unpack_masks(packed, 77)
         assert bool((back == (xp.asarray(logits) > 0)).all())
     assert M.gate_fraction(xp.asarray(logits)).tolist() == M.gate_fraction(logits > 0).tolist()
+
+
+def test_mask_overlap_is_exact_across_column_chunks(monkeypatch):
+    import pymglu.masks as pm
+
+    m = np.random.default_rng(9).random((3, 40, 77)) < 0.3
+    f = m.reshape(3, -1)
+    want = np.array([[(f[i] & f[j]).sum() / max((f[i] | f[j]).sum(), 1) for j in range(3)] for i in range(3)])
+    monkeypatch.setattr(pm, "_OVERLAP_CHUNK", 101)  # several chunks, the last one ragged
+    got = pm.mask_overlap(m)
+    np.testing.assert_array_equal(got["jaccard"], want)
+    np.testing.assert_array_equal(got["agreement"], np.array([[(f[i] == f[j]).mean() for j in range(3)] for i in range(3)]))
