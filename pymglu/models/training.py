@@ -8,6 +8,12 @@ optimizer's fp32 master weights, and float16 ones with a :class:`pymglu.amp.Dyna
 Its whole state besides the model and optimizer arrays (step, sampler state, schedule, loss scaler,
 history) round-trips through :meth:`Trainer.state_metadata` / :meth:`Trainer.load_state_metadata`, so a
 resumed run continues exactly where the saved one stopped.
+
+Data parallelism: given ``parallel`` (a :class:`pymglu.distributed.DataParallel`), every rank draws the
+same global batch of ``batch_size`` windows from the same sampler state, keeps its own rows
+(``parallel.shard_batch``), and averages the gradients after ``backward`` (``parallel.reduce_gradients``)
+before clipping and the optimizer step; the recorded loss is the mean over ranks. The sampler state is
+thus global, and a checkpoint resumes at any world size that divides ``batch_size``.
 """
 from __future__ import annotations
 
@@ -95,10 +101,16 @@ class Trainer:
         settings: a :class:`TrainSettings`.
         train_data, val_data: 1-d uint8 host arrays, each at least ``max_seq_len + 1`` bytes
             (:func:`pymglu.models.data.split_corpus` checks that).
+        parallel: ``None``, or a :class:`pymglu.distributed.DataParallel` over ``model`` (any object with
+            its ``size``, ``shard_batch(x, y)``, ``reduce_gradients()`` and ``mean(value)``);
+            ``settings.batch_size`` is then the global batch and must be a multiple of ``parallel.size``.
     """
 
     def __init__(self, model: Transformer, settings: TrainSettings, train_data: np.ndarray,
-                 val_data: np.ndarray) -> None:
+                 val_data: np.ndarray, parallel: Any = None) -> None:
+        if parallel is not None and settings.batch_size % parallel.size:
+            raise ValueError(f"batch_size {settings.batch_size} is not a multiple of the world size {parallel.size}")
+        self.parallel = parallel
         self.model, self.settings = model, settings
         self.seq_len = model.config.max_seq_len
         self.train_data, self.val_data = train_data, val_data
@@ -119,17 +131,22 @@ class Trainer:
         """One optimizer step on a fresh random batch; returns its loss."""
         start = time.perf_counter()
         x, y = sample_windows(self.train_data, self.settings.batch_size, self.seq_len, self.rng)
+        tokens = x.size  # of the global batch
+        if self.parallel is not None:
+            x, y = self.parallel.shard_batch(x, y)
         self.model.train()
         loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
         self.optimizer.zero_grad()
         if self.scaler is None:
             loss.backward()
+            self._reduce_gradients()
             if self.settings.grad_clip > 0:
                 optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
             self.optimizer.step()
         else:  # float16: overflows are expected under a too large scale (the step is then skipped)
             with np.errstate(over="ignore", invalid="ignore"):
                 self.scaler.scale(loss).backward()
+                self._reduce_gradients()  # every rank has the same scale; an inf anywhere reaches all
                 self.scaler.unscale_(self.optimizer)
                 if self.settings.grad_clip > 0:
                     optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
@@ -137,11 +154,18 @@ class Trainer:
                 self.scaler.update()
         self.schedule.step()
         value = float(loss.item())  # synchronises a GPU, so the time below is the step's
+        if self.parallel is not None:
+            value = self.parallel.mean(value)
         self.step += 1
         self.history.train_loss.append(value)
-        self.history.tokens += x.size
+        self.history.tokens += tokens
         self.history.train_seconds += time.perf_counter() - start
         return value
+
+    def _reduce_gradients(self) -> None:
+        """Average the gradients over the data-parallel ranks (nothing without ``parallel``)."""
+        if self.parallel is not None:
+            self.parallel.reduce_gradients()
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows (eval mode, no gradients); the training flag is

@@ -1,0 +1,89 @@
+"""Gradient buckets: several parameters' gradients flattened into one contiguous buffer, reduced with one
+all-reduce.
+
+A bucket's buffer is 1-d, of the bucket's reduce dtype (float64 for float64 parameters, float32 for every
+other parameter: float16 and bfloat16 gradients are summed in float32), laid out as
+``[grad of param 0 | grad of param 1 | ... | one presence flag per parameter]``. The flags (1.0 where a
+rank has a gradient, 0.0 where ``p.grad`` is ``None``) are summed with the gradients, so the ranks agree
+on which parameters get a gradient without a second collective: a missing gradient counts as zeros, and
+a parameter that no rank gave a gradient keeps ``grad = None``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from pymglu.backend import get_array_module, unwrap
+from pymglu.distributed.comm import Communicator
+
+__all__ = ["Bucket", "plan_buckets", "reduce_dtype", "all_reduce_bucket"]
+
+
+def reduce_dtype(dtype: Any) -> np.dtype:
+    """The dtype gradients of a ``dtype`` parameter are summed in: float64 stays, all else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Parameters reduced together.
+
+    Attributes:
+        params: the parameters, in model order.
+        offsets: start of each parameter's gradient in the flat buffer (elements).
+        numel: number of gradient elements (the buffer holds ``numel + len(params)`` elements).
+        dtype: the buffer's dtype (:func:`reduce_dtype` of the parameters').
+    """
+
+    params: tuple[Any, ...]
+    offsets: tuple[int, ...]
+    numel: int
+    dtype: np.dtype
+
+
+def plan_buckets(params: Sequence[Any], bucket_bytes: int) -> list[Bucket]:
+    """Split ``params`` (in order) into buckets of at most ``bucket_bytes`` bytes of gradient each, one
+    reduce dtype per bucket; a parameter larger than ``bucket_bytes`` gets a bucket of its own. Every
+    rank computes the same plan from the same model, so the buckets match across ranks."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes: expected >= 1, got {bucket_bytes}")
+    open_buckets: dict[np.dtype, list[Any]] = {}
+    done: list[list[Any]] = []
+    for p in params:
+        dt = reduce_dtype(p.dtype)
+        current = open_buckets.setdefault(dt, [])
+        size = sum(q.size for q in current) * dt.itemsize
+        if current and size + p.size * dt.itemsize > bucket_bytes:
+            done.append(current)
+            current = open_buckets[dt] = []
+        current.append(p)
+    done.extend(b for b in open_buckets.values() if b)
+    buckets = []
+    for group in done:
+        offsets = tuple(int(x) for x in np.cumsum([0] + [q.size for q in group])[:-1])
+        buckets.append(Bucket(tuple(group), offsets, int(sum(q.size for q in group)), reduce_dtype(group[0].dtype)))
+    return buckets
+
+
+def all_reduce_bucket(comm: Communicator, bucket: Bucket) -> None:
+    """Average the gradients of ``bucket``'s parameters over ``comm``'s ranks, in place of ``p.grad``.
+
+    Each ``p.grad`` becomes a view of shape ``p.shape`` into a fresh buffer of ``bucket.dtype`` (float32
+    for float16/bfloat16 parameters, which the optimizers accept), on the parameters' device.
+    """
+    xp = get_array_module(bucket.params[0].data)
+    n = len(bucket.params)
+    buf = xp.zeros(bucket.numel + n, dtype=bucket.dtype)
+    for i, (p, off) in enumerate(zip(bucket.params, bucket.offsets)):
+        if p.grad is not None:
+            buf[off:off + p.size] = unwrap(p.grad).reshape(-1)
+            buf[bucket.numel + i] = 1.0
+    comm.all_reduce_sum_(buf)
+    if comm.size > 1:
+        buf[:bucket.numel] /= comm.size
+    flags = buf[bucket.numel:]
+    present = flags.get() if hasattr(flags, "get") else flags
+    for p, off, flag in zip(bucket.params, bucket.offsets, present):
+        p.grad = buf[off:off + p.size].reshape(p.shape) if flag > 0 else None

@@ -1,0 +1,85 @@
+"""The :class:`Communicator` interface that :mod:`pymglu.distributed` reduces gradients through, and the
+one-process :class:`LocalCommunicator`.
+
+A communicator moves contiguous 1-d arrays between the ``size`` processes of a job (ranks ``0 .. size-1``).
+Every collective call must be made by every rank, in the same order, with arrays of the same length and
+dtype. Backends: :class:`pymglu.distributed.mpi.MPICommunicator` (NumPy arrays, ``mpi4py``) and
+:class:`pymglu.distributed.nccl.NCCLCommunicator` (CuPy arrays, ``cupy.cuda.nccl``).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DistributedError", "DistributedTimeoutError", "Communicator", "LocalCommunicator"]
+
+
+class DistributedError(RuntimeError):
+    """The ranks of a job disagree (world size, configuration) or a collective failed."""
+
+
+class DistributedTimeoutError(DistributedError):
+    """A collective did not complete within the communicator's timeout: a rank died, hangs, or stopped
+    taking part (e.g. it left the training loop early)."""
+
+
+class Communicator(abc.ABC):
+    """Collectives over the ranks of one job.
+
+    Attributes:
+        rank: this process's index, ``0 <= rank < size``.
+        size: number of processes (the world size).
+        timeout: seconds a collective may wait for the other ranks before raising
+            :class:`DistributedTimeoutError` (``None``: wait forever); what is bounded depends on the backend.
+    """
+
+    rank: int
+    size: int
+    timeout: float | None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the rank that prints and writes checkpoints)."""
+        return self.rank == 0
+
+    @abc.abstractmethod
+    def all_reduce_sum_(self, buf: Any) -> Any:
+        """Replace the 1-d contiguous ``buf`` (float32 or float64) by the element-wise sum of every rank's
+        ``buf``, in place; returns ``buf``."""
+
+    @abc.abstractmethod
+    def broadcast_(self, buf: Any, root: int = 0) -> Any:
+        """Overwrite the 1-d contiguous ``buf`` on every rank with ``root``'s values, in place; returns it."""
+
+    @abc.abstractmethod
+    def allgather_int64(self, values: np.ndarray) -> np.ndarray:
+        """Host int64 vector ``(k,)`` of every rank -> ``(size, k)`` int64 array (row ``r`` from rank ``r``);
+        ``k`` must be the same on every rank. Used by the startup handshake."""
+
+    @abc.abstractmethod
+    def abort(self, code: int = 1) -> None:
+        """End every process of the job (this one included) with exit status ``code``; does not return."""
+
+
+class LocalCommunicator(Communicator):
+    """The world of one process: every collective is the identity. Lets the same training code run
+    without MPI (and resume a multi-rank checkpoint at world size 1)."""
+
+    def __init__(self) -> None:
+        self.rank, self.size, self.timeout = 0, 1, None
+
+    def all_reduce_sum_(self, buf: Any) -> Any:
+        return buf
+
+    def broadcast_(self, buf: Any, root: int = 0) -> Any:
+        if root != 0:
+            raise ValueError(f"broadcast_: root {root} is not a rank of a world of size 1")
+        return buf
+
+    def allgather_int64(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64).reshape(1, -1).copy()
+
+    def abort(self, code: int = 1) -> None:
+        raise SystemExit(code)

@@ -1,0 +1,140 @@
+"""Data parallelism: every rank holds the whole model, trains on its share of each global batch, and
+averages gradients with the others before the optimizer step.
+
+Order of a step (what :class:`pymglu.models.training.Trainer` does when given a :class:`DataParallel`):
+sample the global batch (same sampler state on every rank) -> :meth:`DataParallel.shard_batch` keeps this
+rank's rows -> forward, ``loss.backward()`` -> :meth:`DataParallel.reduce_gradients` (one all-reduce per
+bucket, gradients divided by the world size) -> clipping and the optimizer step, identical on every rank.
+
+The reduction runs after the whole backward pass; overlapping it with backward (reducing a bucket as soon
+as its last gradient exists) is a later goal for the GPU and is not implemented.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from pymglu.backend import get_array_module
+from pymglu.distributed.buckets import Bucket, all_reduce_bucket, plan_buckets
+from pymglu.distributed.comm import Communicator, DistributedError, LocalCommunicator
+
+__all__ = ["DataParallel", "config_digest"]
+
+#: default bucket size: 25 MiB of gradient per all-reduce.
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def config_digest(text: str) -> np.ndarray:
+    """SHA-256 of ``text`` as 4 int64 words ``(4,)``: what ranks compare in :meth:`DataParallel.handshake`."""
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.int64).copy()
+
+
+class DataParallel:
+    """Gradient averaging and parameter broadcast for a model replicated on every rank.
+
+    Args:
+        model: a :class:`pymglu.nn.Module`; its parameters (same order on every rank) are what is reduced.
+        comm: the :class:`Communicator` (``None``: :class:`LocalCommunicator`, world size 1).
+        bucket_bytes: gradient bytes per all-reduce (see :mod:`pymglu.distributed.buckets`).
+    """
+
+    def __init__(self, model: Any, comm: Communicator | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.model = model
+        self.comm = comm if comm is not None else LocalCommunicator()
+        self.params = list(model.parameters())
+        self.buckets: list[Bucket] = plan_buckets(self.params, bucket_bytes)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the one that prints and writes checkpoints."""
+        return self.comm.is_main
+
+    # ----------------------------------------------------------------- start
+    def handshake(self, config: str, expected_world_size: int | None = None) -> None:
+        """Check that every rank runs the same configuration in the same world; raise
+        :class:`DistributedError` on every rank, naming what differs, otherwise.
+
+        Args:
+            config: text describing everything that must agree (model config, training settings, ...);
+                ranks compare its SHA-256.
+            expected_world_size: the world size this rank was told to expect (``None``: any).
+
+        Bounded by the communicator's timeout: a rank that never reaches the handshake makes the others
+        raise :class:`~pymglu.distributed.comm.DistributedTimeoutError`.
+        """
+        mine = np.concatenate([[self.size, -1 if expected_world_size is None else expected_world_size,
+                                self._n_param_elements()], config_digest(config)]).astype(np.int64)
+        rows = self.comm.allgather_int64(mine)
+        problems = []
+        if rows.shape[0] != self.size:
+            problems.append(f"{rows.shape[0]} ranks answered in a world of size {self.size}")
+        expected = sorted({int(r[1]) for r in rows if r[1] >= 0})
+        if any(e != self.size for e in expected):
+            problems.append(f"world size {self.size} but ranks expected {expected}")
+        if len({int(r[2]) for r in rows}) > 1:
+            problems.append("parameter counts differ: " + ", ".join(f"rank {i}: {int(r[2])}" for i, r in enumerate(rows)))
+        digests = [tuple(int(v) for v in r[3:]) for r in rows]
+        if len(set(digests)) > 1:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, d in enumerate(digests):
+                groups.setdefault(d, []).append(i)
+            problems.append("configurations differ between ranks (same configuration: "
+                            + "; ".join(f"ranks {v}" for v in groups.values()) + ")")
+        if problems:
+            raise DistributedError(f"rank {self.rank}: startup handshake failed: " + "; ".join(problems)
+                                   + "; launch every rank with the same arguments and the expected -n")
+
+    def _n_param_elements(self) -> int:
+        return int(sum(p.size for p in self.params))
+
+    def broadcast_parameters(self, root: int = 0) -> None:
+        """Overwrite every parameter with ``root``'s values (float16/bfloat16 travel as exact float32)."""
+        for bucket in self.buckets:
+            xp = get_array_module(bucket.params[0].data)
+            buf = xp.empty(bucket.numel, dtype=bucket.dtype)
+            for p, off in zip(bucket.params, bucket.offsets):
+                buf[off:off + p.size] = p.data.reshape(-1).astype(bucket.dtype)
+            self.comm.broadcast_(buf, root=root)
+            for p, off in zip(bucket.params, bucket.offsets):
+                p.data[...] = buf[off:off + p.size].reshape(p.shape).astype(p.dtype)
+                if hasattr(p, "mark_modified"):
+                    p.mark_modified()
+
+    # ----------------------------------------------------------------- every step
+    def shard_batch(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """This rank's rows of each ``(B, ...)`` array: rows ``[rank * B/size, (rank + 1) * B/size)``.
+        ``B`` must be a multiple of the world size (equal shards make the mean of the ranks' mean losses
+        the mean loss of the global batch)."""
+        out = []
+        for a in arrays:
+            b = a.shape[0]
+            if b % self.size:
+                raise ValueError(f"shard_batch: batch of {b} rows does not split into {self.size} equal shards")
+            k = b // self.size
+            out.append(a[self.rank * k:(self.rank + 1) * k])
+        return tuple(out)
+
+    def reduce_gradients(self) -> None:
+        """Average every parameter's gradient over the ranks, one all-reduce per bucket (after backward)."""
+        for bucket in self.buckets:
+            all_reduce_bucket(self.comm, bucket)
+
+    def mean(self, value: float) -> float:
+        """The mean over ranks of a host scalar (e.g. the loss of each rank's shard)."""
+        if self.size == 1:
+            return float(value)
+        xp = get_array_module(self.params[0].data) if self.params else np
+        buf = xp.asarray([value], dtype=np.float64)
+        self.comm.all_reduce_sum_(buf)
+        return float(buf[0]) / self.size
