@@ -4,6 +4,7 @@
     python examples/train_lm.py --ffn swiglu         # the same model with a SwiGLU feed-forward
     python examples/train_lm.py --data input.txt --out runs/mine --steps 2000
     python examples/train_lm.py --out runs/mine --steps 4000 --resume   # continue that run
+    mpiexec -n 2 python examples/train_lm.py --distributed --out runs/dp   # data parallel, 2 processes
 
 Data: ``--data FILE`` (raw bytes, any text), or by default the help pages every CPython ships
 (``pydoc_data.topics``); the first 90% trains, the last 10% validates. Each step draws random windows
@@ -13,6 +14,13 @@ checkpoint ``OUT/checkpoint.safetensors`` (model, optimizer, config, step) is re
 the end the model writes a sample from a prompt, decoding with its KV cache.
 
 ``--device auto`` runs on CuPy when a CUDA device is usable, else on NumPy.
+
+``--distributed`` (under ``mpiexec -n N``): data parallelism through :mod:`pymglu.distributed`, MPI on the
+CPU and NCCL on GPUs (one GPU per rank; the NCCL path is untested on hardware). ``--batch-size`` is the
+global batch, split evenly over the ranks; gradients are averaged after each backward pass; only rank 0
+prints and writes the checkpoint; the checkpoint resumes at any world size that divides the batch. Ranks
+first check that they run the same configuration; a rank that fails, or stops answering for
+``--dist-timeout`` seconds, ends the whole job with an error (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # One BLAS thread unless the caller sets it: the model's matrices are small, so a second thread gains
 # little (95 -> 112 ms per default train_lm step on an idle 2-core machine) and makes a step 3-7x slower
@@ -96,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batches", type=_positive_int, default=8)
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    d = p.add_argument_group("data parallelism (launch with mpiexec -n N)")
+    d.add_argument("--distributed", action="store_true", help="average gradients over the MPI ranks "
+                   "(NCCL on GPUs); --batch-size is the global batch")
+    d.add_argument("--dist-timeout", type=_non_negative_float, default=300.0,
+                   help="seconds a rank waits for the others in a collective before the job is ended (0: forever)")
+    d.add_argument("--world-size", type=_positive_int, default=None,
+                   help="the number of ranks this run expects (checked at startup; default: any)")
     s = p.add_argument_group("sample")
     s.add_argument("--sample-tokens", type=_non_negative_int, default=200, help="bytes to generate at the end")
     s.add_argument("--prompt", default=None, help="prompt text (default: the start of the validation text)")
@@ -153,10 +169,40 @@ def _checkpoint_path(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return path
 
 
+def _communicator(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str) -> Any:
+    """The job's communicator (world size 1 without ``--distributed``)."""
+    from pymglu import distributed
+
+    if not args.distributed:
+        return distributed.LocalCommunicator()
+    if not distributed.mpi_available():
+        parser.error("--distributed needs mpi4py and an MPI library: pip install -e '.[distributed]'")
+    return distributed.init_communicator("nccl" if device == "gpu" else "mpi", timeout=args.dist_timeout or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = _device(parser, args.device)
+    comm = _communicator(parser, args, device)
+    if comm.size == 1:
+        return _train(parser, args, device, comm)
+    try:  # one failing rank ends every rank at once, instead of leaving them waiting in a collective
+        return _train(parser, args, device, comm)
+    except BaseException as e:
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if not isinstance(e, SystemExit):
+            print(f"rank {comm.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        comm.abort(code or 1)
+        raise
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, comm: Any) -> int:
+    from pymglu.distributed import DataParallel
+
+    main_rank = comm.is_main
+    say = print if main_rank else (lambda *a, **k: None)
     if args.prompt is not None and not args.prompt:
         parser.error("--prompt: give at least one character")
     try:
@@ -171,31 +217,45 @@ def main(argv: list[str] | None = None) -> int:
     model = Transformer(config, rng=args.seed)
     if device == "gpu":
         model.to("cuda")
+    parallel = DataParallel(model, comm) if args.distributed else None
     try:
-        trainer = Trainer(model, settings, train_data, val_data)
+        trainer = Trainer(model, settings, train_data, val_data, parallel=parallel)
     except (ValueError, TypeError) as e:
         parser.error(f"training settings: {e}")
-    if args.resume:
+    if args.resume:  # every rank reads the checkpoint (rank 0's copy is broadcast below anyway)
         try:
             load_training_checkpoint(path, trainer)
         except (ConfigMismatchError, io.CheckpointError) as e:
             parser.error(f"--resume: {e}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parallel is not None:
+        parallel.handshake(json.dumps({"config": config.to_dict(), "settings": dataclasses.asdict(settings),
+                                       "data": source, "bytes": int(train_data.size), "step": trainer.step,
+                                       "device": device}), expected_world_size=args.world_size)
+        parallel.broadcast_parameters()
+    if main_rank:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     kind = config.ffn_kind + (f" (n_masks={config.n_masks})" if config.is_mglu else "")
-    print(f"data: {source}; {train_data.size:,} training and {val_data.size:,} validation bytes")
-    print(f"model: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, d_ff {config.d_ff}, "
+    if parallel is not None:
+        say(f"data parallel: {comm.size} ranks ({type(comm).__name__}), {settings.batch_size // comm.size} windows "
+            f"per rank per step, gradients averaged in {len(parallel.buckets)} bucket(s)")
+    say(f"data: {source}; {train_data.size:,} training and {val_data.size:,} validation bytes")
+    say(f"model: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, d_ff {config.d_ff}, "
           f"feed-forward {kind}, {config.dtype}; {model.num_weights():,} weights + {model.num_mask_bits():,} "
           f"mask bits; {'CuPy (GPU)' if device == 'gpu' else 'NumPy (CPU)'}")
-    print(f"training: steps {trainer.step} -> {settings.steps}, batch {settings.batch_size} x {config.max_seq_len} "
+    say(f"training: steps {trainer.step} -> {settings.steps}, batch {settings.batch_size} x {config.max_seq_len} "
           f"bytes, AdamW lr {settings.lr:g} (warmup {settings.warmup_steps}, cosine); checkpoint {str(path)!r}")
 
     def checkpoint(tr: Trainer) -> None:
-        save_training_checkpoint(path, tr, extra={"train.data": source})
+        if main_rank:  # one writer; the write is atomic (pymglu.io), so no rank ever sees half a file
+            save_training_checkpoint(path, tr, extra={"train.data": source, "train.world_size": str(comm.size)})
 
     start = time.perf_counter()
-    history = trainer.run(progress=not args.no_progress, on_eval=checkpoint)
+    history = trainer.run(progress=main_rank and not args.no_progress, log=print if main_rank else None,
+                          on_eval=checkpoint)
     wall = time.perf_counter() - start
+    if not main_rank:
+        return 0
     if history.train_loss:
         k = min(10, len(history.train_loss))
         first, last = float(np.mean(history.train_loss[:k])), float(np.mean(history.train_loss[-k:]))
@@ -208,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"the checkpoint is already at step {trainer.step} (--steps {settings.steps}): nothing to train")
     metrics = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "data": source,
-               "device": device, "step": trainer.step, "wall_seconds_last_run": wall, **history.to_dict()}
+               "device": device, "world_size": comm.size, "step": trainer.step, "wall_seconds_last_run": wall,
+               **history.to_dict()}
     (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     if args.sample_tokens:
