@@ -10,6 +10,8 @@ A rank that *crashes* (non-zero exit, signal) is handled by the launcher: MPICH'
 """
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ __all__ = ["MPICommunicator", "mpi_available"]
 
 #: default seconds a collective may wait for the other ranks.
 DEFAULT_TIMEOUT = 300.0
+#: seconds :meth:`MPICommunicator.abort` leaves the launcher to forward the last output.
+ABORT_GRACE = 0.5
 
 
 def mpi_available() -> bool:
@@ -80,4 +84,10 @@ class MPICommunicator(Communicator):
         return recv
 
     def abort(self, code: int = 1) -> None:
+        """``MPI_Abort`` after flushing stdout and stderr and waiting ``ABORT_GRACE`` seconds: the launcher
+        forwards a rank's output asynchronously, and an immediate abort can tear the job down before the
+        error message that explains it has reached the terminal."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)

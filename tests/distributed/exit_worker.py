@@ -1,0 +1,40 @@
+"""Rank worker of test_mpi.py: rank 1 leaves early, rank 0 keeps reducing gradients.
+
+    mpiexec -n 2 python exit_worker.py clean|crash TIMEOUT
+
+``clean``: rank 1 returns (MPI finalizes normally) before the first all-reduce; rank 0 must raise
+DistributedTimeoutError after TIMEOUT seconds, print it and end the job. ``crash``: rank 1 ends with
+``os._exit(3)`` (no MPI finalize), as a killed process would; the launcher must end the job.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from pymglu.distributed import DataParallel, DistributedTimeoutError, init_communicator
+from pymglu.models import Transformer, TransformerConfig
+
+
+def main(mode: str, timeout: float) -> None:
+    comm = init_communicator("mpi", timeout=timeout)
+    net = Transformer(TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=12, max_seq_len=4), rng=0)
+    dp = DataParallel(net, comm)
+    dp.handshake("same")
+    if comm.rank == 1:
+        if mode == "crash":
+            os._exit(3)
+        return
+    for step in range(3):
+        net.loss(np.array([[1, 2, 3]]), np.array([[2, 3, 4]])).backward()
+        try:
+            dp.reduce_gradients()
+        except DistributedTimeoutError as e:
+            print(f"rank 0 stopped: {e}", flush=True)
+            comm.abort(5)
+    print("rank 0 finished without an error", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]))

@@ -1,0 +1,109 @@
+"""pymglu.distributed without MPI: bucket plans, the one-process communicator, the handshake's checks, and
+the Trainer's data-parallel hook (through a two-rank stand-in whose other rank mirrors this one)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pymglu.distributed import (DataParallel, DistributedError, LocalCommunicator, config_digest,
+                                init_communicator)
+from pymglu.distributed.buckets import plan_buckets
+from pymglu.distributed.comm import Communicator
+from pymglu.models import Transformer, TransformerConfig
+from pymglu.models.training import Trainer, TrainSettings
+from pymglu.nn import Parameter
+
+
+def _tiny_model(dtype: str = "float32") -> Transformer:
+    return Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=24,
+                                         ffn_kind="swimglu", n_masks=2, max_seq_len=8, dtype=dtype), rng=0)
+
+
+def test_buckets_keep_order_respect_the_cap_and_split_by_reduce_dtype():
+    params = [Parameter(np.zeros(10, np.float32)), Parameter(np.zeros(30, np.float64)),
+              Parameter(np.zeros(20, np.float32)), Parameter(np.zeros(100, np.float32)),
+              Parameter(np.zeros(5, np.float16))]
+    buckets = plan_buckets(params, bucket_bytes=160)
+    layout = [([params.index(p) for p in b.params], b.dtype.name, b.offsets, b.numel) for b in buckets]
+    assert layout == [([0, 2], "float32", (0, 10), 30), ([3], "float32", (0,), 100),
+                      ([4], "float32", (0,), 5), ([1], "float64", (0,), 30)]
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets(params, 0)
+
+
+def test_local_world_reduces_to_the_identity_and_keeps_missing_gradients_missing():
+    model = _tiny_model()
+    dp = DataParallel(model, bucket_bytes=1024)
+    assert dp.size == 1 and dp.is_main and len(dp.buckets) > 1
+    ids = np.arange(8)[None] % 32
+    model.loss(ids, ids).backward()
+    before = {n: np.array(p.grad) for n, p in model.named_parameters()}
+    first = model.parameters()[0]
+    first.grad = None
+    dp.reduce_gradients()
+    assert first.grad is None
+    for n, p in list(model.named_parameters())[1:]:
+        np.testing.assert_array_equal(p.grad, before[n])
+        assert p.grad.dtype == p.dtype
+    assert dp.mean(2.5) == 2.5
+
+
+def test_handshake_names_a_world_size_mismatch():
+    dp = DataParallel(_tiny_model())
+    dp.handshake("config", expected_world_size=1)
+    with pytest.raises(DistributedError, match=r"world size 1 but ranks expected \[2\]"):
+        dp.handshake("config", expected_world_size=2)
+    assert not np.array_equal(config_digest("a"), config_digest("b")) and config_digest("a").shape == (4,)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        init_communicator("gloo")
+    assert isinstance(init_communicator("local"), LocalCommunicator)
+    with pytest.raises(ValueError, match="broadcast_"):
+        LocalCommunicator().broadcast_(np.zeros(2), root=1)
+
+
+class _MirrorRank0(Communicator):
+    """Rank 0 of a world of 2 whose other rank holds exactly this rank's values (a test stand-in)."""
+
+    def __init__(self) -> None:
+        self.rank, self.size, self.timeout = 0, 2, None
+
+    def all_reduce_sum_(self, buf):
+        buf *= 2
+        return buf
+
+    def broadcast_(self, buf, root=0):
+        return buf
+
+    def allgather_int64(self, values):
+        return np.stack([values, values])
+
+    def abort(self, code=1):
+        raise SystemExit(code)
+
+
+def _settings(**kw) -> TrainSettings:
+    return TrainSettings(**{"steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1, **kw})
+
+
+def test_trainer_shards_the_global_batch_and_averages_gradients():
+    data = np.frombuffer(bytes(range(32)) * 32, dtype=np.uint8)
+    seen = []
+    model = _tiny_model()
+    loss = model.loss
+    model.loss = lambda x, y: (seen.append(x.shape), loss(x, y))[1]
+    trainer = Trainer(model, _settings(), data, data, parallel=DataParallel(model, _MirrorRank0()))
+    trainer.train_step()
+    assert seen == [(2, 8)] and trainer.history.tokens == 4 * 8
+
+    # world size 1: the same run as without the hook, bit for bit
+    runs = []
+    for parallel in (False, True):
+        m = _tiny_model()
+        t = Trainer(m, _settings(), data, data, parallel=DataParallel(m) if parallel else None)
+        runs.append([t.train_step() for _ in range(3)])
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="not a multiple of the world size 2"):
+        Trainer(model, _settings(batch_size=3), data, data, parallel=DataParallel(model, _MirrorRank0()))
