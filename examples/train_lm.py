@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # one failing rank ends every rank at once, instead of leaving them waiting in a collective
         return _train(parser, args, device, comm)
     except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:  # --help: every rank leaves the same way
+            raise
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
         if not isinstance(e, SystemExit):
             print(f"rank {comm.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
