@@ -13,6 +13,11 @@ the backward pass needs ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the ma
 
 dtypes: float64 is computed in float64; float32, float16 and bfloat16 (``ml_dtypes``) in float32, with
 outputs and ``dx``/``dW`` cast back to the input dtype. Works on NumPy and CuPy arrays alike.
+
+On CuPy arrays of dtype float32, float16 or bfloat16 the same functions run the fused GPU path of
+:mod:`pymglu.cuda.training` (cuBLAS products in the input dtype with float32 accumulation, fused
+elementwise kernels, the cache stored in the input dtype); ``pymglu.cuda.training.disabled()`` turns
+it off. float64 CuPy arrays take the reference path below.
 """
 from __future__ import annotations
 
@@ -22,13 +27,15 @@ import numpy as np
 
 from pymglu import _checks, activations, masks as _masks
 from pymglu.backend import get_array_module, unwrap
+from pymglu.cuda import training as _gpu
 from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
 __all__ = ["MGLUCache", "mglu", "mglu_forward", "mglu_backward", "glu", "glu_forward", "glu_backward"]
 
 
 class MGLUCache(NamedTuple):
-    """What :func:`mglu_backward` needs from the forward pass, in the compute dtype.
+    """What :func:`mglu_backward` needs from the forward pass, in the compute dtype (on the fused GPU
+    path: in the input dtype).
 
     ``t``: ``(N, h)`` full product ``x W^T``; ``s``: ``(n, N, h)`` gate products; ``N`` = tokens.
     """
@@ -66,6 +73,21 @@ def _flatten(x: Any, ct: np.dtype) -> Any:
     return x.reshape(-1, x.shape[-1]).astype(ct, copy=False)
 
 
+def _packed_bits(masks: Any, W: Any) -> Any:
+    """Validate ``masks`` against ``W`` and return them as C-contiguous ``(n, h, ceil(d/32))`` bit-planes."""
+    h, d = W.shape
+    xp = get_array_module(masks)
+    if masks.dtype == np.uint32:
+        _masks.check_packed(masks, None, h, d, name="masks")
+        return xp.ascontiguousarray(masks)
+    return _masks.pack_masks(_bool_masks(masks, W))
+
+
+def _rows(a: Any, width: int, dtype: Any) -> Any:
+    """``a`` as a C-contiguous ``(N, width)`` matrix of ``dtype`` (for the fused GPU path)."""
+    return get_array_module(a).ascontiguousarray(a.reshape(-1, width).astype(dtype, copy=False))
+
+
 def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[Any, MGLUCache]:
     """MGLU forward that also returns the cache :func:`mglu_backward` needs.
 
@@ -80,6 +102,11 @@ def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[
     activations.check_activation(activation)
     xp = get_array_module(x, W, masks)
     _check_x_w(x, W)
+    out_shape = x.shape[:-1] + (W.shape[0],)
+    if _gpu.supports(x, W):
+        y, (t, s) = _gpu.mglu_forward(_rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W),
+                                      _packed_bits(masks, W), activation)
+        return y.reshape(out_shape), MGLUCache(t, s)
     masks = _bool_masks(masks, W)
     ct = compute_dtype(x.dtype)
     xf = _flatten(x, ct)
@@ -87,7 +114,7 @@ def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[
     t = xf @ Wc.T
     s = xp.stack([xf @ (Wc * m).T for m in masks])
     y = (activations.forward(s, activation) * (t - s)).sum(axis=0)
-    return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (W.shape[0],)), MGLUCache(t, s)
+    return y.astype(x.dtype, copy=False).reshape(out_shape), MGLUCache(t, s)
 
 
 def mglu(x: Any, W: Any, masks: Any, activation: str = "silu") -> Any:
@@ -96,13 +123,16 @@ def mglu(x: Any, W: Any, masks: Any, activation: str = "silu") -> Any:
 
 
 def mglu_backward(
-    dy: Any, x: Any, W: Any, masks: Any, activation: str = "silu", cache: MGLUCache | None = None
+    dy: Any, x: Any, W: Any, masks: Any, activation: str = "silu", cache: MGLUCache | None = None,
+    consume_cache: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Gradients of MGLU with the straight-through estimator for the masks.
 
     Args:
         dy: ``(..., h)`` upstream gradient. x, W, masks, activation: as in :func:`mglu_forward`.
         cache: the forward's cache; recomputed (``n + 1`` products) when ``None``.
+        consume_cache: allow the fused GPU path to overwrite ``cache`` with gradients (saves memory;
+            the cache is unusable afterwards). Ignored by the reference path.
     Returns:
         ``dx`` ``(..., d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, and ``dlogits``
         ``(n, h, d)`` in the compute dtype (float32, or float64 for float64 inputs):
@@ -112,10 +142,18 @@ def mglu_backward(
     activations.check_activation(activation)
     xp = get_array_module(dy, x, W, masks)
     _check_x_w(x, W)
-    masks = _bool_masks(masks, W)
     h = W.shape[0]
     _checks.check_dtype("dy", dy, FLOAT_DTYPES)
     _checks.check_shape("dy", dy, tuple(x.shape[:-1]) + (h,))
+    if _gpu.supports(x, W):
+        bits = _packed_bits(masks, W)
+        xf, Wc = _rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W)
+        if cache is None or cache.t.dtype != x.dtype:
+            cache, consume_cache = MGLUCache(*_gpu.mglu_forward(xf, Wc, bits, activation)[1]), True
+        dx, dW, dlogits = _gpu.mglu_backward(_rows(dy, h, x.dtype), xf, Wc, bits, activation, tuple(cache),
+                                             consume_cache=consume_cache)
+        return dx.reshape(x.shape), dW, dlogits
+    masks = _bool_masks(masks, W)
     if cache is None:
         cache = mglu_forward(x, W, masks, activation)[1]
     ct = compute_dtype(x.dtype)
@@ -154,6 +192,11 @@ def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> 
     _check_x_w(x, W_gate, "W_gate")
     _check_x_w(x, W_value, "W_value")
     _checks.check_shape("W_value", W_value, W_gate.shape)
+    if _gpu.supports(x, W_gate):
+        xp = get_array_module(x)
+        y, cache = _gpu.glu_forward(_rows(x, W_gate.shape[1], x.dtype), xp.ascontiguousarray(W_gate),
+                                    xp.ascontiguousarray(W_value), activation)
+        return y.reshape(x.shape[:-1] + (W_gate.shape[0],)), cache
     ct = compute_dtype(x.dtype)
     xf = _flatten(x, ct)
     gate = xf @ W_gate.astype(ct, copy=False).T
@@ -168,9 +211,13 @@ def glu(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:
 
 
 def glu_backward(
-    dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str = "silu", cache: tuple[Any, Any] | None = None
+    dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str = "silu", cache: tuple[Any, Any] | None = None,
+    consume_cache: bool = False,
 ) -> tuple[Any, Any, Any]:
-    """Gradients of GLU: ``dx`` ``(..., d)``, ``dW_gate`` and ``dW_value`` ``(h, d)`` in the input dtypes."""
+    """Gradients of GLU: ``dx`` ``(..., d)``, ``dW_gate`` and ``dW_value`` ``(h, d)`` in the input dtypes.
+
+    ``consume_cache`` lets the fused GPU path overwrite ``cache`` with the gate and value gradients.
+    """
     dy, x, W_gate, W_value = unwrap(dy), unwrap(x), unwrap(W_gate), unwrap(W_value)
     activations.check_activation(activation)
     get_array_module(dy, x, W_gate, W_value)
@@ -179,6 +226,15 @@ def glu_backward(
     h = W_gate.shape[0]
     _checks.check_dtype("dy", dy, FLOAT_DTYPES)
     _checks.check_shape("dy", dy, tuple(x.shape[:-1]) + (h,))
+    if _gpu.supports(x, W_gate):
+        xp = get_array_module(x)
+        xf = _rows(x, W_gate.shape[1], x.dtype)
+        Wg, Wv = xp.ascontiguousarray(W_gate), xp.ascontiguousarray(W_value)
+        if cache is None or cache[0].dtype != x.dtype:
+            cache, consume_cache = _gpu.glu_forward(xf, Wg, Wv, activation)[1], True
+        dx, dWg, dWv = _gpu.glu_backward(_rows(dy, h, x.dtype), xf, Wg, Wv, activation, cache,
+                                         consume_cache=consume_cache)
+        return dx.reshape(x.shape), dWg, dWv
     if cache is None:
         cache = glu_forward(x, W_gate, W_value, activation)[1]
     gate, value = cache

@@ -43,6 +43,9 @@ class Function:
     inputs: tuple[Any, ...]
     #: per input, whether a gradient is wanted.
     needs_input_grad: tuple[bool, ...]
+    #: set by ``Tensor.backward`` before it calls :meth:`backward`: False when the graph is released
+    #: afterwards, so that ``backward`` may overwrite what ``forward`` saved instead of allocating.
+    graph_retained: bool = True
 
     def forward(self, *arrays: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

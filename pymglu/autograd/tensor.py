@@ -128,6 +128,7 @@ class Tensor:
                     "backward: the graph was freed by an earlier backward(); "
                     "pass retain_graph=True to the first call to run backward twice"
                 )
+            fn.graph_retained = retain_graph
             input_grads = fn.backward(g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)

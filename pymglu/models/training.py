@@ -122,14 +122,25 @@ class Trainer:
         self.rng = np.random.default_rng(s.seed)
         #: loss scaler of a float16 model (``None`` otherwise).
         self.scaler = amp.DynamicLossScaler() if model.config.dtype == "float16" else None
+        #: :meth:`run` reads the losses back (one host synchronisation) every this many steps, and at
+        #: evaluations and the end; on a GPU the steps in between are queued without waiting.
+        self.sync_every = 1 if self.xp is np else 10
+        self._pending: list[Any] = []
+        self._pending_since = 0.0
         self.step = 0
         self.history = History()
         self._eval_set = eval_windows(val_data, s.batch_size, self.seq_len, s.eval_batches)
 
     # ----------------------------------------------------------------- one step
-    def train_step(self) -> float:
-        """One optimizer step on a fresh random batch; returns its loss."""
-        start = time.perf_counter()
+    def train_step(self, sync: bool = True) -> float | None:
+        """One optimizer step on a fresh random batch.
+
+        Returns its loss; with ``sync=False`` the loss stays on the device (no host synchronisation)
+        until the next synchronised step or :meth:`flush`, and ``None`` is returned. (A float16 model's
+        loss scaler still reads one flag per step.)
+        """
+        if not self._pending:
+            self._pending_since = time.perf_counter()
         x, y = sample_windows(self.train_data, self.settings.batch_size, self.seq_len, self.rng)
         tokens = x.size  # of the global batch
         if self.parallel is not None:
@@ -153,14 +164,23 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
         self.schedule.step()
-        value = float(loss.item())  # synchronises a GPU, so the time below is the step's
-        if self.parallel is not None:
-            value = self.parallel.mean(value)
         self.step += 1
-        self.history.train_loss.append(value)
         self.history.tokens += tokens
-        self.history.train_seconds += time.perf_counter() - start
-        return value
+        self._pending.append(loss.data)
+        return self.flush() if sync else None
+
+    def flush(self) -> float | None:
+        """Read the losses of the steps not yet synchronised into ``history`` (one device-to-host copy,
+        which waits for those steps); returns the last one (``None`` if there were none)."""
+        if not self._pending:
+            return None
+        values = [float(v) for v in np.asarray(_to_host(self.xp.stack(self._pending)), dtype=np.float64)]
+        self._pending = []
+        if self.parallel is not None:
+            values = [self.parallel.mean(v) for v in values]
+        self.history.train_loss.extend(values)
+        self.history.train_seconds += time.perf_counter() - self._pending_since
+        return values[-1]
 
     def _reduce_gradients(self) -> None:
         """Average the gradients over the data-parallel ranks (nothing without ``parallel``)."""
@@ -202,12 +222,15 @@ class Trainer:
         write = (bar.write if bar is not None else log) if log is not None else None
         try:
             while self.step < s.steps:
-                loss = self.train_step()
+                after = self.step + 1
+                evaluate = bool(s.eval_every and after % s.eval_every == 0) or after == s.steps
+                loss = self.train_step(sync=evaluate or after % self.sync_every == 0)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.history.tokens_per_second:,.0f}",
-                                    refresh=False)
-                if (s.eval_every and self.step % s.eval_every == 0) or self.step == s.steps:
+                    if loss is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.history.tokens_per_second:,.0f}",
+                                        refresh=False)
+                if evaluate:
                     val = self.evaluate()
                     self.history.val_steps.append(self.step)
                     self.history.val_loss.append(val)
@@ -218,6 +241,7 @@ class Trainer:
                     if on_eval is not None:
                         on_eval(self)
         finally:
+            self.flush()
             if bar is not None:
                 bar.close()
         return self.history
@@ -226,6 +250,7 @@ class Trainer:
     def state_metadata(self) -> dict[str, str]:
         """``str -> str`` entries for a checkpoint header: step, sampler state, schedule, settings, history
         and, for a float16 model, the loss scaler."""
+        self.flush()
         return {
             "train.step": str(self.step),
             "train.rng": json.dumps(self.rng.bit_generator.state),
@@ -266,3 +291,7 @@ class Trainer:
         self.rng, self.step, self.history = state["rng"], state["step"], state["history"]
         if state["scaler"] is not None:
             self.scaler = state["scaler"]
+
+
+def _to_host(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -105,3 +105,16 @@ def test_mixed_precision_trains_and_resumes(tmp_path, dtype):
     first.run(progress=False, log=None)
     resumed.run(progress=False, log=None)
     assert resumed.history.train_loss == first.history.train_loss
+
+
+def test_unsynchronised_steps_record_the_same_losses_at_flush():
+    synced, lazy = make(steps=6), make(steps=6)
+    want = [synced.train_step() for _ in range(5)]
+    assert all(lazy.train_step(sync=False) is None for _ in range(4))
+    assert lazy.history.train_loss == [] and lazy.step == 4
+    assert lazy.train_step() == want[-1]  # a synchronised step flushes the pending ones first
+    assert lazy.history.train_loss == want
+    assert lazy.flush() is None
+    lazy.sync_every = 4
+    lazy.run(progress=False, log=None)
+    assert len(lazy.history.train_loss) == 6

@@ -5,8 +5,9 @@ from typing import Any
 
 import numpy as np
 
-from pymglu import functional
+from pymglu import functional, masks as _masks
 from pymglu.autograd.function import Function
+from pymglu.backend import is_cupy_array
 
 
 class MGLU(Function):
@@ -14,13 +15,15 @@ class MGLU(Function):
 
     The third input is either float mask logits ``(n, h, d)`` (trainable through the straight-through
     estimator) or fixed masks: bool ``(n, h, d)`` or uint32 bit-planes ``(n, h, ceil(d/32))``.
+    On CuPy, logits and bool masks are packed into bit-planes once per call (the fused GPU path reads
+    bits); on NumPy they are thresholded into bool masks.
     """
 
     def forward(self, x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:
         self.is_logits = np.dtype(masks_or_logits.dtype).kind == "f" or masks_or_logits.dtype.name == "bfloat16"
         if self.is_logits:
             self.logits_dtype = masks_or_logits.dtype
-            masks = masks_or_logits > 0
+            masks = _masks.pack_masks(masks_or_logits) if is_cupy_array(masks_or_logits) else masks_or_logits > 0
         else:
             masks = masks_or_logits
         y, cache = functional.mglu_forward(x, W, masks, activation)
@@ -28,7 +31,8 @@ class MGLU(Function):
         return y
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
-        dx, dW, dlogits = functional.mglu_backward(g, self.x, self.W, self.masks, self.activation, self.cache)
+        dx, dW, dlogits = functional.mglu_backward(g, self.x, self.W, self.masks, self.activation, self.cache,
+                                                   consume_cache=not self.graph_retained)
         dl = dlogits.astype(self.logits_dtype, copy=False) if self.is_logits else None
         return dx, dW, dl
 
@@ -42,7 +46,8 @@ class GLU(Function):
         return y
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
-        return functional.glu_backward(g, self.x, self.W_gate, self.W_value, self.activation, self.cache)
+        return functional.glu_backward(g, self.x, self.W_gate, self.W_value, self.activation, self.cache,
+                                       consume_cache=not self.graph_retained)
 
 
 def mglu(x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:

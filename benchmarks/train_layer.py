@@ -1,0 +1,373 @@
+"""Training-step benchmark of one gated layer: fused MGLU (n + 1 scheme) against SwiGLU and a naive MGLU.
+
+Usage (on a machine with a CUDA GPU and CuPy):
+
+    python benchmarks/train_layer.py --out-dir bench_out          # the issue's sweep
+    python benchmarks/train_layer.py --quick                      # one shape, T = 4096, n in {1, 4}
+
+One step = forward and backward of the layer on ``T`` tokens in bfloat16 (``y``, then ``dx``, ``dW`` and,
+for MGLU, the float32 mask-logit gradients; MGLU also packs its logits into bit-planes every step, as
+training does). Variants, all in the same run:
+
+* ``mglu``: :mod:`pymglu.functional` on CuPy, i.e. the fused path of :mod:`pymglu.cuda.training`;
+* ``swiglu``: pymglu's GLU on the same path (two cuBLAS products per pass + fused epilogues);
+* ``swiglu-torch``: torch's SwiGLU (stacked gate+up weight, ``F.linear``, autograd), when importable;
+* ``naive-torch``: the paper's scheme (its Algorithm 2), 2n masked matmuls per pass with
+  straight-through masks and masked copies of W built by multiplication, in torch with autograd; when
+  torch is missing, ``naive``: the same scheme written with CuPy. Run for n <= ``--naive-max-n``.
+
+Each variant runs ``--warmup`` steps, then ``--reps`` timed groups of ``--steps`` back-to-back steps
+between two CUDA events; the median per-step time is reported. TFLOP/s counts the products only:
+``3 (n + 1) * 2 T d h`` for MGLU, ``6 * 2 T d h`` for SwiGLU, ``6n * 2 T d h`` for the naive MGLU. Peak
+memory is the high-water mark of memory in use during one step, inputs and outputs included (CuPy:
+an allocator wrapper around the pool; torch: ``max_memory_allocated``). Outputs ``train_layer.md``,
+``train_layer.json`` and ``train_layer.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import cupy as cp
+
+from pymglu import functional, masks as mask_ops
+from pymglu.dtypes import bfloat16
+
+SHAPES = [(2048, 8192), (4096, 14336)]
+TOKENS = [4096, 16384]
+N_MASKS = [1, 2, 4, 8]
+
+
+class PeakTracker:
+    """CuPy allocator that records the most bytes in use at once in the default pool."""
+
+    def __init__(self) -> None:
+        self.pool = cp.get_default_memory_pool()
+        self.peak = 0
+
+    def malloc(self, size: int):
+        mem = self.pool.malloc(size)
+        self.peak = max(self.peak, self.pool.used_bytes())
+        return mem
+
+    def reset(self) -> None:
+        self.peak = self.pool.used_bytes()
+
+
+def time_steps(step, warmup: int, reps: int, steps: int) -> float:
+    """Median seconds per step over ``reps`` event-timed groups of ``steps`` back-to-back calls."""
+    for _ in range(warmup):
+        step()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / steps)
+    return statistics.median(times)
+
+
+def peak_bytes(step, tracker: PeakTracker, live: int) -> int:
+    """High-water mark of one step, counting ``live`` bytes of inputs already allocated."""
+    cp.cuda.Device().synchronize()
+    tracker.reset()
+    base = tracker.pool.used_bytes()
+    step()
+    cp.cuda.Device().synchronize()
+    return tracker.peak - base + live
+
+
+def naive_step(x, W, logits, dy, n):
+    """The paper's MGLU: per mask a gate and a value product with dense masked copies, then backward."""
+    y = cp.zeros(dy.shape, dtype=cp.float32)
+    dx = cp.zeros(x.shape, dtype=cp.float32)
+    dW = cp.zeros(W.shape, dtype=cp.float32)
+    dl = cp.empty(logits.shape, dtype=cp.float32)
+    for i in range(n):
+        m = (logits[i] > 0).astype(W.dtype)
+        Wg, Wv = W * m, W - W * m
+        gate, value = x @ Wg.T, x @ Wv.T
+        g32, v32 = gate.astype(cp.float32), value.astype(cp.float32)
+        sig = 1.0 / (1.0 + cp.exp(-g32))
+        y += g32 * sig * v32
+        dyf = dy.astype(cp.float32)
+        d_value = (dyf * g32 * sig).astype(W.dtype)
+        d_gate = (dyf * v32 * sig * (1.0 + g32 * (1.0 - sig))).astype(W.dtype)
+        dx += (d_gate @ Wg).astype(cp.float32) + (d_value @ Wv).astype(cp.float32)
+        dWg, dWv = (d_gate.T @ x).astype(cp.float32), (d_value.T @ x).astype(cp.float32)
+        mf = m.astype(cp.float32)
+        dW += mf * dWg + (1.0 - mf) * dWv
+        dl[i] = W.astype(cp.float32) * (dWg - dWv)
+    return y.astype(W.dtype), dx.astype(W.dtype), dW.astype(W.dtype), dl
+
+
+def _time_torch(step, warmup, reps, steps):
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        s.record()
+        for _ in range(steps):
+            step()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / steps)
+    return statistics.median(times)
+
+
+def _torch_peak(step, live_bytes):
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base + live_bytes
+
+
+def bench_torch_naive(T, d, h, n, args):
+    """The paper's Algorithm 2 in torch: per mask, STE masks, two masked products, autograd backward."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device("cuda")
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+    W = (torch.randn(h, d, device=dev) * d ** -0.5).to(torch.bfloat16).requires_grad_()
+    L = (torch.randn(n, h, d, device=dev) * 0.01).requires_grad_()
+    dy = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        y = None
+        for i in range(n):
+            m = ((L[i] > 0).float() + L[i] - L[i].detach()).to(torch.bfloat16)
+            out = F.silu(F.linear(x, W * m)) * F.linear(x, W * (1 - m))
+            y = out if y is None else y + out
+        y.backward(dy)
+        W.grad = None
+        L.grad = None
+
+    t = _time_torch(step, 1, max(3, args.reps // 2), 1)
+    peak = _torch_peak(step, x.numel() * 2 + W.numel() * 2 + L.numel() * 4 + dy.numel() * 2)
+    return t, peak
+
+
+def bench_torch(T, d, h, args):
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device("cuda")
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(2 * h, d, device=dev) * d ** -0.5).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        (F.silu(gate) * up).backward(dy)
+        x.grad = None
+        w.grad = None
+
+    t = _time_torch(step, args.warmup, args.reps, args.steps)
+    return t, _torch_peak(step, x.numel() * 2 + w.numel() * 2 + dy.numel() * 2)
+
+
+def bench_shape(T, d, h, n_list, args, have_torch, tracker):
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        print(_row_md(row), flush=True)
+    x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(bfloat16))
+    dy = cp.asarray(rng.standard_normal((T, h), dtype=np.float32).astype(bfloat16))
+    flop_unit = 2.0 * T * d * h
+    xdy_bytes = x.nbytes + dy.nbytes
+
+    Wg = cp.asarray((rng.standard_normal((h, d), dtype=np.float32) * d ** -0.5).astype(bfloat16))
+    Wv = cp.asarray((rng.standard_normal((h, d), dtype=np.float32) * d ** -0.5).astype(bfloat16))
+
+    def glu_step():
+        _, cache = functional.glu_forward(x, Wg, Wv, "silu")
+        return functional.glu_backward(dy, x, Wg, Wv, "silu", cache, consume_cache=True)
+
+    t = time_steps(glu_step, args.warmup, args.reps, args.steps)
+    peak = peak_bytes(glu_step, tracker, xdy_bytes + Wg.nbytes + Wv.nbytes)
+    base = {"T": T, "d": d, "h": h}
+    add({**base, "variant": "swiglu", "n": 0, "ms": t * 1e3, "tflops": 6 * flop_unit / t / 1e12,
+                 "peak_gb": peak / 1e9})
+    swiglu_ms = t * 1e3
+    if have_torch:
+        t, peak = bench_torch(T, d, h, args)
+        add({**base, "variant": "swiglu-torch", "n": 0, "ms": t * 1e3,
+                     "tflops": 6 * flop_unit / t / 1e12, "peak_gb": peak / 1e9})
+        swiglu_ms = min(swiglu_ms, t * 1e3)
+    W = Wg
+    swiglu_peak = min(r["peak_gb"] for r in rows)
+    for n in n_list:
+        logits = cp.asarray(rng.standard_normal((n, h, d), dtype=np.float32) * 0.01)
+
+        def mglu_step():
+            bits = mask_ops.pack_masks(logits)
+            _, cache = functional.mglu_forward(x, W, bits, "silu")
+            return functional.mglu_backward(dy, x, W, bits, "silu", cache, consume_cache=True)
+
+        t = time_steps(mglu_step, args.warmup, args.reps, args.steps)
+        peak = peak_bytes(mglu_step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
+        add({**base, "variant": "mglu", "n": n, "ms": t * 1e3, "tflops": 3 * (n + 1) * flop_unit / t / 1e12,
+                     "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
+                     "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
+        if args.naive and n <= args.naive_max_n:
+            if have_torch:
+                tn, peak = bench_torch_naive(T, d, h, n, args)
+            else:
+                step = lambda: naive_step(x, W, logits, dy, n)  # noqa: E731
+                tn = time_steps(step, 1, max(3, args.reps // 2), 1)
+                peak = peak_bytes(step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
+            add({**base, "variant": "naive-torch" if have_torch else "naive", "n": n, "ms": tn * 1e3, "tflops": 6 * n * flop_unit / tn / 1e12,
+                         "peak_gb": peak / 1e9, "vs_swiglu": tn * 1e3 / swiglu_ms, "vs_fused": tn / t})
+    return rows
+
+
+def breakdown(T, d, h, n, args):
+    """Time each piece of one fused MGLU step alone; returns rows (piece, count per step, ms each, ms total)."""
+    from pymglu.cuda import training
+    from pymglu.cuda.gemm import gemm
+
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    x = cp.asarray(rng.standard_normal((T, d), dtype=f32).astype(bfloat16))
+    W = cp.asarray((rng.standard_normal((h, d), dtype=f32) * d ** -0.5).astype(bfloat16))
+    logits = cp.asarray(rng.standard_normal((n, h, d), dtype=f32))
+    bits = mask_ops.pack_masks(logits)
+    th = cp.asarray(rng.standard_normal((T, h), dtype=f32).astype(bfloat16))
+    s = cp.asarray(rng.standard_normal((n, T, h), dtype=f32).astype(bfloat16))
+    e = s.copy()
+    out_th, masked = cp.empty_like(th), cp.empty_like(W)
+    dx32, dW32 = cp.empty((T, d), dtype=f32), cp.empty((h, d), dtype=f32)
+    G = cp.empty((n, h, d), dtype=f32)
+    dW = cp.empty_like(W)
+    nh = T * h
+    act = 0
+    pieces = {
+        "pack logits to bits": (1, lambda: mask_ops.pack_masks(logits)),
+        "x W^T -> bf16 (forward product)": (n + 1, lambda: gemm(x, W, out_th, trans_b=True)),
+        "e W -> fp32 += (dx product)": (n + 1, lambda: gemm(th, W, dx32, accumulate=True)),
+        "e^T x -> fp32 (dW/dlogits product)": (n + 1, lambda: gemm(th, x, dW32, trans_a=True)),
+        "apply_mask (masked W)": (2 * n, lambda: training.apply_mask(W, bits[0], masked)),
+        "epilogue forward": (1, lambda: training._launch(
+            "mglu_epilogue_fwd", W.dtype, 8, nh // 8, (th, s, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
+        "epilogue backward": (1, lambda: training._launch(
+            "mglu_epilogue_bwd", W.dtype, 8, nh // 8, (th, th, s, e, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
+        "weight grads (all masks)": (1, lambda: training._launch(
+            "mglu_weight_grads", W.dtype, 4, h * d // 4,
+            (G, W, bits, dW32, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])))),
+        "dx fp32 -> bf16 cast": (1, lambda: dx32.astype(bfloat16)),
+    }
+    rows = []
+    for name, (count, fn) in pieces.items():
+        t = time_steps(fn, 2, args.reps, 5) * 1e3
+        rows.append({"piece": name, "count": count, "ms": t, "total_ms": count * t})
+    return rows
+
+
+HEADER = ("| T | d | h | variant | n | ms/step | TFLOP/s | peak GB | x SwiGLU (bound) | mem allowance GB |\n"
+          "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+
+
+def _row_md(r):
+    ratio = f"{r['vs_swiglu']:.2f}" if "vs_swiglu" in r else ""
+    if "bound" in r:
+        ratio += f" ({r['bound']:.2f})"
+    allowance = f"{r['mem_allowance_gb']:.2f}" if "mem_allowance_gb" in r else ""
+    return (f"| {r['T']} | {r['d']} | {r['h']} | {r['variant']} | {r['n'] or ''} | {r['ms']:.2f} | "
+            f"{r['tflops']:.0f} | {r['peak_gb']:.2f} | {ratio} | {allowance} |")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    keys = sorted({(r["T"], r["d"], r["h"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, (T, d, h) in zip(axes[0], keys):
+        sel = [r for r in rows if (r["T"], r["d"], r["h"]) == (T, d, h)]
+        for variant, style in (("mglu", "o-"), ("naive", "s--"), ("naive-torch", "s--")):
+            pts = sorted((r["n"], r["vs_swiglu"]) for r in sel if r["variant"] == variant)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{variant} / SwiGLU")
+        ns = sorted({r["n"] for r in sel if r["variant"] == "mglu"})
+        ax.plot(ns, [3 * (n + 1) / 6 for n in ns], "k:", label="3(n+1)/6 bound")
+        ax.set_title(f"T={T}, d={d}, h={h}", fontsize=9)
+        ax.set_xlabel("masks n")
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel("step time / SwiGLU")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default="bench_out")
+    p.add_argument("--quick", action="store_true", help="d=4096, h=14336, T=4096, n in {1, 4}")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3, help="back-to-back steps per timed group")
+    p.add_argument("--naive-max-n", type=int, default=4)
+    p.add_argument("--no-naive", dest="naive", action="store_false")
+    p.add_argument("--no-torch", dest="torch", action="store_false")
+    args = p.parse_args(argv)
+    have_torch = False
+    if args.torch:
+        try:
+            import torch
+
+            have_torch = torch.cuda.is_available()
+        except ImportError:
+            pass
+    tracker = PeakTracker()
+    cp.cuda.set_allocator(tracker.malloc)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes, tokens, n_list = (([(4096, 14336)], [4096], [1, 4]) if args.quick else (SHAPES, TOKENS, N_MASKS))
+    print(f"# {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, bfloat16, torch: {have_torch}")
+    print(HEADER)
+    rows = []
+    for d, h in shapes:
+        for T in tokens:
+            rows += bench_shape(T, d, h, n_list, args, have_torch, tracker)
+            cp.get_default_memory_pool().free_all_blocks()
+    T, (d, h), n = tokens[0], shapes[-1], 4
+    parts = breakdown(T, d, h, n, args)
+    lines = [f"\nOne fused MGLU step at T={T}, d={d}, h={h}, n={n}, piece by piece (each timed alone):\n",
+             "| piece | per step | ms each | ms per step |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['piece']} | {r['count']} | {r['ms']:.3f} | {r['total_ms']:.2f} |" for r in parts]
+    lines.append(f"| sum | | | {sum(r['total_ms'] for r in parts):.2f} |")
+    print("\n".join(lines))
+    (out / "train_layer.json").write_text(json.dumps({"rows": rows, "breakdown": parts}, indent=1))
+    (out / "train_layer.md").write_text(HEADER + "\n" + "\n".join(_row_md(r) for r in rows) + "\n"
+                                        + "\n".join(lines) + "\n")
+    plot(rows, out / "train_layer.png")
+    print(f"wrote {out / 'train_layer.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Row-major matrix products on cuBLAS with a chosen output dtype and optional accumulation.
+
+``cupy.matmul`` writes its result in the input dtype and cannot add into an existing array; the
+training path needs both: bfloat16/float16 products accumulated in a float32 buffer (``dx`` over the
+``n + 1`` products, ``dW``), or written straight into a slice of a larger array. :func:`gemm` calls
+``cublasGemmEx`` with float32 accumulation (``CUBLAS_COMPUTE_32F``; no TF32 for float32 inputs) on
+CuPy's current stream.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pymglu import _checks
+from pymglu.dtypes import bfloat16, float16, float32
+
+__all__ = ["gemm"]
+
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_DATA_TYPES = {np.dtype(float32): _CUDA_R_32F, np.dtype(float16): _CUDA_R_16F, np.dtype(bfloat16): _CUDA_R_16BF}
+
+
+def _contiguous_2d(name: str, a: Any) -> None:
+    _checks.check_ndim(name, a, 2)
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous matrix, got {_checks.describe(a)} with strides {a.strides}")
+
+
+def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False,
+         accumulate: bool = False) -> Any:
+    """``out = op(a) @ op(b)`` (or ``out += ...`` with ``accumulate``), all row-major CuPy matrices.
+
+    Args:
+        a: ``(M, K)``, or ``(K, M)`` with ``trans_a``; C-contiguous; float32, float16 or bfloat16.
+        b: ``(K, N)``, or ``(N, K)`` with ``trans_b``; C-contiguous; same dtype as ``a``.
+        out: ``(M, N)`` C-contiguous, in ``a``'s dtype or float32 (any view whose rows are contiguous
+            and packed, e.g. ``big[i]`` of a 3-d array).
+        accumulate: add the product to ``out`` instead of overwriting it.
+    Returns:
+        ``out``.
+    """
+    import cupy as cp
+    from cupy_backends.cuda.libs import cublas
+
+    _contiguous_2d("a", a)
+    _contiguous_2d("b", b)
+    _contiguous_2d("out", out)
+    _checks.check_same_dtype(("a", "b"), a, b)
+    in_type = _DATA_TYPES.get(np.dtype(a.dtype))
+    out_type = _DATA_TYPES.get(np.dtype(out.dtype))
+    if in_type is None:
+        raise TypeError(f"a: expected float32, float16 or bfloat16, got {_checks.describe(a)}")
+    if out_type is None or (out.dtype != a.dtype and np.dtype(out.dtype) != np.dtype(float32)):
+        raise TypeError(f"out: expected {_checks.describe(a)}'s dtype or float32, got {_checks.describe(out)}")
+    M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    K2, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if K2 != K:
+        raise ValueError(f"b: expected {K} rows in op(b) to match op(a) of shape {(M, K)}, got op(b) of shape {(K2, N)}")
+    _checks.check_shape("out", out, (M, N))
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        if not accumulate:
+            out.fill(0)
+        return out
+    alpha = np.ones((), dtype=np.float32)
+    beta = np.full((), 1.0 if accumulate else 0.0, dtype=np.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        # Column-major cuBLAS sees each row-major buffer transposed: out^T = op(b)^T @ op(a)^T.
+        cublas.gemmEx(
+            handle,
+            _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
+            _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
+            N, M, K,
+            alpha.ctypes.data,
+            b.data.ptr, in_type, b.shape[1],
+            a.data.ptr, in_type, a.shape[1],
+            beta.ctypes.data,
+            out.data.ptr, out_type, N,
+            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
+        )
+    finally:
+        cublas.setPointerMode(handle, mode)
+    return out

@@ -1,0 +1,179 @@
+// Elementwise kernels of the GPU training path (pymglu/cuda/training.py launches them between the
+// cuBLAS products of the n + 1 scheme, DESIGN.md section 2):
+//
+//   apply_mask<T, VEC>          out = M_i * W for one bit-plane (the masked weight, built on the fly)
+//   mglu_epilogue_fwd<T, VEC>   y = sum_i g(s_i) * (t - s_i)
+//   mglu_epilogue_bwd<T, VEC>   e_i = dy * (t - s_i) * g'(s_i) - dy * g(s_i) and sum_i dy * g(s_i)
+//   mglu_weight_grads<T, VEC>   dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32)
+//   glu_epilogue_fwd<T, VEC>    y = g(gate) * value
+//   glu_epilogue_bwd<T, VEC>    d_gate = dy * value * g'(gate), d_value = dy * g(gate)
+//
+// T is the storage dtype (__nv_bfloat16, __half or float); all arithmetic is float32. VEC elements per
+// thread and iteration: 16 bytes of T when the caller has checked that sizes and offsets allow it
+// (every plane length a multiple of VEC), else 1. The activation is a runtime argument (uniform
+// branch). Grid-stride loops; no atomics, so results are deterministic.
+
+#include "common.cuh"
+
+namespace pymglu {
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) f[j] = to_float<T>(pk.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pk.v[j] = from_float<T>(f[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+#define PYMGLU_GRID_STRIDE(idx, count) \
+  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < (count); idx += (long long)gridDim.x * blockDim.x)
+
+// W, out: (h, d) row-major; bits: (h, words) one bit-plane. VEC divides d and 32.
+template <typename T, int VEC>
+__global__ void apply_mask(const T* __restrict__ W, const uint32_t* __restrict__ bits, T* __restrict__ out,
+                           int h, int d, int words) {
+  const long long chunks = d / VEC;
+  PYMGLU_GRID_STRIDE(idx, (long long)h * chunks) {
+    const long long r = idx / chunks;
+    const int c0 = (int)(idx - r * chunks) * VEC;
+    const uint32_t word = bits[r * words + (c0 >> 5)] >> (c0 & 31);
+    Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(W + r * d + c0);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (!((word >> j) & 1u)) pk.v[j] = from_float<T>(0.0f);
+    *reinterpret_cast<Pack<T, VEC>*>(out + r * d + c0) = pk;
+  }
+}
+
+// t, y: (N*h); s: n planes of N*h. VEC divides N*h.
+template <typename T, int VEC>
+__global__ void mglu_epilogue_fwd(const T* __restrict__ t, const T* __restrict__ s, T* __restrict__ y,
+                                  int n, long long nh, int act) {
+  PYMGLU_GRID_STRIDE(idx, nh / VEC) {
+    const long long k = idx * VEC;
+    float tv[VEC], acc[VEC];
+    load_vec<T, VEC>(t + k, tv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      float sv[VEC];
+      load_vec<T, VEC>(s + i * nh + k, sv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] += gate_fn(sv[j], act) * (tv[j] - sv[j]);
+    }
+    store_vec<T, VEC>(y + k, acc);
+  }
+}
+
+// e may alias s (each element of s is read before the same element of e is written).
+template <typename T, int VEC>
+__global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* __restrict__ t, const T* s, T* e,
+                                  T* __restrict__ dv_sum, int n, long long nh, int act) {
+  PYMGLU_GRID_STRIDE(idx, nh / VEC) {
+    const long long k = idx * VEC;
+    float dyv[VEC], tv[VEC], dvs[VEC];
+    load_vec<T, VEC>(dy + k, dyv);
+    load_vec<T, VEC>(t + k, tv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dvs[j] = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      float sv[VEC], ev[VEC];
+      load_vec<T, VEC>(s + i * nh + k, sv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float g, dg;
+        gate_and_derivative(sv[j], act, g, dg);
+        const float dv = dyv[j] * g;
+        ev[j] = dyv[j] * (tv[j] - sv[j]) * dg - dv;
+        dvs[j] += dv;
+      }
+      store_vec<T, VEC>(e + i * nh + k, ev);
+    }
+    store_vec<T, VEC>(dv_sum + k, dvs);
+  }
+}
+
+// After the products G_i = e_i^T x (float32, written into the n planes of G) and dW_acc = (sum_i dv_i)^T x:
+//   dW_out = dW_acc + sum_i M_i * G_i   (rounded once to T; dW_out may alias dW_acc when T is float)
+//   G_i    = W * G_i                    (the mask-logit gradients, in place)
+// G: n planes of (h, d) float32; W, dW_out: (h, d) T; bits: n planes of (h, words). VEC divides d and 32.
+template <typename T, int VEC>
+__global__ void mglu_weight_grads(float* __restrict__ G, const T* __restrict__ W, const uint32_t* __restrict__ bits,
+                                  const float* dW_acc, T* dW_out, int n, int h, int d, int words) {
+  const long long chunks = d / VEC;
+  const long long hd = (long long)h * d;
+  const long long hw = (long long)h * words;
+  PYMGLU_GRID_STRIDE(idx, (long long)h * chunks) {
+    const long long r = idx / chunks;
+    const int c0 = (int)(idx - r * chunks) * VEC;
+    const long long k = r * d + c0;
+    const long long wk = r * words + (c0 >> 5);
+    float w[VEC], acc[VEC];
+    load_vec<T, VEC>(W + k, w);
+    load_vec<float, VEC>(dW_acc + k, acc);
+    for (int i = 0; i < n; ++i) {
+      const uint32_t word = bits[i * hw + wk] >> (c0 & 31);
+      float g[VEC];
+      load_vec<float, VEC>(G + i * hd + k, g);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if ((word >> j) & 1u) acc[j] += g[j];
+        g[j] *= w[j];
+      }
+      store_vec<float, VEC>(G + i * hd + k, g);
+    }
+    store_vec<T, VEC>(dW_out + k, acc);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void glu_epilogue_fwd(const T* __restrict__ gate, const T* __restrict__ value, T* __restrict__ y,
+                                 long long nh, int act) {
+  PYMGLU_GRID_STRIDE(idx, nh / VEC) {
+    const long long k = idx * VEC;
+    float gv[VEC], vv[VEC];
+    load_vec<T, VEC>(gate + k, gv);
+    load_vec<T, VEC>(value + k, vv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) gv[j] = gate_fn(gv[j], act) * vv[j];
+    store_vec<T, VEC>(y + k, gv);
+  }
+}
+
+// d_gate may alias gate and d_value may alias value.
+template <typename T, int VEC>
+__global__ void glu_epilogue_bwd(const T* __restrict__ dy, const T* gate, const T* value, T* d_gate, T* d_value,
+                                 long long nh, int act) {
+  PYMGLU_GRID_STRIDE(idx, nh / VEC) {
+    const long long k = idx * VEC;
+    float dyv[VEC], gv[VEC], vv[VEC];
+    load_vec<T, VEC>(dy + k, dyv);
+    load_vec<T, VEC>(gate + k, gv);
+    load_vec<T, VEC>(value + k, vv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float g, dg;
+      gate_and_derivative(gv[j], act, g, dg);
+      gv[j] = dyv[j] * vv[j] * dg;
+      vv[j] = dyv[j] * g;
+    }
+    store_vec<T, VEC>(d_gate + k, gv);
+    store_vec<T, VEC>(d_value + k, vv);
+  }
+}
+
+#undef PYMGLU_GRID_STRIDE
+
+}  // namespace pymglu

@@ -1,0 +1,211 @@
+"""The fused GPU training path of MGLU and GLU: cuBLAS products plus the kernels of ``mglu_train.cu``.
+
+:mod:`pymglu.functional` calls these functions for CuPy arrays of dtype float32, float16 or bfloat16
+(when :data:`ENABLED`); they compute what its reference path computes, with these differences, which
+are the point of the path:
+
+* the products run on cuBLAS in the input dtype (tensor cores for float16/bfloat16) with float32
+  accumulation; ``t``, ``s_i`` (and GLU's gate and value) are stored in the input dtype, as PyTorch
+  stores a SwiGLU's activations; the elementwise math is float32 in fused kernels;
+* ``dx`` and ``dW`` are accumulated over the ``n + 1`` products in float32 buffers and rounded once;
+* the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weight ``M_i * W`` is built
+  by one kernel into a single reused buffer of ``W``'s size (never ``n`` masked copies at once);
+* the backward may overwrite the forward cache in place (``consume_cache=True``) instead of allocating
+  its gradients ``e_i`` next to it.
+
+Per pass that is ``n + 1`` products in the forward, ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the
+mask-logit gradients (which share ``e_i^T x``), i.e. ``3(n + 1)`` against SwiGLU's 6.
+Shapes: ``x`` ``(N, d)``, ``W`` ``(h, d)``, ``bits`` ``(n, h, ceil(d/32))``, ``y`` ``(N, h)``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from pymglu import cuda as _cuda
+from pymglu.backend import is_cupy_array
+from pymglu.cuda.gemm import gemm
+from pymglu.dtypes import bfloat16, float16, float32
+
+__all__ = [
+    "ENABLED", "disabled", "supports", "kernel_names", "apply_mask",
+    "mglu_forward", "mglu_backward", "glu_forward", "glu_backward",
+]
+
+#: Whether :mod:`pymglu.functional` uses this path for CuPy float32/float16/bfloat16 arrays.
+ENABLED = True
+
+_SOURCE = "mglu_train.cu"
+_CUDA_TYPES = {np.dtype(bfloat16): "__nv_bfloat16", np.dtype(float16): "__half", np.dtype(float32): "float"}
+_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid": 4}
+_KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight_grads",
+            "glu_epilogue_fwd", "glu_epilogue_bwd")
+_THREADS = 256
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, :mod:`pymglu.functional` runs its reference path on CuPy arrays too."""
+    global ENABLED
+    previous = ENABLED
+    ENABLED = False
+    try:
+        yield
+    finally:
+        ENABLED = previous
+
+
+def supports(*arrays: Any) -> bool:
+    """True when this path serves these arrays: enabled, all CuPy, dtype float32/float16/bfloat16."""
+    return ENABLED and all(is_cupy_array(a) for a in arrays) and np.dtype(arrays[0].dtype) in _CUDA_TYPES
+
+
+def _wide_vec(dtype: np.dtype) -> int:
+    """Elements of ``dtype`` in 16 bytes."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def _name(kernel: str, dtype: Any, vec: int) -> str:
+    return f"pymglu::{kernel}<{_CUDA_TYPES[np.dtype(dtype)]}, {vec}>"
+
+
+def kernel_names() -> list[str]:
+    """Every template instance this module can launch (for compile checks)."""
+    names = []
+    for dt in _CUDA_TYPES:
+        for kernel in _KERNELS:
+            vecs = (4, 1) if kernel == "mglu_weight_grads" else (_wide_vec(dt), 1)
+            names += [_name(kernel, dt, v) for v in vecs]
+    return names
+
+
+def _launch(kernel: str, dtype: Any, vec: int, work_items: int, args: tuple) -> None:
+    import cupy as cp
+
+    if work_items == 0:
+        return
+    name = _name(kernel, dtype, vec)
+    fn = _cuda.load_module(_SOURCE, (name,)).get_function(name)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    blocks = min(-(-work_items // _THREADS), sms * 16)
+    fn((blocks,), (_THREADS,), args)
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _elementwise_vec(dtype: Any, length: int) -> int:
+    wide = _wide_vec(dtype)
+    return wide if length % wide == 0 else 1
+
+
+def apply_mask(W: Any, bits_plane: Any, out: Any) -> Any:
+    """``out = M * W`` for one bit-plane ``(h, ceil(d/32))`` uint32; ``W``, ``out`` ``(h, d)`` contiguous."""
+    h, d = W.shape
+    vec = _wide_vec(W.dtype) if d % _wide_vec(W.dtype) == 0 else 1
+    _launch("apply_mask", W.dtype, vec, h * (d // vec),
+            (W, bits_plane, out, _i32(h), _i32(d), _i32(bits_plane.shape[-1])))
+    return out
+
+
+def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:
+    """``y`` ``(N, h)`` in ``x.dtype`` and the cache ``(t (N, h), s (n, N, h))`` in ``x.dtype``.
+
+    ``x`` ``(N, d)`` and ``W`` ``(h, d)`` C-contiguous, same dtype; ``bits`` ``(n, h, ceil(d/32))`` uint32.
+    """
+    import cupy as cp
+
+    N = x.shape[0]
+    h = W.shape[0]
+    n = bits.shape[0]
+    t = gemm(x, W, cp.empty((N, h), dtype=x.dtype), trans_b=True)
+    s = cp.empty((n, N, h), dtype=x.dtype)
+    masked = cp.empty_like(W)
+    for i in range(n):
+        gemm(x, apply_mask(W, bits[i], masked), s[i], trans_b=True)
+    del masked
+    y = cp.empty((N, h), dtype=x.dtype)
+    nh = N * h
+    vec = _elementwise_vec(x.dtype, nh)
+    _launch("mglu_epilogue_fwd", x.dtype, vec, nh // vec,
+            (t, s, y, _i32(n), np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
+    return y, (t, s)
+
+
+def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any],
+                  consume_cache: bool = False) -> tuple[Any, Any, Any]:
+    """``dx`` ``(N, d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, ``dlogits`` ``(n, h, d)`` float32.
+
+    ``dy`` ``(N, h)`` C-contiguous in ``x.dtype``; ``cache`` from :func:`mglu_forward`. With
+    ``consume_cache`` the gradients ``e_i`` overwrite ``s`` (the cache cannot be used again).
+    """
+    import cupy as cp
+
+    t, s = cache
+    N, d = x.shape
+    h = W.shape[0]
+    n = bits.shape[0]
+    nh = N * h
+    e = s if consume_cache else cp.empty_like(s)
+    dv_sum = cp.empty((N, h), dtype=x.dtype)
+    vec = _elementwise_vec(x.dtype, nh)
+    _launch("mglu_epilogue_bwd", x.dtype, vec, nh // vec,
+            (dy, t, s, e, dv_sum, _i32(n), np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
+
+    # dx = (sum_i dv_i) W + sum_i e_i (M_i * W), accumulated in float32.
+    dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
+    masked = cp.empty_like(W)
+    for i in range(n):
+        gemm(e[i], apply_mask(W, bits[i], masked), dx, accumulate=True)
+    del masked
+
+    # dW = (sum_i dv_i)^T x + sum_i M_i * (e_i^T x); dlogits_i = W * (e_i^T x): one pass over all planes.
+    dW_acc = gemm(dv_sum, x, cp.empty((h, d), dtype=float32), trans_a=True)
+    del dv_sum
+    dlogits = cp.empty((n, h, d), dtype=float32)
+    for i in range(n):
+        gemm(e[i], x, dlogits[i], trans_a=True)
+    dW = dW_acc if W.dtype == float32 else cp.empty_like(W)
+    wvec = 4 if d % 4 == 0 else 1
+    _launch("mglu_weight_grads", W.dtype, wvec, h * (d // wvec),
+            (dlogits, W, bits, dW_acc, dW, _i32(n), _i32(h), _i32(d), _i32(bits.shape[-1])))
+    return dx.astype(x.dtype, copy=False), dW, dlogits
+
+
+def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:
+    """``y`` ``(N, h)`` and the cache ``(gate, value)``, each ``(N, h)``, all in ``x.dtype``."""
+    import cupy as cp
+
+    N = x.shape[0]
+    h = W_gate.shape[0]
+    gate = gemm(x, W_gate, cp.empty((N, h), dtype=x.dtype), trans_b=True)
+    value = gemm(x, W_value, cp.empty((N, h), dtype=x.dtype), trans_b=True)
+    y = cp.empty((N, h), dtype=x.dtype)
+    nh = N * h
+    vec = _elementwise_vec(x.dtype, nh)
+    _launch("glu_epilogue_fwd", x.dtype, vec, nh // vec,
+            (gate, value, y, np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
+    return y, (gate, value)
+
+
+def glu_backward(dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str, cache: tuple[Any, Any],
+                 consume_cache: bool = False) -> tuple[Any, Any, Any]:
+    """``dx`` ``(N, d)``, ``dW_gate`` and ``dW_value`` ``(h, d)``, in the input dtypes."""
+    import cupy as cp
+
+    gate, value = cache
+    N, d = x.shape
+    nh = gate.size
+    d_gate = gate if consume_cache else cp.empty_like(gate)
+    d_value = value if consume_cache else cp.empty_like(value)
+    vec = _elementwise_vec(x.dtype, nh)
+    _launch("glu_epilogue_bwd", x.dtype, vec, nh // vec,
+            (dy, gate, value, d_gate, d_value, np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
+    dx = gemm(d_gate, W_gate, cp.empty((N, d), dtype=float32))
+    gemm(d_value, W_value, dx, accumulate=True)
+    dW_gate = gemm(d_gate, x, cp.empty_like(W_gate), trans_a=True)
+    dW_value = gemm(d_value, x, cp.empty_like(W_value), trans_a=True)
+    return dx.astype(x.dtype, copy=False), dW_gate, dW_value

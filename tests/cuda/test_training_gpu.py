@@ -1,0 +1,237 @@
+"""The fused GPU training path (pymglu.cuda.training) against the float64 CPU reference (gpu-marked).
+
+Every check draws fresh random inputs, rounds them to the tested dtype, and compares with
+:mod:`pymglu.functional` run in float64 on NumPy copies of the same rounded values, by relative error
+over the whole array. Outputs the kernels write into caller buffers are poisoned first.
+"""
+import numpy as np
+import pytest
+
+from pymglu import functional, masks as mask_ops
+from pymglu.backend import gpu_available
+from pymglu.dtypes import bfloat16, float16, float32
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device"),
+]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "sigmoid")
+#: relative-error bounds: products in the dtype with float32 accumulation, t and s_i stored in the dtype
+TOL = {np.dtype(float32): 2e-5, np.dtype(float16): 4e-3, np.dtype(bfloat16): 3e-2}
+
+
+def rel_err(got, want):
+    import cupy as cp
+
+    got = cp.asnumpy(got).astype(np.float64) if not isinstance(got, np.ndarray) else got.astype(np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape
+    assert np.all(np.isfinite(got))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def rounded(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("out_fp32, accumulate", [(False, False), (True, False), (True, True)])
+def test_gemm_matches_float64(dtype, trans_a, trans_b, out_fp32, accumulate):
+    import cupy as cp
+    from pymglu.cuda.gemm import gemm
+
+    rng = np.random.default_rng()
+    M, K, N = 37, 129, 65
+    a = rounded(rng, (K, M) if trans_a else (M, K), dtype)
+    b = rounded(rng, (N, K) if trans_b else (K, N), dtype)
+    out_dtype = float32 if out_fp32 else dtype
+    start = rounded(rng, (M, N), out_dtype)
+    out = cp.asarray(start) if accumulate else cp.full((M, N), np.nan, dtype=out_dtype)
+    gemm(cp.asarray(a), cp.asarray(b), out, trans_a=trans_a, trans_b=trans_b, accumulate=accumulate)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    if accumulate:
+        want = want + start.astype(np.float64)
+    assert rel_err(out, want) < TOL[np.dtype(dtype)] / 4
+
+
+def test_gemm_refuses_bad_operands():
+    import cupy as cp
+    from pymglu.cuda.gemm import gemm
+
+    a = cp.ones((4, 8), dtype=float32)
+    with pytest.raises(ValueError, match="b: expected 8 rows"):
+        gemm(a, cp.ones((7, 3), dtype=float32), cp.empty((4, 3), dtype=float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gemm(a, cp.ones((3, 8), dtype=float32).T, cp.empty((4, 3), dtype=float32))
+    with pytest.raises(TypeError, match="out: expected"):
+        gemm(a, cp.ones((8, 3), dtype=float32), cp.empty((4, 3), dtype=float16))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        gemm(a, cp.ones((8, 3), dtype=float32), cp.empty((3, 4), dtype=float32))
+
+
+@pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("h, d", [(5, 8), (33, 1000), (17, 777), (64, 4096)])
+def test_apply_mask_is_exact(dtype, h, d):
+    import cupy as cp
+    from pymglu.cuda import training
+
+    rng = np.random.default_rng()
+    W = rounded(rng, (h, d), dtype)
+    bits = mask_ops.pack_masks(rng.random((1, h, d)) < 0.5)
+    out = cp.full((h, d), np.nan, dtype=dtype)
+    training.apply_mask(cp.asarray(W), cp.asarray(bits[0]), out)
+    want = W * mask_ops.unpack_masks(bits, d)[0]
+    np.testing.assert_array_equal(cp.asnumpy(out).astype(np.float64), want.astype(np.float64))  # -0.0 == 0.0
+
+
+def _mglu_case(rng, lead, d, h, n, dtype):
+    x = rounded(rng, lead + (d,), dtype)
+    W = rounded(rng, (h, d), dtype, scale=d ** -0.5)
+    logits = rng.standard_normal((n, h, d)).astype(np.float32)
+    dy = rounded(rng, lead + (h,), dtype)
+    return x, W, logits, dy
+
+
+SHAPES = [((6,), 64, 48), ((37,), 1000, 777), ((2, 3), 33, 96), ((1,), 4095, 97)]
+
+
+@pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("lead, d, h", SHAPES, ids=[f"{s[0]}x{s[1]}x{s[2]}" for s in SHAPES])
+def test_mglu_forward_backward_match_float64(dtype, n, lead, d, h):
+    import cupy as cp
+
+    rng = np.random.default_rng()
+    activation = ACTIVATIONS[rng.integers(len(ACTIVATIONS))]
+    x, W, logits, dy = _mglu_case(rng, lead, d, h, n, dtype)
+    masks = logits > 0
+    y64, _ = functional.mglu_forward(x.astype(np.float64), W.astype(np.float64), masks, activation)
+    dx64, dW64, dl64 = functional.mglu_backward(dy.astype(np.float64), x.astype(np.float64),
+                                                W.astype(np.float64), masks, activation)
+
+    xg, Wg, bits = cp.asarray(x), cp.asarray(W), mask_ops.pack_masks(cp.asarray(logits))
+    y, cache = functional.mglu_forward(xg, Wg, bits, activation)
+    assert y.dtype == dtype and cache.t.dtype == dtype and cache.s.shape == (n, int(np.prod(lead)), h)
+    dx, dW, dl = functional.mglu_backward(cp.asarray(dy), xg, Wg, bits, activation, cache)
+    assert (dx.dtype, dW.dtype, dl.dtype) == (np.dtype(dtype), np.dtype(dtype), np.dtype(np.float32))
+    tol = TOL[np.dtype(dtype)] * (3 if activation == "relu" else 1)  # ReLU': a rounded s_i may cross 0
+    for name, got, want in (("y", y, y64), ("dx", dx, dx64), ("dW", dW, dW64), ("dlogits", dl, dl64)):
+        assert rel_err(got, want) < tol, (name, activation, rel_err(got, want))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_and_consumed_cache(activation):
+    import cupy as cp
+
+    rng = np.random.default_rng()
+    x, W, logits, dy = _mglu_case(rng, (9,), 72, 40, 4, bfloat16)
+    masks = logits > 0
+    want = functional.mglu_backward(dy.astype(np.float64), x.astype(np.float64), W.astype(np.float64), masks,
+                                    activation)
+    xg, Wg, bits = cp.asarray(x), cp.asarray(W), mask_ops.pack_masks(cp.asarray(masks))
+    _, cache = functional.mglu_forward(xg, Wg, bits, activation)
+    kept = functional.mglu_backward(cp.asarray(dy), xg, Wg, bits, activation, cache)
+    consumed = functional.mglu_backward(cp.asarray(dy), xg, Wg, bits, activation, cache, consume_cache=True)
+    for k, c, w in zip(kept, consumed, want):
+        np.testing.assert_array_equal(cp.asnumpy(k), cp.asnumpy(c))  # same bits either way
+        assert rel_err(k, w) < 3 * TOL[np.dtype(bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_glu_forward_backward_match_float64(dtype, activation):
+    import cupy as cp
+
+    rng = np.random.default_rng()
+    N, d, h = 29, 300, 131
+    x, dy = rounded(rng, (N, d), dtype), rounded(rng, (N, h), dtype)
+    Wg, Wv = rounded(rng, (h, d), dtype, d ** -0.5), rounded(rng, (h, d), dtype, d ** -0.5)
+    f64 = [a.astype(np.float64) for a in (dy, x, Wg, Wv)]
+    y64 = functional.glu(*f64[1:], activation)
+    grads64 = functional.glu_backward(*f64, activation)
+    y, cache = functional.glu_forward(cp.asarray(x), cp.asarray(Wg), cp.asarray(Wv), activation)
+    grads = functional.glu_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(Wg), cp.asarray(Wv), activation,
+                                    cache, consume_cache=True)
+    tol = TOL[np.dtype(dtype)] * (3 if activation == "relu" else 1)
+    assert rel_err(y, y64) < tol
+    for got, want in zip(grads, grads64):
+        assert rel_err(got, want) < tol
+
+
+def test_peak_memory_holds_one_masked_weight():
+    """n masked copies of W would add (n - 1) * W bytes to the pool's high-water mark; the path adds one."""
+    import cupy as cp
+
+    n, h, d, N = 8, 1024, 1024, 16
+    rng = np.random.default_rng()
+    x, W, logits, dy = _mglu_case(rng, (N,), d, h, n, bfloat16)
+    xg, Wg, dyg = cp.asarray(x), cp.asarray(W), cp.asarray(dy)
+    bits = mask_ops.pack_masks(cp.asarray(logits))
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
+    dx, dW, dl = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True)
+    grown = pool.total_bytes() - before
+    w_bytes = h * d * 2
+    # outputs: dlogits (n h d fp32) + dW (bf16) + the float32 dW accumulator + one masked W, plus activations
+    bound = dl.nbytes + dW.nbytes + h * d * 4 + w_bytes + (1 << 20)
+    assert grown <= bound, (grown, bound)
+    assert bound < grown + (n - 1) * w_bytes  # the check can fail: n copies would not fit
+
+
+def test_reference_path_can_be_forced():
+    import cupy as cp
+    from pymglu.cuda import training
+
+    rng = np.random.default_rng()
+    x, W, logits, _ = _mglu_case(rng, (4,), 32, 16, 2, bfloat16)
+    with training.disabled():
+        y_ref, cache = functional.mglu_forward(cp.asarray(x), cp.asarray(W), cp.asarray(logits > 0), "silu")
+    assert cache.t.dtype == np.float32  # the reference path's compute dtype
+    y_fast, cache = functional.mglu_forward(cp.asarray(x), cp.asarray(W), cp.asarray(logits > 0), "silu")
+    assert cache.t.dtype == bfloat16 and training.ENABLED
+    assert rel_err(y_fast, cp.asnumpy(y_ref).astype(np.float64)) < TOL[np.dtype(bfloat16)]
+
+
+def test_mglu_layer_trains_on_gpu_like_cpu():
+    """The same float32 model trained on NumPy and on CuPy (fused path) follows the same loss curve."""
+    from pymglu.models import Transformer, TransformerConfig
+    from pymglu.models.data import split_corpus
+    from pymglu.models.training import Trainer, TrainSettings
+
+    data = np.frombuffer(("the quick brown fox jumps over the lazy dog. " * 200).encode(), dtype=np.uint8)
+    train, val = split_corpus(data, 32)
+    curves = {}
+    for device in ("cpu", "cuda"):
+        config = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, ffn_kind="swimglu", n_masks=4,
+                                   max_seq_len=32)
+        model = Transformer(config, rng=0).to(device)
+        settings = TrainSettings(steps=30, batch_size=8, lr=1e-2, warmup_steps=3, eval_every=0, eval_batches=2,
+                                 seed=0)
+        curves[device] = np.array(Trainer(model, settings, train, val).run(progress=False, log=None).train_loss)
+    np.testing.assert_allclose(curves["cuda"], curves["cpu"], rtol=2e-3)
+    assert curves["cuda"][-5:].mean() < 0.7 * curves["cuda"][:5].mean()
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "swimglu"])
+def test_bfloat16_training_tracks_float32(kind):
+    from pymglu.models import Transformer, TransformerConfig
+    from pymglu.models.data import split_corpus
+    from pymglu.models.training import Trainer, TrainSettings
+
+    data = np.frombuffer(("pack my box with five dozen liquor jugs. " * 300).encode(), dtype=np.uint8)
+    train, val = split_corpus(data, 32)
+    finals = {}
+    for dtype in ("float32", "bfloat16"):
+        config = TransformerConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, ffn_kind=kind, max_seq_len=32,
+                                   dtype=dtype)
+        settings = TrainSettings(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=0, eval_batches=4,
+                                 seed=1)
+        history = Trainer(Transformer(config, rng=1).to("cuda"), settings, train, val).run(progress=False, log=None)
+        finals[dtype] = float(np.mean(history.train_loss[-10:]))
+    assert abs(finals["bfloat16"] - finals["float32"]) < 0.05 * finals["float32"], finals
