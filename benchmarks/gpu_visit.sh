@@ -2,7 +2,8 @@
 # One visit to the GPU machine: gpu tests, compute-sanitizer, benchmarks; logs under $OUT, a short table last.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
 # MODE: quick (decode --quick), full (decode sweep), train-quick (train_layer --quick), train (train_layer
-# sweep), none (tests and sanitizer only).
+# sweep), none (tests and sanitizer only). SANITIZE=0 skips compute-sanitizer;
+# SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training).
 set -uo pipefail
 mode=${1:-quick}
 kexpr=${2:-}
@@ -12,8 +13,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 status=0
 python3 -m pytest -q -m gpu -p no:cacheprovider ${kexpr:+-k "$kexpr"} tests > "$OUT/gpu_tests.log" 2>&1 || status=1
 tail -n 3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-300 | head -n 30
-if command -v compute-sanitizer >/dev/null; then
-  for script in sanitize_flash sanitize_training; do
+if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training}; do
     for tool in memcheck racecheck; do
       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 \
         && echo "compute-sanitizer $tool $script: clean" || { echo "compute-sanitizer $tool $script: FAILED"; status=1; }

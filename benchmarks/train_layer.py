@@ -144,7 +144,7 @@ def bench_torch_naive(T, d, h, n, args):
     import torch.nn.functional as F
 
     dev = torch.device("cuda")
-    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     W = (torch.randn(h, d, device=dev) * d ** -0.5).to(torch.bfloat16).requires_grad_()
     L = (torch.randn(n, h, d, device=dev) * 0.01).requires_grad_()
     dy = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
@@ -156,8 +156,7 @@ def bench_torch_naive(T, d, h, n, args):
             out = F.silu(F.linear(x, W * m)) * F.linear(x, W * (1 - m))
             y = out if y is None else y + out
         y.backward(dy)
-        W.grad = None
-        L.grad = None
+        x.grad = W.grad = L.grad = None
 
     t = _time_torch(step, 1, max(3, args.reps // 2), 1)
     peak = _torch_peak(step, x.numel() * 2 + W.numel() * 2 + L.numel() * 4 + dy.numel() * 2)

@@ -77,10 +77,10 @@ __global__ void mglu_epilogue_fwd(const T* __restrict__ t, const T* __restrict__
   }
 }
 
-// e may alias s (each element of s is read before the same element of e is written).
+// e may alias s and dv_sum may alias t (each element is read before the same element is written).
 template <typename T, int VEC>
-__global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* __restrict__ t, const T* s, T* e,
-                                  T* __restrict__ dv_sum, int n, long long nh, int act) {
+__global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T* s, T* e, T* dv_sum, int n,
+                                  long long nh, int act) {
   PYMGLU_GRID_STRIDE(idx, nh / VEC) {
     const long long k = idx * VEC;
     float dyv[VEC], tv[VEC], dvs[VEC];

@@ -10,8 +10,8 @@ are the point of the path:
 * ``dx`` and ``dW`` are accumulated over the ``n + 1`` products in float32 buffers and rounded once;
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weight ``M_i * W`` is built
   by one kernel into a single reused buffer of ``W``'s size (never ``n`` masked copies at once);
-* the backward may overwrite the forward cache in place (``consume_cache=True``) instead of allocating
-  its gradients ``e_i`` next to it.
+* the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
+  ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them.
 
 Per pass that is ``n + 1`` products in the forward, ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the
 mask-logit gradients (which share ``e_i^T x``), i.e. ``3(n + 1)`` against SwiGLU's 6.
@@ -150,7 +150,8 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     n = bits.shape[0]
     nh = N * h
     e = s if consume_cache else cp.empty_like(s)
-    dv_sum = cp.empty((N, h), dtype=x.dtype)
+    # t is read before dv_sum is written at each element, so dv_sum may take t's place.
+    dv_sum = t if consume_cache else cp.empty((N, h), dtype=x.dtype)
     vec = _elementwise_vec(x.dtype, nh)
     _launch("mglu_epilogue_bwd", x.dtype, vec, nh // vec,
             (dy, t, s, e, dv_sum, _i32(n), np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
@@ -161,6 +162,7 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     for i in range(n):
         gemm(e[i], apply_mask(W, bits[i], masked), dx, accumulate=True)
     del masked
+    dx = dx.astype(x.dtype, copy=False)  # before the weight gradients: the float32 buffer is freed here
 
     # dW = (sum_i dv_i)^T x + sum_i M_i * (e_i^T x); dlogits_i = W * (e_i^T x): one pass over all planes.
     dW_acc = gemm(dv_sum, x, cp.empty((h, d), dtype=float32), trans_a=True)
@@ -172,7 +174,7 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     wvec = 4 if d % 4 == 0 else 1
     _launch("mglu_weight_grads", W.dtype, wvec, h * (d // wvec),
             (dlogits, W, bits, dW_acc, dW, _i32(n), _i32(h), _i32(d), _i32(bits.shape[-1])))
-    return dx.astype(x.dtype, copy=False), dW, dlogits
+    return dx, dW, dlogits
 
 
 def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:

@@ -1,6 +1,9 @@
 """Rank worker of test_mpi.py: averaged gradients of a small float64 Transformer (SwiMGLU FFN).
 
-    mpiexec -n 2 python grad_worker.py OUT.npz
+    mpiexec -n 2 python grad_worker.py OUT.npz [mpi|nccl]
+
+With ``nccl`` every rank uses its own GPU (CuPy arrays, the NCCL backend); ``mpi`` (the default) runs on
+the CPU.
 
 Every rank builds the same model and global batch (seeded), perturbs its parameters unless it is rank 0
 (so that the broadcast is what makes them equal), broadcasts rank 0's, runs forward and backward on its
@@ -32,9 +35,15 @@ def model() -> Transformer:
     return Transformer(CONFIG, rng=3)
 
 
-def main(out: str) -> None:
-    comm = init_communicator("mpi", timeout=20.0)
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
+
+
+def main(out: str, backend: str = "mpi") -> None:
+    comm = init_communicator(backend, timeout=20.0)
     net = model()
+    if backend == "nccl":
+        net.to("cuda")  # the communicator made this rank's GPU the current device
     if comm.rank:
         for p in net.parameters():
             p.data = p.data + 1.0
@@ -43,25 +52,29 @@ def main(out: str) -> None:
     dp.handshake(CONFIG.to_json(), expected_world_size=comm.size)
     dp.broadcast_parameters()
     x, y = dp.shard_batch(*batch())
+    if backend == "nccl":
+        import cupy as cp
+
+        x, y = cp.asarray(x), cp.asarray(y)
     names = [n for n, _ in net.named_parameters()]
 
     net.loss(x, y).backward()
     dp.reduce_gradients()
-    full = {n: np.array(p.grad) for n, p in net.named_parameters()}
+    full = {n: _host(p.grad) for n, p in net.named_parameters()}
 
     for p in net.parameters():
         p.grad = None
     net.loss(x, y).backward()
-    local = {n: np.array(p.grad) for n, p in net.named_parameters()}
+    local = {n: _host(p.grad) for n, p in net.named_parameters()}
     dropped = dict(net.named_parameters())[names[1]]
     if comm.rank == 1:
         dropped.grad = None
     dp.reduce_gradients()
-    partial = {n: np.array(p.grad) for n, p in net.named_parameters()}
+    partial = {n: _host(p.grad) for n, p in net.named_parameters()}
     if comm.rank == 0:
         np.savez(out, dropped=names[1], **{f"full/{n}": v for n, v in full.items()},
                  **{f"local/{n}": v for n, v in local.items()}, **{f"partial/{n}": v for n, v in partial.items()})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

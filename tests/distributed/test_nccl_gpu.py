@@ -1,0 +1,67 @@
+"""Two ranks on two GPUs through NCCL (gpu-marked; skipped without 2 GPUs, CuPy's NCCL or mpiexec):
+averaged gradients equal the single-process gradients of the whole batch, and a 2-GPU training run
+follows the 1-GPU curve of the same global batch."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from mpi_helpers import HERE, TRAIN_LM, needs_mpi, run_mpi
+from pymglu.backend import gpu_available
+
+sys.path.insert(0, str(HERE))
+import grad_worker  # noqa: E402
+
+
+def _gpus() -> int:
+    if not gpu_available():
+        return 0
+    import cupy as cp
+
+    try:
+        from cupy.cuda import nccl  # noqa: F401
+    except ImportError:
+        return 0
+    return cp.cuda.runtime.getDeviceCount()
+
+
+pytestmark = [pytest.mark.gpu, needs_mpi,
+              pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs and CuPy's NCCL")]
+
+TINY = ["--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--d-ff", "128", "--seq-len", "32", "--batch-size",
+        "8", "--eval-batches", "2", "--sample-tokens", "0", "--no-progress", "--seed", "5", "--warmup", "2",
+        "--device", "gpu"]
+
+
+def test_nccl_gradients_equal_the_single_process_gradients(tmp_path):
+    out = tmp_path / "grads.npz"
+    proc, _ = run_mpi(*[[HERE / "grad_worker.py", out, "nccl"]] * 2, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    saved = np.load(out)
+    net = grad_worker.model()
+    x, y = grad_worker.batch()
+    net.loss(x, y).backward()
+    for n, p in net.named_parameters():
+        tight = p.dtype == np.float64
+        np.testing.assert_allclose(saved[f"full/{n}"], p.grad, rtol=1e-10 if tight else 2e-5,
+                                   atol=1e-13 if tight else 1e-8, err_msg=n)
+    dropped = str(saved["dropped"])
+    np.testing.assert_allclose(saved[f"partial/{dropped}"], saved[f"local/{dropped}"] / 2, rtol=1e-12)
+
+
+def test_two_gpu_training_follows_the_one_gpu_curve(tmp_path):
+    dist, single = tmp_path / "dist", tmp_path / "single"
+    proc, _ = run_mpi(*[[TRAIN_LM, "--distributed", "--world-size", "2", "--out", dist, "--steps", "20",
+                         "--eval-every", "10", *TINY]] * 2, timeout=180)
+    assert proc.returncode == 0, proc.stdout
+    proc, _ = run_mpi([TRAIN_LM, "--out", single, "--steps", "20", "--eval-every", "10", *TINY], timeout=180)
+    assert proc.returncode == 0, proc.stdout
+    d = json.loads((dist / "metrics.json").read_text())
+    s = json.loads((single / "metrics.json").read_text())
+    assert d["world_size"] == 2 and s["world_size"] == 1
+    np.testing.assert_allclose(d["train_loss"], s["train_loss"], rtol=1e-3)
+    np.testing.assert_allclose(d["val_loss"], s["val_loss"], rtol=1e-3)
+    assert not [p.name for p in dist.iterdir() if p.name.endswith(".tmp")]
