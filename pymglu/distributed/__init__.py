@@ -1,5 +1,5 @@
 """Data-parallel training: gradients averaged over processes through MPI (CPU, ``mpi4py``) or NCCL (GPU,
-``cupy.cuda.nccl``, untested on hardware). See docs/distributed.md.
+``cupy.cuda.nccl``). See docs/distributed.md.
 
 Neither ``mpi4py`` nor CuPy is imported until a communicator of that backend is created.
 
@@ -27,7 +27,7 @@ def init_communicator(backend: str = "auto", timeout: float | None = DEFAULT_TIM
     """The communicator of this process.
 
     Args:
-        backend: ``"mpi"`` (NumPy arrays), ``"nccl"`` (CuPy arrays, one GPU per rank; untested on hardware),
+        backend: ``"mpi"`` (NumPy arrays), ``"nccl"`` (CuPy arrays, one GPU per rank),
             ``"local"`` (world size 1), or ``"auto"``: MPI when ``mpi4py`` imports, else local.
         timeout: seconds a collective may wait for the other ranks (``None``: forever).
     """

@@ -1,9 +1,8 @@
 """NCCL backend (``cupy.cuda.nccl``) for CuPy arrays: one process per GPU, started by ``mpiexec``.
 
-**Untested on hardware.** This module is written against CuPy's documented ``cupy.cuda.nccl`` API
-(``get_unique_id``, ``NcclCommunicator(ndev, commId, rank)``, ``allReduce``, ``bcast``, ``abort``,
-``check_async_error``) and has not run on a GPU yet: no multi-GPU machine was available when it was
-written, and the CI machine has no GPU. It is imported only when an :class:`NCCLCommunicator` is created.
+Uses CuPy's ``cupy.cuda.nccl`` (``get_unique_id``, ``NcclCommunicator(ndev, commId, rank)``,
+``allReduce``, ``bcast``, ``abort``, ``check_async_error``); tested on two H200s
+(``tests/distributed/test_nccl_gpu.py``). It is imported only when an :class:`NCCLCommunicator` is created.
 
 Bootstrap: rank 0 makes the NCCL unique id and sends it to the other ranks over MPI, so the job is
 started by ``mpiexec -n <GPUs>`` exactly like the CPU backend; rank ``r`` uses GPU ``r %
@@ -30,7 +29,7 @@ __all__ = ["NCCLCommunicator"]
 
 
 class NCCLCommunicator(Communicator):
-    """Collectives over NCCL on CuPy arrays (untested on hardware; see the module docstring).
+    """Collectives over NCCL on CuPy arrays (see the module docstring).
 
     Args:
         bootstrap: the :class:`MPICommunicator` whose ranks form the NCCL communicator (``None``: a new one
