@@ -11,11 +11,13 @@ from pymglu import dtypes as _dtypes
 
 def describe(a: Any) -> str:
     """Short text for an array argument: ``float32 array of shape (2, 3) on cpu``."""
-    from pymglu.backend import device_of, unwrap
+    from pymglu.backend import device_of, tensor_data
 
-    a = unwrap(a)
+    a = tensor_data(a)
     if not hasattr(a, "shape"):
         return f"{type(a).__name__} {a!r}"
+    if hasattr(a, "__dlpack__") and not hasattr(a, "flags"):  # another library's array: no conversion here
+        return f"{type(a).__module__.split('.')[0]} {type(a).__name__} of shape {tuple(a.shape)}, dtype {a.dtype}"
     return f"{_dtypes.name(a.dtype)} array of shape {tuple(a.shape)} on {device_of(a)}"
 
 

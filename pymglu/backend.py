@@ -63,10 +63,25 @@ def is_cupy_array(x: Any) -> bool:
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
-def unwrap(x: Any) -> Any:
+def tensor_data(x: Any) -> Any:
     """The array inside a pymglu ``Tensor`` (or ``Parameter``); anything else is returned unchanged."""
     data = getattr(x, "_is_pymglu_tensor", False) and x.data
     return data if data is not False else x
+
+
+def unwrap(x: Any) -> Any:
+    """What pymglu computes on for an argument ``x``: the array inside a pymglu ``Tensor``; for a DLPack
+    producer of another library (a PyTorch tensor, a JAX array, ...) a zero-copy NumPy (CPU) or CuPy
+    (CUDA) array over its memory (:func:`pymglu.interop.array_from_dlpack`, which raises a clear
+    ``BufferError`` for what cannot be shared); anything else unchanged."""
+    data = getattr(x, "_is_pymglu_tensor", False) and x.data
+    if data is not False:
+        return data
+    if hasattr(x, "__dlpack__") and not isinstance(x, (np.ndarray, np.generic)) and not is_cupy_array(x):
+        from pymglu.interop import array_from_dlpack
+
+        return array_from_dlpack(x, name=type(x).__name__)
+    return x
 
 
 def device_of(x: Any) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 
 from pymglu import _checks, _dlpack
 from pymglu.autograd.tensor import Tensor
-from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
+from pymglu.backend import cupy_or_none, is_cupy_array, tensor_data
 from pymglu.dtypes import bfloat16
 
 __all__ = ["from_dlpack", "array_from_dlpack", "export", "describe_object"]
@@ -118,7 +118,7 @@ def array_from_dlpack(obj: Any, *, copy: bool | None = None, name: str = "obj") 
             f"{name}.detach() (same memory; torch autograd does not see what pymglu computes from it), or use "
             "pymglu.torch, whose autograd Function gives torch the gradients"
         )
-    own = unwrap(obj)
+    own = tensor_data(obj)
     bf16 = _is_bfloat16(obj)
     if bf16 and (isinstance(own, np.ndarray) or is_cupy_array(own)):
         data = own.view()  # NumPy cannot export bfloat16; our own array needs no exchange
@@ -192,7 +192,7 @@ def export(x: Any, name: str = "x") -> Any:
     Raises:
         TypeError: ``x`` is not a NumPy/CuPy array or Tensor. BufferError: negative strides.
     """
-    a = unwrap(x)
+    a = tensor_data(x)
     if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
         raise TypeError(f"{name}: expected a NumPy or CuPy array or a pymglu Tensor, got {type(x).__name__}")
     if any(s < 0 for s in a.strides):

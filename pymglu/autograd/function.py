@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pymglu.backend import get_array_module
+from pymglu.backend import get_array_module, unwrap
 
 if TYPE_CHECKING:
     from pymglu.autograd.tensor import Tensor
@@ -57,7 +57,7 @@ class Function:
     def apply(cls, *inputs: Any, **kwargs: Any) -> "Tensor":
         from pymglu.autograd.tensor import Tensor
 
-        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        arrays = [x.data if isinstance(x, Tensor) else unwrap(x) for x in inputs]  # DLPack producers too
         get_array_module(*arrays)  # raises on mixed devices before any work
         fn = cls()
         needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
