@@ -7,7 +7,7 @@ and frees the graph unless ``retain_graph=True``. ``.grad`` holds a raw array of
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -94,6 +94,19 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
+    def register_grad_hook(self, hook: Callable[["Tensor"], None]) -> Callable[[], None]:
+        """Call ``hook(self)`` each time a backward pass has stored this leaf's gradient for that pass
+        (all of the pass's contributions are summed by then). Returns a function that removes the hook.
+        Used by :class:`pymglu.distributed.DataParallel` to start reducing gradients during backward."""
+        hooks = self.__dict__.setdefault("_grad_hooks", [])
+        hooks.append(hook)
+
+        def remove() -> None:
+            if hook in hooks:
+                hooks.remove(hook)
+
+        return remove
+
     # ----------------------------------------------------------------- autograd
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
         """Back-propagate from this tensor.
@@ -122,6 +135,8 @@ class Tensor:
             if fn is None:
                 # copy on first store: g may be the caller's array or shared with another leaf
                 node.grad = g.copy() if node.grad is None else node.grad + g
+                for hook in getattr(node, "_grad_hooks", ()):
+                    hook(node)
                 continue
             if fn.released:
                 raise GraphFreedError(

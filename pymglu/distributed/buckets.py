@@ -18,7 +18,8 @@ import numpy as np
 from pymglu.backend import get_array_module, unwrap
 from pymglu.distributed.comm import Communicator
 
-__all__ = ["Bucket", "plan_buckets", "reduce_dtype", "all_reduce_bucket"]
+__all__ = ["Bucket", "PendingBucket", "plan_buckets", "reduce_dtype", "start_bucket", "finish_buckets",
+           "all_reduce_bucket"]
 
 
 def reduce_dtype(dtype: Any) -> np.dtype:
@@ -67,12 +68,17 @@ def plan_buckets(params: Sequence[Any], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def all_reduce_bucket(comm: Communicator, bucket: Bucket) -> None:
-    """Average the gradients of ``bucket``'s parameters over ``comm``'s ranks, in place of ``p.grad``.
+@dataclasses.dataclass
+class PendingBucket:
+    """A bucket whose all-reduce was started: its buffer and the communicator's handle."""
 
-    Each ``p.grad`` becomes a view of shape ``p.shape`` into a fresh buffer of ``bucket.dtype`` (float32
-    for float16/bfloat16 parameters, which the optimizers accept), on the parameters' device.
-    """
+    bucket: Bucket
+    buf: Any
+    handle: Any
+
+
+def start_bucket(comm: Communicator, bucket: Bucket) -> PendingBucket:
+    """Copy ``bucket``'s gradients and presence flags into a fresh buffer and start its all-reduce."""
     xp = get_array_module(bucket.params[0].data)
     n = len(bucket.params)
     buf = xp.zeros(bucket.numel + n, dtype=bucket.dtype)
@@ -80,10 +86,34 @@ def all_reduce_bucket(comm: Communicator, bucket: Bucket) -> None:
         if p.grad is not None:
             buf[off:off + p.size] = unwrap(p.grad).reshape(-1)
             buf[bucket.numel + i] = 1.0
-    comm.all_reduce_sum_(buf)
-    if comm.size > 1:
-        buf[:bucket.numel] /= comm.size
-    flags = buf[bucket.numel:]
+    return PendingBucket(bucket, buf, comm.all_reduce_sum_start(buf))
+
+
+def finish_buckets(comm: Communicator, pending: Sequence[PendingBucket]) -> None:
+    """Wait for the started reductions, divide by the world size and point each ``p.grad`` at its averaged
+    slice (``None`` where no rank had a gradient). The presence flags of all buckets are read back to the
+    host in one copy."""
+    if not pending:
+        return
+    for pb in pending:
+        comm.wait(pb.handle)
+        if comm.size > 1:
+            pb.buf[:pb.bucket.numel] /= comm.size
+    xp = get_array_module(pending[0].buf)
+    flags = xp.concatenate([pb.buf[pb.bucket.numel:] for pb in pending])
     present = flags.get() if hasattr(flags, "get") else flags
-    for p, off, flag in zip(bucket.params, bucket.offsets, present):
-        p.grad = buf[off:off + p.size].reshape(p.shape) if flag > 0 else None
+    k = 0
+    for pb in pending:
+        b = pb.bucket
+        for p, off in zip(b.params, b.offsets):
+            p.grad = pb.buf[off:off + p.size].reshape(p.shape) if present[k] > 0 else None
+            k += 1
+
+
+def all_reduce_bucket(comm: Communicator, bucket: Bucket) -> None:
+    """Average the gradients of ``bucket``'s parameters over ``comm``'s ranks, in place of ``p.grad``.
+
+    Each ``p.grad`` becomes a view of shape ``p.shape`` into a fresh buffer of ``bucket.dtype`` (float32
+    for float16/bfloat16 parameters, which the optimizers accept), on the parameters' device.
+    """
+    finish_buckets(comm, [start_bucket(comm, bucket)])

@@ -49,6 +49,17 @@ class Communicator(abc.ABC):
         """Replace the 1-d contiguous ``buf`` (float32 or float64) by the element-wise sum of every rank's
         ``buf``, in place; returns ``buf``."""
 
+    def all_reduce_sum_start(self, buf: Any) -> Any:
+        """Start :meth:`all_reduce_sum_` on ``buf`` and return a handle for :meth:`wait`; ``buf`` must not be
+        touched until then. Every rank must start its reductions in the same order. The default runs the
+        reduction at once (backends override it to return immediately)."""
+        self.all_reduce_sum_(buf)
+        return None
+
+    def wait(self, handle: Any) -> None:
+        """Finish the reduction started with ``handle`` (bounded by ``timeout`` like the blocking calls).
+        On a GPU, later work on the current stream is ordered after it; the host need not block."""
+
     @abc.abstractmethod
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         """Overwrite the 1-d contiguous ``buf`` on every rank with ``root``'s values, in place; returns it."""

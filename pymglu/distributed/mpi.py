@@ -72,6 +72,14 @@ class MPICommunicator(Communicator):
         self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM), "all-reduce")
         return buf
 
+    def all_reduce_sum_start(self, buf: Any) -> Any:
+        buf = self._check(buf, "all_reduce_sum_start")
+        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def wait(self, handle: Any) -> None:
+        if handle is not None:
+            self._wait(handle, "all-reduce")
+
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         buf = self._check(buf, "broadcast_")
         self._wait(self.comm.Ibcast(buf, root=root), "broadcast")

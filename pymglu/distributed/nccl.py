@@ -9,6 +9,9 @@ started by ``mpiexec -n <GPUs>`` exactly like the CPU backend; rank ``r`` uses G
 cupy.cuda.runtime.getDeviceCount()`` unless a device is given. The host-side handshake
 (:meth:`allgather_int64`) goes over MPI as well.
 
+Gradient buckets use :meth:`NCCLCommunicator.all_reduce_sum_start`: the reduction is enqueued on a
+stream of its own, after the current stream's work, so that it runs while the backward pass goes on.
+
 Timeouts: NCCL collectives are enqueued on a CUDA stream and return at once. Each call records an event
 after its collective and polls it (and ``check_async_error``) until ``timeout`` seconds have passed; then
 the NCCL communicator is aborted (``ncclCommAbort``, which ends the stuck kernels) and
@@ -75,7 +78,7 @@ class NCCLCommunicator(Communicator):
         try:
             wait_until(done, self.timeout, f"rank {self.rank}: NCCL {what}")
         except DistributedError:
-            self.comm.abort()
+            self._abort_nccl()
             raise
 
     def all_reduce_sum_(self, buf: Any) -> Any:
@@ -84,6 +87,34 @@ class NCCLCommunicator(Communicator):
         self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, self._nccl.NCCL_SUM, stream.ptr)
         self._wait(stream, "all-reduce")
         return buf
+
+    def all_reduce_sum_start(self, buf: Any) -> Any:
+        """Enqueue the all-reduce on this communicator's own stream, after the work queued so far on the
+        current stream (which fills ``buf``); returns an event recorded after it. The host does not wait."""
+        dtype = self._check(buf, "all_reduce_sum_start")
+        cp = self._cp
+        if getattr(self, "_stream", None) is None:
+            self._stream = cp.cuda.Stream(non_blocking=True)
+        self._stream.wait_event(cp.cuda.get_current_stream().record())
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, self._nccl.NCCL_SUM, self._stream.ptr)
+        return self._stream.record()
+
+    def wait(self, handle: Any) -> None:
+        """Order the current stream after the reduction of ``handle``; without blocking the host unless a
+        timeout is set, in which case the host polls the event (and NCCL's async error) until it is done."""
+        if handle is None:
+            return
+        if self.timeout is not None:
+            def done() -> bool:
+                self.comm.check_async_error()
+                return handle.done
+
+            try:
+                wait_until(done, self.timeout, f"rank {self.rank}: NCCL all-reduce")
+            except DistributedError:
+                self._abort_nccl()
+                raise
+        self._cp.cuda.get_current_stream().wait_event(handle)
 
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         dtype = self._check(buf, "broadcast_")
@@ -95,6 +126,12 @@ class NCCLCommunicator(Communicator):
     def allgather_int64(self, values: np.ndarray) -> np.ndarray:
         return self.bootstrap.allgather_int64(values)
 
+    def _abort_nccl(self) -> None:
+        """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing."""
+        if not getattr(self, "_aborted", False):
+            self._aborted = True
+            self.comm.abort()
+
     def abort(self, code: int = 1) -> None:
-        self.comm.abort()
+        self._abort_nccl()
         self.bootstrap.abort(code)

@@ -6,8 +6,14 @@ sample the global batch (same sampler state on every rank) -> :meth:`DataParalle
 rank's rows -> forward, ``loss.backward()`` -> :meth:`DataParallel.reduce_gradients` (one all-reduce per
 bucket, gradients divided by the world size) -> clipping and the optimizer step, identical on every rank.
 
-The reduction runs after the whole backward pass; overlapping it with backward (reducing a bucket as soon
-as its last gradient exists) is a later goal for the GPU and is not implemented.
+Overlap (``overlap=True``, the default): buckets are planned in reverse parameter order (the order in which
+backward produces gradients), and a gradient hook on every parameter starts a bucket's all-reduce as soon
+as the backward pass has stored all of its gradients, provided every earlier bucket has started (all
+ranks start them in the same order). On a GPU with NCCL the reduction then runs on its own stream while
+backward goes on; with MPI the non-blocking all-reduce progresses when MPI is next called.
+:meth:`DataParallel.reduce_gradients` starts what is left, waits, and reads every bucket's presence flags
+back in one copy. Overlap assumes one backward pass per :meth:`reduce_gradients`; for gradient
+accumulation over several passes use ``overlap=False``.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pymglu.backend import get_array_module
-from pymglu.distributed.buckets import Bucket, all_reduce_bucket, plan_buckets
+from pymglu.distributed.buckets import Bucket, PendingBucket, finish_buckets, plan_buckets, start_bucket
 from pymglu.distributed.comm import Communicator, DistributedError, LocalCommunicator
 
 __all__ = ["DataParallel", "config_digest"]
@@ -41,11 +47,36 @@ class DataParallel:
     """
 
     def __init__(self, model: Any, comm: Communicator | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True) -> None:
         self.model = model
         self.comm = comm if comm is not None else LocalCommunicator()
         self.params = list(model.parameters())
-        self.buckets: list[Bucket] = plan_buckets(self.params, bucket_bytes)
+        self.overlap = bool(overlap)
+        order = list(reversed(self.params)) if self.overlap else self.params
+        self.buckets: list[Bucket] = plan_buckets(order, bucket_bytes)
+        self._bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b.params}
+        self._pending: list[PendingBucket] = []
+        self._ready: list[set[int]] = [set() for _ in self.buckets]
+        self._removers = [p.register_grad_hook(self._on_grad) for p in self.params] if self.overlap else []
+
+    def _on_grad(self, p: Any) -> None:
+        """Gradient hook: note ``p`` ready and start every bucket, in order, whose gradients are all ready."""
+        k = self._bucket_of[id(p)]
+        if id(p) in self._ready[k]:
+            raise DistributedError(
+                f"rank {self.rank}: DataParallel(overlap=True) got a second gradient for a parameter of shape "
+                f"{p.shape} before reduce_gradients(); with several backward passes per step (gradient "
+                "accumulation) use DataParallel(..., overlap=False)")
+        self._ready[k].add(id(p))
+        while (len(self._pending) < len(self.buckets)
+               and len(self._ready[len(self._pending)]) == len(self.buckets[len(self._pending)].params)):
+            self._pending.append(start_bucket(self.comm, self.buckets[len(self._pending)]))
+
+    def detach_hooks(self) -> None:
+        """Remove the gradient hooks (the model can then be used without this DataParallel)."""
+        for remove in self._removers:
+            remove()
+        self._removers = []
 
     @property
     def rank(self) -> int:
@@ -126,9 +157,13 @@ class DataParallel:
         return tuple(out)
 
     def reduce_gradients(self) -> None:
-        """Average every parameter's gradient over the ranks, one all-reduce per bucket (after backward)."""
-        for bucket in self.buckets:
-            all_reduce_bucket(self.comm, bucket)
+        """Average every parameter's gradient over the ranks, one all-reduce per bucket: start the buckets
+        the backward pass has not started yet (in order), wait for all, and install the averages."""
+        pending, self._pending = self._pending, []
+        self._ready = [set() for _ in self.buckets]
+        for bucket in self.buckets[len(pending):]:
+            pending.append(start_bucket(self.comm, bucket))
+        finish_buckets(self.comm, pending)
 
     def mean(self, value: float) -> float:
         """The mean over ranks of a host scalar (e.g. the loss of each rank's shard)."""

@@ -1,6 +1,6 @@
 """Rank worker of test_mpi.py: rank 1 leaves early, rank 0 keeps reducing gradients.
 
-    mpiexec -n 2 python exit_worker.py clean|crash TIMEOUT
+    mpiexec -n 2 python exit_worker.py clean|crash TIMEOUT [mpi|nccl]
 
 ``clean``: rank 1 returns (MPI finalizes normally) before the first all-reduce; rank 0 must raise
 DistributedTimeoutError after TIMEOUT seconds, print it and end the job. ``crash``: rank 1 ends with
@@ -17,9 +17,14 @@ from pymglu.distributed import DataParallel, DistributedTimeoutError, init_commu
 from pymglu.models import Transformer, TransformerConfig
 
 
-def main(mode: str, timeout: float) -> None:
-    comm = init_communicator("mpi", timeout=timeout)
+def main(mode: str, timeout: float, backend: str = "mpi") -> None:
+    comm = init_communicator(backend, timeout=timeout)
     net = Transformer(TransformerConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=12, max_seq_len=4), rng=0)
+    xp = np
+    if backend == "nccl":
+        import cupy as xp
+
+        net.to("cuda")
     dp = DataParallel(net, comm)
     dp.handshake("same")
     if comm.rank == 1:
@@ -27,7 +32,7 @@ def main(mode: str, timeout: float) -> None:
             os._exit(3)
         return
     for step in range(3):
-        net.loss(np.array([[1, 2, 3]]), np.array([[2, 3, 4]])).backward()
+        net.loss(xp.array([[1, 2, 3]]), xp.array([[2, 3, 4]])).backward()
         try:
             dp.reduce_gradients()
         except DistributedTimeoutError as e:
@@ -37,4 +42,4 @@ def main(mode: str, timeout: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:])

@@ -7,7 +7,8 @@ the CPU.
 
 Every rank builds the same model and global batch (seeded), perturbs its parameters unless it is rank 0
 (so that the broadcast is what makes them equal), broadcasts rank 0's, runs forward and backward on its
-shard, and averages the gradients through a bucket cap small enough to make several buckets. Rank 0
+shard, and averages the gradients through a bucket cap small enough to make several buckets (overlapped
+with the backward pass). Rank 0
 writes the averaged gradients to OUT.npz; a second reduction, where rank 1 drops one gradient, is
 written under ``partial/`` with rank 0's own local gradient under ``local/``.
 """
@@ -62,6 +63,9 @@ def main(out: str, backend: str = "mpi") -> None:
     dp.reduce_gradients()
     full = {n: _host(p.grad) for n, p in net.named_parameters()}
 
+    # a gradient dropped between backward and the reduction: only seen without overlap
+    dp.detach_hooks()
+    dp = DataParallel(net, comm, bucket_bytes=4096, overlap=False)
     for p in net.parameters():
         p.grad = None
     net.loss(x, y).backward()

@@ -33,7 +33,7 @@ def test_buckets_keep_order_respect_the_cap_and_split_by_reduce_dtype():
 
 def test_local_world_reduces_to_the_identity_and_keeps_missing_gradients_missing():
     model = _tiny_model()
-    dp = DataParallel(model, bucket_bytes=1024)
+    dp = DataParallel(model, bucket_bytes=1024, overlap=False)  # the gradient is dropped after backward
     assert dp.size == 1 and dp.is_main and len(dp.buckets) > 1
     ids = np.arange(8)[None] % 32
     model.loss(ids, ids).backward()
@@ -107,3 +107,55 @@ def test_trainer_shards_the_global_batch_and_averages_gradients():
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="not a multiple of the world size 2"):
         Trainer(model, _settings(batch_size=3), data, data, parallel=DataParallel(model, _MirrorRank0()))
+
+
+class _RecordingComm(LocalCommunicator):
+    """World size 1, recording when each reduction starts relative to the backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def all_reduce_sum_start(self, buf):
+        self.events.append("start")
+        return ("handle", self.events.count("start"))
+
+    def wait(self, handle) -> None:
+        self.events.append(f"wait {handle[1]}")
+
+
+def test_overlap_starts_buckets_during_backward_in_order_and_matches_no_overlap():
+    ids = np.arange(8)[None] % 32
+    grads = {}
+    for overlap in (False, True):
+        model = _tiny_model()
+        comm = _RecordingComm()
+        dp = DataParallel(model, comm, bucket_bytes=1024, overlap=overlap)
+        loss = model.loss(ids, ids)
+        model.embed.weight.register_grad_hook(lambda p: comm.events.append("embedding grad"))
+        loss.backward()
+        started_in_backward = comm.events.count("start")
+        dp.reduce_gradients()
+        assert comm.events.count("start") == len(dp.buckets)
+        assert [e for e in comm.events if e.startswith("wait")] == [f"wait {k}" for k in range(1, len(dp.buckets) + 1)]
+        if overlap:
+            # the embedding (first parameter) gets its gradient last: every other bucket started before it
+            assert started_in_backward == len(dp.buckets)
+            assert comm.events.index("embedding grad") > comm.events.index("start")
+        else:
+            assert started_in_backward == 0
+        grads[overlap] = {n: np.array(p.grad) for n, p in model.named_parameters()}
+        dp.detach_hooks()
+    for n in grads[False]:
+        np.testing.assert_array_equal(grads[True][n], grads[False][n], err_msg=n)
+
+
+def test_overlap_refuses_a_second_backward_before_the_reduction():
+    model = _tiny_model()
+    dp = DataParallel(model, bucket_bytes=1024)
+    ids = np.arange(8)[None] % 32
+    model.loss(ids, ids).backward()
+    with pytest.raises(DistributedError, match="overlap=False"):
+        model.loss(ids, ids).backward()
+    dp.detach_hooks()
+    model.loss(ids, ids).backward()  # without the hooks nothing is started

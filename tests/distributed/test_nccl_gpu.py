@@ -1,6 +1,7 @@
 """Two ranks on two GPUs through NCCL (gpu-marked; skipped without 2 GPUs, CuPy's NCCL or mpiexec):
 averaged gradients equal the single-process gradients of the whole batch, and a 2-GPU training run
-follows the 1-GPU curve of the same global batch."""
+follows the 1-GPU curve of the same global batch; a rank that leaves makes the other stop within its
+timeout."""
 from __future__ import annotations
 
 import json
@@ -65,3 +66,11 @@ def test_two_gpu_training_follows_the_one_gpu_curve(tmp_path):
     np.testing.assert_allclose(d["train_loss"], s["train_loss"], rtol=1e-3)
     np.testing.assert_allclose(d["val_loss"], s["val_loss"], rtol=1e-3)
     assert not [p.name for p in dist.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_rank_that_leaves_early_stops_the_other_within_the_timeout():
+    proc, seconds = run_mpi(*[[HERE / "exit_worker.py", "clean", "3", "nccl"]] * 2, timeout=120)
+    assert proc.returncode == 5, proc.stdout
+    assert "rank 0 stopped" in proc.stdout and "no answer from the other ranks after 3 s" in proc.stdout, proc.stdout
+    assert "finished without an error" not in proc.stdout
+    assert seconds < 90
