@@ -90,23 +90,29 @@ def start_bucket(comm: Communicator, bucket: Bucket) -> PendingBucket:
 
 
 def finish_buckets(comm: Communicator, pending: Sequence[PendingBucket]) -> None:
-    """Wait for the started reductions, divide by the world size and point each ``p.grad`` at its averaged
-    slice (``None`` where no rank had a gradient). The presence flags of all buckets are read back to the
-    host in one copy."""
+    """Wait for the started reductions (:meth:`Communicator.wait_all`: on a GPU the host does not block),
+    divide by the world size and point each ``p.grad`` at its averaged slice. A parameter that no rank gave
+    a gradient keeps ``grad = None``; deciding that needs the summed presence flags on the host (one copy
+    for all buckets, which waits for the reductions), so they are read only when this rank lacks a
+    gradient: when it has them all, every flag is at least 1."""
     if not pending:
         return
-    for pb in pending:
-        comm.wait(pb.handle)
-        if comm.size > 1:
+    locally_missing = any(p.grad is None for pb in pending for p in pb.bucket.params)
+    comm.wait_all([pb.handle for pb in pending])
+    if comm.size > 1:
+        for pb in pending:
             pb.buf[:pb.bucket.numel] /= comm.size
-    xp = get_array_module(pending[0].buf)
-    flags = xp.concatenate([pb.buf[pb.bucket.numel:] for pb in pending])
-    present = flags.get() if hasattr(flags, "get") else flags
+    present: Any = None
+    if locally_missing:
+        xp = get_array_module(pending[0].buf)
+        flags = xp.concatenate([pb.buf[pb.bucket.numel:] for pb in pending])
+        present = flags.get() if hasattr(flags, "get") else flags
     k = 0
     for pb in pending:
         b = pb.bucket
         for p, off in zip(b.params, b.offsets):
-            p.grad = pb.buf[off:off + p.size].reshape(p.shape) if present[k] > 0 else None
+            keep = present is None or present[k] > 0
+            p.grad = pb.buf[off:off + p.size].reshape(p.shape) if keep else None
             k += 1
 
 

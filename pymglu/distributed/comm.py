@@ -9,7 +9,7 @@ dtype. Backends: :class:`pymglu.distributed.mpi.MPICommunicator` (NumPy arrays, 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -57,8 +57,14 @@ class Communicator(abc.ABC):
         return None
 
     def wait(self, handle: Any) -> None:
-        """Finish the reduction started with ``handle`` (bounded by ``timeout`` like the blocking calls).
-        On a GPU, later work on the current stream is ordered after it; the host need not block."""
+        """Finish the reduction started with ``handle`` (bounded by ``timeout`` like the blocking calls)."""
+
+    def wait_all(self, handles: Sequence[Any]) -> None:
+        """Finish every reduction in ``handles``: afterwards their buffers hold the sums for all later work
+        (on a GPU: for later work on the current stream; the host need not block). Default: :meth:`wait`
+        on each."""
+        for h in handles:
+            self.wait(h)
 
     @abc.abstractmethod
     def broadcast_(self, buf: Any, root: int = 0) -> Any:

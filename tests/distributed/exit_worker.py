@@ -1,19 +1,23 @@
 """Rank worker of test_mpi.py: rank 1 leaves early, rank 0 keeps reducing gradients.
 
-    mpiexec -n 2 python exit_worker.py clean|crash TIMEOUT [mpi|nccl]
+    mpiexec -n 2 python exit_worker.py clean|crash|stall TIMEOUT [mpi|nccl]
 
 ``clean``: rank 1 returns (MPI finalizes normally) before the first all-reduce; rank 0 must raise
-DistributedTimeoutError after TIMEOUT seconds, print it and end the job. ``crash``: rank 1 ends with
-``os._exit(3)`` (no MPI finalize), as a killed process would; the launcher must end the job.
+DistributedTimeoutError after TIMEOUT seconds (with NCCL, or the DistributedError of NCCL's report that
+the peer exited), print it and end the job. ``crash``: rank 1 ends with
+``os._exit(3)`` (no MPI finalize), as a killed process would; the launcher must end the job. ``stall``:
+rank 1 stays alive but never reduces (sleeps 4 x TIMEOUT); rank 0 must stop with the timeout error (with
+NCCL the gradient reductions do not block the host: the final blocking ``mean`` meets the error).
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
-from pymglu.distributed import DataParallel, DistributedTimeoutError, init_communicator
+from pymglu.distributed import DataParallel, DistributedError, init_communicator
 from pymglu.models import Transformer, TransformerConfig
 
 
@@ -30,15 +34,19 @@ def main(mode: str, timeout: float, backend: str = "mpi") -> None:
     if comm.rank == 1:
         if mode == "crash":
             os._exit(3)
+        if mode == "stall":
+            time.sleep(4 * timeout)
         return
-    for step in range(3):
-        net.loss(xp.array([[1, 2, 3]]), xp.array([[2, 3, 4]])).backward()
-        try:
+    try:
+        for step in range(3):
+            net.loss(xp.array([[1, 2, 3]]), xp.array([[2, 3, 4]])).backward()
             dp.reduce_gradients()
-        except DistributedTimeoutError as e:
-            print(f"rank 0 stopped: {e}", flush=True)
-            comm.abort(5)
-    print("rank 0 finished without an error", flush=True)
+        dp.mean(1.0)
+    except DistributedError as e:  # the timeout, or NCCL's report of a dead peer
+        print(f"rank 0 stopped: {e}", flush=True)
+        comm.abort(5)  # MPI_Abort may return before the launcher ends this process
+    else:
+        print("rank 0 finished without an error", flush=True)
 
 
 if __name__ == "__main__":
