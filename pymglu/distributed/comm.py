@@ -66,6 +66,10 @@ class Communicator(abc.ABC):
         for h in handles:
             self.wait(h)
 
+    def check_pending(self) -> None:
+        """Wait on the host, bounded by ``timeout``, for reductions that :meth:`wait_all` left running
+        (nothing for backends whose ``wait_all`` blocks); raise if one failed or timed out."""
+
     @abc.abstractmethod
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         """Overwrite the 1-d contiguous ``buf`` on every rank with ``root``'s values, in place; returns it."""

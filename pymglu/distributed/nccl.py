@@ -16,24 +16,26 @@ aborted (``ncclCommAbort`` ends the stuck kernels) and
 :class:`~pymglu.distributed.comm.DistributedTimeoutError` is raised.
 
 Gradient buckets (:meth:`~NCCLCommunicator.all_reduce_sum_start`, :meth:`~NCCLCommunicator.wait_all`)
-never block the host: each reduction is enqueued on the communicator's own stream after the current
+do not block the host: each reduction is enqueued on the communicator's own stream after the current
 stream's work (so it runs while backward goes on), and ``wait_all`` only makes the current stream wait
-for it. A watchdog thread polls those events and NCCL's async error; when one is not done ``timeout``
-seconds after ``wait_all``, or NCCL reports an error, the watchdog aborts the communicator (which frees
-any host call stuck behind the reduction) and the next call of this communicator on the main thread
-raises the error. NCCL errors raised while enqueueing (e.g. ``NCCL_ERROR_REMOTE_ERROR`` when a peer
-process has exited) become :class:`~pymglu.distributed.comm.DistributedError`.
+for it and remembers its event. :meth:`~NCCLCommunicator.check_pending` polls the remembered events on
+the host (and NCCL's async error), bounded by ``timeout``, then aborts and raises as above;
+:class:`~pymglu.distributed.DataParallel` calls it at the start of the next step
+(:meth:`~pymglu.distributed.DataParallel.shard_batch`) and before a host read of results
+(:meth:`~pymglu.distributed.DataParallel.synchronize`), i.e. before anything that could wait on a stream
+held up by a reduction that never ends. (A watchdog thread cannot do this job: a main thread blocked in a
+CUDA call keeps the interpreter lock.) NCCL errors raised while enqueueing (e.g.
+``NCCL_ERROR_REMOTE_ERROR`` when a peer process has exited) become
+:class:`~pymglu.distributed.comm.DistributedError`.
 """
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from pymglu.distributed._wait import wait_until
-from pymglu.distributed.comm import Communicator, DistributedError, DistributedTimeoutError
+from pymglu.distributed.comm import Communicator, DistributedError
 from pymglu.distributed.mpi import DEFAULT_TIMEOUT, MPICommunicator
 
 __all__ = ["NCCLCommunicator"]
@@ -66,10 +68,8 @@ class NCCLCommunicator(Communicator):
                         np.dtype(np.int64): nccl.NCCL_INT64}
         self._stream: Any = None
         self._aborted = False
-        self._error: DistributedError | None = None  # set by the watchdog, raised on the main thread
-        self._watched: list[tuple[Any, float]] = []  # (event, host time wait_all returned)
-        self._lock = threading.Lock()
-        self._watchdog: threading.Thread | None = None
+        self._error: DistributedError | None = None  # raised again by every later call
+        self._watched: list[Any] = []  # events of reductions the host has not seen complete
 
     def _check(self, buf: Any, where: str) -> int:
         if not isinstance(buf, self._cp.ndarray):
@@ -153,45 +153,28 @@ class NCCLCommunicator(Communicator):
         self._cp.cuda.get_current_stream().wait_event(handle)
 
     def wait_all(self, handles: Sequence[Any]) -> None:
-        """Order the current stream after every reduction in ``handles`` without blocking the host; the
-        watchdog bounds how long they may take (module docstring)."""
+        """Order the current stream after every reduction in ``handles`` without blocking the host; their
+        events are checked by :meth:`check_pending`."""
         self._raise_if_failed()
         stream = self._cp.cuda.get_current_stream()
-        now = time.monotonic()
-        with self._lock:
-            for h in handles:
-                if h is not None:
-                    stream.wait_event(h)
-                    self._watched.append((h, now))
-        if self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._watch, name=f"pymglu-nccl-watchdog-{self.rank}",
-                                              daemon=True)
-            self._watchdog.start()
+        for h in handles:
+            if h is not None:
+                stream.wait_event(h)
+                self._watched.append(h)
 
-    def _watch(self) -> None:
-        """Watchdog thread: drop finished events; on NCCL's async error or a timeout, abort and record."""
-        self._cp.cuda.Device(self.device).use()
-        while self._error is None and not self._aborted:
-            try:
-                self.comm.check_async_error()
-            except self._nccl.NcclError as e:
-                self._fail(DistributedError(f"rank {self.rank}: NCCL reported an error ({e}) during a gradient "
-                                            "all-reduce: a rank died or cannot be reached; stopping"))
-                return
-            now = time.monotonic()
-            with self._lock:
-                self._watched = [(ev, t0) for ev, t0 in self._watched if not ev.done]
-                late = self.timeout is not None and any(now - t0 > self.timeout for _, t0 in self._watched)
-            if late:
-                self._fail(DistributedTimeoutError(
-                    f"rank {self.rank}: NCCL all-reduce: no answer from the other ranks after {self.timeout:g} s "
-                    "(a rank died, hangs, or left the training loop early); stopping instead of waiting forever"))
-                return
-            time.sleep(0.001 if self._watched else 0.01)
-
-    def _fail(self, error: DistributedError) -> None:
-        self._error = error
-        self._abort_nccl()
+    def check_pending(self) -> None:
+        """Wait on the host for the reductions handed to :meth:`wait_all` (polled, bounded by ``timeout``,
+        NCCL's async error checked); on a timeout or an error abort the communicator and raise."""
+        self._raise_if_failed()
+        try:
+            while self._watched:
+                wait_until(lambda: self._done(self._watched[0]), self.timeout,
+                           f"rank {self.rank}: NCCL all-reduce")
+                self._watched.pop(0)
+        except DistributedError as e:
+            self._error = e
+            self._abort_nccl()
+            raise
 
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         dtype = self._check(buf, "broadcast_")
@@ -206,11 +189,9 @@ class NCCLCommunicator(Communicator):
 
     def _abort_nccl(self) -> None:
         """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing."""
-        with self._lock:
-            if self._aborted:
-                return
+        if not self._aborted:
             self._aborted = True
-        self.comm.abort()
+            self.comm.abort()
 
     def abort(self, code: int = 1) -> None:
         self._abort_nccl()

@@ -147,6 +147,7 @@ class DataParallel:
         """This rank's rows of each ``(B, ...)`` array: rows ``[rank * B/size, (rank + 1) * B/size)``.
         ``B`` must be a multiple of the world size (equal shards make the mean of the ranks' mean losses
         the mean loss of the global batch)."""
+        self.synchronize()
         out = []
         for a in arrays:
             b = a.shape[0]
@@ -164,6 +165,14 @@ class DataParallel:
         for bucket in self.buckets[len(pending):]:
             pending.append(start_bucket(self.comm, bucket))
         finish_buckets(self.comm, pending)
+
+    def synchronize(self) -> None:
+        """Wait on the host, bounded by the communicator's timeout, for the gradient reductions still
+        running (on a GPU they do not block the host). Call it before anything that reads results back
+        to the host or copies data from pageable host memory, which could otherwise wait forever on a
+        stream held up by a reduction that never ends; :meth:`shard_batch` and the Trainer's loss
+        read-back call it. Raises the communicator's error on a timeout or a failed reduction."""
+        self.comm.check_pending()
 
     def mean(self, value: float) -> float:
         """The mean over ranks of a host scalar (e.g. the loss of each rank's shard)."""

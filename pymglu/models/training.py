@@ -174,6 +174,8 @@ class Trainer:
         which waits for those steps); returns the last one (``None`` if there were none)."""
         if not self._pending:
             return None
+        if self.parallel is not None and hasattr(self.parallel, "synchronize"):
+            self.parallel.synchronize()  # bounded wait for the gradient reductions before a device read
         values = [float(v) for v in np.asarray(_to_host(self.xp.stack(self._pending)), dtype=np.float64)]
         self._pending = []
         if self.parallel is not None:

@@ -39,7 +39,8 @@ def main(mode: str, timeout: float, backend: str = "mpi") -> None:
         return
     try:
         for step in range(3):
-            net.loss(xp.array([[1, 2, 3]]), xp.array([[2, 3, 4]])).backward()
+            x, y = dp.shard_batch(np.array([[1, 2, 3], [3, 2, 1]]), np.array([[2, 3, 4], [2, 1, 0]]))
+            net.loss(xp.asarray(x), xp.asarray(y)).backward()
             dp.reduce_gradients()
         dp.mean(1.0)
     except DistributedError as e:  # the timeout, or NCCL's report of a dead peer
