@@ -2,7 +2,12 @@
 # One visit to the GPU machine: gpu tests, compute-sanitizer, benchmarks; logs under $OUT, a short table last.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
 # MODE: quick (decode --quick), full (decode sweep), train-quick (train_layer --quick), train (train_layer
-# sweep), none (tests and sanitizer only). SANITIZE=0 skips compute-sanitizer;
+# sweep), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
+# bfloat16 on tinyshakespeare, the variants in $VARIANTS (default all) spread over the visible GPUs, seeds
+# $SEEDS (default "0 1 2"), runs kept in $COMPARE_DIR (default $OUT/compare; a carried, git-ignored
+# directory such as runs/compare_gpu lets later visits add runs), the directory returned as compare.tgz),
+# none (tests and sanitizer only). A dry run of the experiment mode on a CPU machine:
+# PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 EXTRA=--smoke SEEDS=0 OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
 # SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training).
 set -uo pipefail
 mode=${1:-quick}
@@ -11,8 +16,10 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
 status=0
-python3 -m pytest -q -m gpu -p no:cacheprovider ${kexpr:+-k "$kexpr"} tests > "$OUT/gpu_tests.log" 2>&1 || status=1
-tail -n 3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-300 | head -n 30
+if [ "${PYTEST:-1}" = 1 ]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider ${kexpr:+-k "$kexpr"} tests > "$OUT/gpu_tests.log" 2>&1 || status=1
+  tail -n 3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-300 | head -n 30
+fi
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training}; do
     for tool in memcheck racecheck; do
@@ -27,6 +34,23 @@ case "$mode" in
   quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  experiment)
+    compare=${COMPARE_DIR:-$OUT/compare}
+    variants=${VARIANTS:-swiglu,swiglu-pm,swimglu1,swimglu2,swimglu4,swimglu8,gemglu4,remglu4}
+    common=(examples/compare_ffn.py --device "${DEVICE:-gpu}" --dtype bfloat16 --data .gpu/data/tinyshakespeare.txt
+            --seeds ${SEEDS:-0 1 2} --out "$compare" ${EXTRA:-})
+    ngpu=${NGPU:-$(python3 -c "import cupy; print(cupy.cuda.runtime.getDeviceCount())")}
+    IFS=, read -ra vs <<< "$variants"
+    for g in $(seq 0 $((ngpu - 1))); do
+      mine=""
+      for i in "${!vs[@]}"; do [ $((i % ngpu)) -eq "$g" ] && mine="$mine${mine:+,}${vs[$i]}"; done
+      [ -n "$mine" ] && CUDA_VISIBLE_DEVICES=$g python3 "${common[@]}" --variants "$mine" > "$OUT/compare_gpu$g.log" 2>&1 &
+    done
+    wait || status=1
+    # every requested run exists now (or failed): this call only aggregates them into results.md
+    python3 "${common[@]}" --variants "$variants" > "$OUT/bench.log" 2>&1 || status=1
+    tar czf "$OUT/compare.tgz" -C "$(dirname "$compare")" "$(basename "$compare")" ;;
   none) : > "$OUT/bench.log" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac
