@@ -11,9 +11,11 @@ backward produces gradients), and a gradient hook on every parameter starts a bu
 as the backward pass has stored all of its gradients, provided every earlier bucket has started (all
 ranks start them in the same order). On a GPU with NCCL the reduction then runs on its own stream while
 backward goes on; with MPI the non-blocking all-reduce progresses when MPI is next called.
-:meth:`DataParallel.reduce_gradients` starts what is left, waits, and reads every bucket's presence flags
-back in one copy. Overlap assumes one backward pass per :meth:`reduce_gradients`; for gradient
-accumulation over several passes use ``overlap=False``.
+:meth:`DataParallel.reduce_gradients` starts what is left and makes the compute stream wait for every
+reduction (NCCL: without blocking the host); the presence flags are read back, in one copy, only when this
+rank lacks a gradient. :meth:`DataParallel.synchronize` is the bounded host wait for reductions still
+running; :meth:`DataParallel.shard_batch` calls it at the start of each step. Overlap assumes one backward
+pass per :meth:`reduce_gradients`; for gradient accumulation over several passes use ``overlap=False``.
 """
 from __future__ import annotations
 
