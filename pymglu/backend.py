@@ -74,10 +74,10 @@ def unwrap(x: Any) -> Any:
     producer of another library (a PyTorch tensor, a JAX array, ...) a zero-copy NumPy (CPU) or CuPy
     (CUDA) array over its memory (:func:`pymglu.interop.array_from_dlpack`, which raises a clear
     ``BufferError`` for what cannot be shared); anything else unchanged."""
-    data = getattr(x, "_is_pymglu_tensor", False) and x.data
-    if data is not False:
+    data = tensor_data(x)
+    if data is not x:
         return data
-    if hasattr(x, "__dlpack__") and not isinstance(x, (np.ndarray, np.generic)) and not is_cupy_array(x):
+    if not isinstance(x, (np.ndarray, np.generic)) and hasattr(x, "__dlpack__") and not is_cupy_array(x):
         from pymglu.interop import array_from_dlpack
 
         return array_from_dlpack(x, name=type(x).__name__)

@@ -57,7 +57,7 @@ class Function:
     def apply(cls, *inputs: Any, **kwargs: Any) -> "Tensor":
         from pymglu.autograd.tensor import Tensor
 
-        arrays = [x.data if isinstance(x, Tensor) else unwrap(x) for x in inputs]  # DLPack producers too
+        arrays = [unwrap(x) for x in inputs]  # Tensors' data; other libraries' arrays through DLPack
         get_array_module(*arrays)  # raises on mixed devices before any work
         fn = cls()
         needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
