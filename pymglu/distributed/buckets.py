@@ -18,8 +18,7 @@ import numpy as np
 from pymglu.backend import get_array_module, unwrap
 from pymglu.distributed.comm import Communicator
 
-__all__ = ["Bucket", "PendingBucket", "plan_buckets", "reduce_dtype", "start_bucket", "finish_buckets",
-           "all_reduce_bucket"]
+__all__ = ["Bucket", "PendingBucket", "plan_buckets", "reduce_dtype", "start_bucket", "finish_buckets"]
 
 
 def reduce_dtype(dtype: Any) -> np.dtype:
@@ -114,12 +113,3 @@ def finish_buckets(comm: Communicator, pending: Sequence[PendingBucket]) -> None
             keep = present is None or present[k] > 0
             p.grad = pb.buf[off:off + p.size].reshape(p.shape) if keep else None
             k += 1
-
-
-def all_reduce_bucket(comm: Communicator, bucket: Bucket) -> None:
-    """Average the gradients of ``bucket``'s parameters over ``comm``'s ranks, in place of ``p.grad``.
-
-    Each ``p.grad`` becomes a view of shape ``p.shape`` into a fresh buffer of ``bucket.dtype`` (float32
-    for float16/bfloat16 parameters, which the optimizers accept), on the parameters' device.
-    """
-    finish_buckets(comm, [start_bucket(comm, bucket)])
