@@ -3,11 +3,16 @@
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
 # MODE: quick (decode --quick), full (decode sweep), train-quick (train_layer --quick), train (train_layer
 # sweep), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
-# bfloat16 on tinyshakespeare, the variants in $VARIANTS (default all) spread over the visible GPUs, seeds
-# $SEEDS (default "0 1 2"), runs kept in $COMPARE_DIR (default $OUT/compare; a carried, git-ignored
-# directory such as runs/compare_gpu lets later visits add runs), the directory returned as compare.tgz),
+# bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
+# seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
+# (default 4) worker loops per visible GPU, which share the GPU (the default model is too small to fill an
+# H200 alone), slow variants (swimglu8, gemglu4, swimglu4) first and interleaved over the GPUs, each loop
+# logging to $OUT/compare_gpu<g>_<slot>.log; runs kept in $COMPARE_DIR (default $OUT/compare; a carried,
+# git-ignored directory such as runs/compare_gpu lets later visits add runs), each recording how many
+# processes shared its GPU, then one call that only aggregates, the directory returned as compare.tgz),
 # none (tests and sanitizer only). A dry run of the experiment mode on a CPU machine:
-# PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 EXTRA=--smoke SEEDS=0 OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
+# PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 JOBS_PER_GPU=2 EXTRA=--smoke SEEDS="0 1" OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment
+# With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
 # SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training).
 set -uo pipefail
 mode=${1:-quick}
@@ -38,18 +43,44 @@ case "$mode" in
   experiment)
     compare=${COMPARE_DIR:-$OUT/compare}
     variants=${VARIANTS:-swiglu,swiglu-pm,swimglu1,swimglu2,swimglu4,swimglu8,gemglu4,remglu4}
+    variants=${variants// /}
+    seeds=${SEEDS:-0 1 2}
+    jobs=${JOBS_PER_GPU:-4}
+    [ "$jobs" -ge 1 ] 2>/dev/null || { echo "JOBS_PER_GPU: expected an integer >= 1, got $jobs"; exit 2; }
     common=(examples/compare_ffn.py --device "${DEVICE:-gpu}" --dtype bfloat16 --data .gpu/data/tinyshakespeare.txt
-            --seeds ${SEEDS:-0 1 2} --out "$compare" ${EXTRA:-})
+            --out "$compare" ${EXTRA:-})
     ngpu=${NGPU:-$(python3 -c "import cupy; print(cupy.cuda.runtime.getDeviceCount())")}
     IFS=, read -ra vs <<< "$variants"
-    for g in $(seq 0 $((ngpu - 1))); do
-      mine=""
-      for i in "${!vs[@]}"; do [ $((i % ngpu)) -eq "$g" ] && mine="$mine${mine:+,}${vs[$i]}"; done
-      [ -n "$mine" ] && CUDA_VISIBLE_DEVICES=$g python3 "${common[@]}" --variants "$mine" > "$OUT/compare_gpu$g.log" 2>&1 &
+    # units "variant:seed", longest first: the slow variants, then the others in $VARIANTS order
+    ordered=()
+    for v in swimglu8 gemglu4 swimglu4; do [[ ",$variants," == *",$v,"* ]] && ordered+=("$v"); done
+    for v in "${vs[@]}"; do case $v in swimglu8|gemglu4|swimglu4) ;; *) ordered+=("$v") ;; esac; done
+    units=()
+    for v in "${ordered[@]}"; do for s in $seeds; do units+=("$v:$s"); done; done
+    # unit i goes to slot k (round r = i / nslots runs forward, the next one backward, so a slot with a
+    # slow unit gets a fast one next); slot k runs on GPU k % ngpu, as its slot k / ngpu there
+    nslots=$((ngpu * jobs))
+    slot_units=(); busy=()
+    for i in "${!units[@]}"; do
+      k=$((i % nslots)); [ $((i / nslots % 2)) -eq 1 ] && k=$((nslots - 1 - k))
+      slot_units[k]="${slot_units[k]:-}${units[$i]} "
     done
-    wait || status=1
-    # every requested run exists now (or failed): this call only aggregates them into results.md
-    python3 "${common[@]}" --variants "$variants" > "$OUT/bench.log" 2>&1 || status=1
+    for k in "${!slot_units[@]}"; do busy[k % ngpu]=$(( ${busy[k % ngpu]:-0} + 1 )); done
+    pids=()
+    for k in "${!slot_units[@]}"; do
+      g=$((k % ngpu))
+      ( rc=0
+        for u in ${slot_units[k]}; do
+          CUDA_VISIBLE_DEVICES=$g python3 "${common[@]}" --variants "${u%%:*}" --seeds "${u#*:}" \
+            --concurrent-jobs "${busy[g]}" || rc=1
+        done
+        exit $rc ) > "$OUT/compare_gpu${g}_$((k / ngpu)).log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    # every requested run exists now (or failed): this call only aggregates them into results.md (a failed
+    # run is tried again here, alone on the device)
+    python3 "${common[@]}" --seeds $seeds --variants "$variants" --concurrent-jobs 1 > "$OUT/bench.log" 2>&1 || status=1
     tar czf "$OUT/compare.tgz" -C "$(dirname "$compare")" "$(basename "$compare")" ;;
   none) : > "$OUT/bench.log" ;;
   *) echo "unknown mode $mode"; exit 2 ;;

@@ -14,6 +14,10 @@ Each finished (variant, seed) run is stored as OUT/runs/<variant>-seed<s>.json a
 runs again, so the experiment can be split over several calls; OUT/results.md gets a Markdown table
 (final validation loss mean ± std over seeds, weights, mask bits, training tokens/s, gate fraction per
 layer) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
+Several processes may share one OUT at once (benchmarks/gpu_visit.sh experiment runs a few per GPU): every
+file is written to a temporary file and renamed over its name, OUT/setup.json is created only where absent
+(a process with other settings is refused), and --concurrent-jobs N records in each run how many processes
+shared its device, which its training tokens/s depend on; results.md says so under the table.
 Data: --data FILE, default ../shared/data/tinyshakespeare.txt when present, else the embedded corpus.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +91,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="parameter dtype (16-bit: fp32 master weights, loss scaling for float16)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    p.add_argument("--concurrent-jobs", type=int, default=None, metavar="N",
+                   help="number of compare_ffn processes sharing the device, stored in each run as "
+                   "concurrent_jobs (default: not recorded)")
     return p
+
+
+def _temp_beside(path: Path) -> Path:
+    """A fresh name in ``path``'s directory for the file that is then renamed over ``path`` (hidden, and not
+    ending in .json, so no glob of runs picks it up)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a process reading
+    ``path`` while another writes it sees the old or the new file, never a part of one."""
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def claim_setup(path: Path, setup: dict[str, Any]) -> str | None:
+    """Store ``setup`` as the JSON file ``path`` unless it exists; None when ``path`` now holds these
+    settings, else the text of the other settings it holds.
+
+    The complete file is hard-linked to ``path``, which fails where ``path`` exists, so of several processes
+    starting at once exactly one writes it, and the others compare their settings with that one's. Where the
+    file system has no hard links, it is renamed over ``path`` (then two first writers of different settings
+    are not told apart)."""
+    text = json.dumps(setup, indent=1)
+    if not path.exists():
+        tmp = _temp_beside(path)
+        try:
+            tmp.write_text(text)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    stored = path.read_text()
+    return None if json.loads(stored) == setup else stored.strip()
 
 
 def _default_data() -> str | None:
@@ -121,6 +171,26 @@ def _run_one(name: str, seed: int, base: dict[str, Any], train_data: np.ndarray,
         "gate_fraction_per_layer": model.gate_fractions(), "tokens_per_second": history.tokens_per_second,
         "wall_seconds": time.perf_counter() - start, "history": history.to_dict(),
     }
+
+
+def concurrency_note(results: dict[str, list[dict[str, Any]]]) -> str:
+    """A line for under the table: how many compare_ffn processes shared the device while the runs trained
+    (their ``concurrent_jobs``), which the tokens/s column depends on; empty when no run recorded it."""
+    counts: dict[int | None, int] = {}
+    for runs in results.values():
+        for r in runs:
+            k = r.get("concurrent_jobs")
+            counts[k] = counts.get(k, 0) + 1
+    if set(counts) == {None}:
+        return ""
+    parts = [f"{k} in {n} run{'s' if n > 1 else ''}" for k, n in sorted((k, n) for k, n in counts.items() if k)]
+    if None in counts:
+        parts.append(f"not recorded in {counts[None]} run{'s' if counts[None] > 1 else ''}")
+    text = "compare_ffn processes sharing the device while training: " + ", ".join(parts) + "."
+    if max(k for k in counts if k) > 1:
+        text += (" Training tokens/s with several processes on a device are lower than one process alone "
+                 "reaches; compare them only between runs of the same count.")
+    return text
 
 
 def _mean_std(values: list[float]) -> str:
@@ -184,8 +254,13 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = _temp_beside(path)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)  # another process writing the plot at the same time: one whole file wins
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return True
 
 
@@ -202,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "batch_size", "steps", "eval_batches"):
         if base[k] < 1:
             parser.error(f"--{k.replace('_', '-')}: expected an integer >= 1, got {base[k]}")
+    if args.concurrent_jobs is not None and args.concurrent_jobs < 1:
+        parser.error(f"--concurrent-jobs: expected an integer >= 1, got {args.concurrent_jobs}")
     if args.device == "gpu" and not pymglu.gpu_available():
         parser.error("--device gpu: CuPy is not installed or no CUDA device is usable")
     device = "gpu" if args.device == "gpu" or (args.device == "auto" and pymglu.gpu_available()) else "cpu"
@@ -216,11 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in base.items() if k != "seeds"}
     setup["data"] = source
-    setup_path = out / "setup.json"
-    if setup_path.exists() and json.loads(setup_path.read_text()) != setup:
-        parser.error(f"{str(out)!r} holds results of other settings ({setup_path.read_text().strip()}); "
+    other = claim_setup(out / "setup.json", setup)
+    if other is not None:
+        parser.error(f"{str(out)!r} holds results of other settings ({other}); "
                      "use another --out so that runs of different settings never share a table")
-    setup_path.write_text(json.dumps(setup, indent=1))
 
     print(f"data: {source}; device: {'CuPy (GPU)' if device == 'gpu' else 'NumPy (CPU)'}; settings: {setup}")
     for name in variants:
@@ -233,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = _run_one(name, seed, base, train_data, val_data, device, args.progress)
             except (ValueError, TypeError) as e:
                 parser.error(f"{name}: {e}")
-            path.write_text(json.dumps(result))
+            if args.concurrent_jobs is not None:
+                result["concurrent_jobs"] = args.concurrent_jobs
+            write_atomic(path, json.dumps(result))
             print(f"{name} seed {seed}: val loss {result['final_val_loss']:.4f}, "
                   f"{result['tokens_per_second']:,.0f} tok/s, {result['wall_seconds']:.1f} s")
 
@@ -242,14 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(path.read_text())
         results.setdefault(r["variant"], []).append(r)
     table = make_table(results)
+    note = concurrency_note(results)
     cmd = "python examples/compare_ffn.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plotted = plot_curves(results, out / "loss_curves.png")
     text = (f"# compare_ffn results\n\nCommand: `{cmd.strip()}`\n\nData: {source}. Device: {device}. "
             f"Settings: {json.dumps({k: v for k, v in setup.items() if k != 'data'})}.\n\n{table}\n")
+    if note:
+        text += f"\n{note}\n"
     if plotted:
         text += "\n![validation loss](loss_curves.png)\n"
-    (out / "results.md").write_text(text)
+    write_atomic(out / "results.md", text)
     print(table)
+    if note:
+        print(note)
     print(f"wrote {out / 'results.md'}" + (f" and {out / 'loss_curves.png'}" if plotted else ""))
     return 0
 

@@ -1,5 +1,8 @@
-"""examples/compare_ffn.py --smoke: every variant trains, the table and plot are written, reruns reuse results."""
+"""examples/compare_ffn.py --smoke: every variant trains, the table and plot are written, reruns reuse results,
+processes sharing one --out at once agree on its settings."""
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -49,3 +52,40 @@ def test_other_settings_do_not_mix_and_bad_variants(tmp_path, capsys):
 
 def test_matched_width():
     assert compare_ffn.matched_width(3072) == 2048 and compare_ffn.matched_width(1024) == 683
+
+
+def test_setup_claimed_once_by_concurrent_writers(tmp_path):
+    """Processes starting at once in one --out: identical settings all pass; of differing ones, those of the
+    first writer pass and the others are refused, with the stored file whole."""
+    path = tmp_path / "setup.json"
+    a, b = {"steps": 4, "data": "x"}, {"steps": 5, "data": "x"}
+    start = threading.Barrier(8)
+
+    def claim(setup):
+        start.wait()
+        return compare_ffn.claim_setup(path, setup)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(claim, [a] * 8)) == [None] * 8
+    path.unlink()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(claim, [a, b] * 4))
+    stored = json.loads(path.read_text())
+    assert stored in (a, b)
+    assert [x is None for x in answers] == [s == stored for s in [a, b] * 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["setup.json"]  # no temporary file left
+
+
+def test_concurrent_jobs_recorded_and_stated(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--smoke", "--out", str(out), "--device", "cpu", "--steps", "4"]
+    assert compare_ffn.main(args + ["--variants", "swiglu", "--concurrent-jobs", "4"]) == 0
+    assert json.loads((out / "runs" / "swiglu-seed0.json").read_text())["concurrent_jobs"] == 4
+    assert "sharing the device while training: 4 in 1 run. Training tokens/s" in (out / "results.md").read_text()
+    assert compare_ffn.main(args + ["--variants", "swiglu,swimglu1"]) == 0
+    assert "4 in 1 run, not recorded in 1 run." in (out / "results.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curves.png", "results.md", "runs", "setup.json"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["swiglu-seed0.json", "swimglu1-seed0.json"]
+    with pytest.raises(SystemExit) as e:
+        compare_ffn.main(args + ["--concurrent-jobs", "0"])
+    assert e.value.code == 2 and "--concurrent-jobs: expected an integer >= 1" in capsys.readouterr().err
