@@ -15,7 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pymglu.backend import cupy_or_none, gpu_available
+from pymglu.dtypes import bfloat16, float16, float32
 
 __all__ = [
     "available",
@@ -26,10 +29,18 @@ __all__ = [
     "read_source",
     "load_module",
     "clear_module_cache",
+    "CUDA_TYPE_NAMES",
+    "ACTIVATION_CODES",
 ]
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _SOURCE_SUFFIXES = (".cu", ".cuh")
+
+#: C++ type of each storage dtype the kernels are instantiated for (keys: NumPy dtypes).
+CUDA_TYPE_NAMES: dict[np.dtype, str] = {bfloat16: "__nv_bfloat16", float16: "__half", float32: "float"}
+
+#: ``pymglu::Activation`` code (``common.cuh``) of each activation name of :mod:`pymglu.activations`.
+ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid": 4}
 
 #: Options put before the caller's options for every module.
 BASE_OPTIONS: tuple[str, ...] = ("-std=c++17",)

@@ -48,8 +48,8 @@ MMA_WARPS: int | None = None
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
-_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid": 4}
-_CUDA_TYPES = {bfloat16: "__nv_bfloat16", float16: "__half", float32: "float"}
+_ACTIVATION_CODES = _cuda.ACTIVATION_CODES
+_CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
 
 
 def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int) -> str:

@@ -4,10 +4,14 @@
 training path needs both: bfloat16/float16 products accumulated in a float32 buffer (``dx`` over the
 ``n + 1`` products, ``dW``), or written straight into a slice of a larger array. :func:`gemm` calls
 ``cublasGemmEx`` with float32 accumulation (``CUBLAS_COMPUTE_32F``; no TF32 for float32 inputs) on
-CuPy's current stream.
+CuPy's current stream, and can be captured in a CUDA graph when the cuBLAS handle's stream was set to
+the capturing stream before the capture began.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -70,12 +74,22 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
     alpha = np.ones((), dtype=np.float32)
     beta = np.full((), 1.0 if accumulate else 0.0, dtype=np.float32)
     handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    stream = cp.cuda.get_current_stream().ptr
+    if cublas.getStream(handle) != stream:
+        # CuPy refuses setStream while the stream captures a graph; a capture therefore sets the
+        # handle's stream before it begins (see pymglu.models.graph_decoder), and this call skips it.
+        try:
+            cublas.setStream(handle, stream)
+        except NotImplementedError as exc:
+            raise RuntimeError(
+                "gemm: the current stream is capturing a CUDA graph and the cuBLAS handle is bound to another "
+                "stream; set it (cublas.setStream) to the capturing stream before the capture begins"
+            ) from exc
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:
         # Column-major cuBLAS sees each row-major buffer transposed: out^T = op(b)^T @ op(a)^T.
-        cublas.gemmEx(
+        status = _cublas_gemm_ex()(
             handle,
             _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
             _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
@@ -89,4 +103,39 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
         )
     finally:
         cublas.setPointerMode(handle, mode)
+    if status != 0:
+        raise RuntimeError(f"gemm: cublasGemmEx failed with status {status} for op(a) {(M, K)}, op(b) {(K, N)}, "
+                           f"{_checks.describe(a)} -> {_checks.describe(out)}")
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cublas_gemm_ex() -> Any:
+    """``cublasGemmEx`` of the cuBLAS library CuPy has loaded, called through ctypes.
+
+    CuPy's own wrapper sets the handle's stream on every call, which CuPy refuses while a stream captures
+    a graph; the C function itself is capturable. The library is the one mapped into this process (CuPy
+    loaded it for its handle), so both share one cuBLAS.
+    """
+    path = None
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        for line in maps:
+            name = line.rsplit(maxsplit=1)[-1]
+            if os.path.basename(name).startswith("libcublas.so"):
+                path = name
+                break
+    lib = ctypes.CDLL(path) if path else None
+    if lib is None:
+        for candidate in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+            try:
+                lib = ctypes.CDLL(candidate)
+                break
+            except OSError:
+                continue
+    if lib is None:
+        raise RuntimeError("gemm: cannot find the cuBLAS library CuPy uses (libcublas.so not loaded or found)")
+    fn = lib.cublasGemmEx
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+    fn.restype = i
+    return fn

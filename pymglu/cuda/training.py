@@ -27,7 +27,7 @@ import numpy as np
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
 from pymglu.cuda.gemm import gemm
-from pymglu.dtypes import bfloat16, float16, float32
+from pymglu.dtypes import float32
 
 __all__ = [
     "ENABLED", "disabled", "supports", "kernel_names", "apply_mask",
@@ -38,8 +38,8 @@ __all__ = [
 ENABLED = True
 
 _SOURCE = "mglu_train.cu"
-_CUDA_TYPES = {np.dtype(bfloat16): "__nv_bfloat16", np.dtype(float16): "__half", np.dtype(float32): "float"}
-_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "sigmoid": 4}
+_CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
+_ACTIVATION_CODES = _cuda.ACTIVATION_CODES
 _KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight_grads",
             "glu_epilogue_fwd", "glu_epilogue_bwd")
 _THREADS = 256
