@@ -2,7 +2,7 @@
 # One visit to the GPU machine: gpu tests, compute-sanitizer, benchmarks; logs under $OUT, a short table last.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
 # MODE: quick (decode --quick), full (decode sweep), train-quick (train_layer --quick), train (train_layer
-# sweep), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
+# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
 # (default 4) worker loops per visible GPU, which share the GPU (the default model is too small to fill an
@@ -13,7 +13,7 @@
 # none (tests and sanitizer only). A dry run of the experiment mode on a CPU machine:
 # PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 JOBS_PER_GPU=2 EXTRA=--smoke SEEDS="0 1" OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment
 # With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
-# SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training).
+# SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training sanitize_decode).
 set -uo pipefail
 mode=${1:-quick}
 kexpr=${2:-}
@@ -26,7 +26,7 @@ if [ "${PYTEST:-1}" = 1 ]; then
   tail -n 3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-300 | head -n 30
 fi
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training}; do
+  for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training sanitize_decode}; do
     for tool in memcheck racecheck; do
       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 \
         && echo "compute-sanitizer $tool $script: clean" || { echo "compute-sanitizer $tool $script: FAILED"; status=1; }
@@ -39,6 +39,7 @@ case "$mode" in
   quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   experiment)
     compare=${COMPARE_DIR:-$OUT/compare}

@@ -7,6 +7,7 @@ from pymglu.models.attention import Attention
 from pymglu.models.block import TransformerBlock
 from pymglu.models.config import MGLU_KINDS, TransformerConfig
 from pymglu.models.generation import choose_next, generate
+from pymglu.models.graph_decoder import GraphDecoder
 from pymglu.models.kv_cache import KVCache
 from pymglu.models.tokenizer import ByteTokenizer
 from pymglu.models.transformer import Transformer
@@ -15,6 +16,7 @@ __all__ = [
     "MGLU_KINDS",
     "Attention",
     "ByteTokenizer",
+    "GraphDecoder",
     "KVCache",
     "Transformer",
     "TransformerBlock",

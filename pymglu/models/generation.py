@@ -59,7 +59,7 @@ def _check_ids(ids: Any, vocab_size: int) -> tuple[np.ndarray, bool]:
 
 
 def generate(model: Any, ids: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             rng: Any = None, use_kv_cache: bool = True) -> np.ndarray:
+             rng: Any = None, use_kv_cache: bool = True, use_graph: bool | None = None) -> np.ndarray:
     """Continue token sequences with a :class:`pymglu.models.Transformer`.
 
     Args:
@@ -74,6 +74,13 @@ def generate(model: Any, ids: Any, max_new_tokens: int, temperature: float = 1.0
         rng: ``None``, a seed or a ``numpy.random.Generator`` for sampling.
         use_kv_cache: decode with a :class:`KVCache` (one new token per step) instead of recomputing the
             window every step.
+        use_graph: decode the one-token steps with a captured CUDA graph
+            (:class:`pymglu.models.GraphDecoder`; needs ``use_kv_cache``). ``None`` (default): when the
+            model is on a GPU and the decoder serves it (:func:`pymglu.models.graph_decoder.unsupported_reason`),
+            else eagerly. ``True``: the graph or a ``ValueError`` saying why not. ``False``: eagerly.
+            Greedy graph steps choose tokens on the device and run back to back until the cache is full;
+            sampling copies each step's logits to the host. Prefills (the prompt, and the last window
+            when the cache is full) always run eagerly.
     Returns:
         NumPy int64 array, the prompt followed by the new tokens: ``(T + max_new_tokens,)`` for a 1-d
         prompt, ``(B, T + max_new_tokens)`` for a 2-d one.
@@ -90,9 +97,14 @@ def generate(model: Any, ids: Any, max_new_tokens: int, temperature: float = 1.0
     out = np.empty((B, tokens.shape[1] + max_new_tokens), dtype=np.int64)
     out[:, :tokens.shape[1]] = tokens
     filled = tokens.shape[1]
+    decoder = _graph_decoder(model, B, use_kv_cache, use_graph)
     was_training = model.training
     model.eval()
     try:
+        if decoder is not None:
+            with no_grad():
+                _generate_with_graph(decoder, out, tokens.shape[1], max_new_tokens, temperature, top_k, gen)
+            return out[0] if one_d else out
         with no_grad():
             cache = model.new_cache(B) if use_kv_cache else None
             for _ in range(max_new_tokens):
@@ -108,3 +120,46 @@ def generate(model: Any, ids: Any, max_new_tokens: int, temperature: float = 1.0
     finally:
         model.train(was_training)
     return out[0] if one_d else out
+
+
+def _graph_decoder(model: Any, batch: int, use_kv_cache: bool, use_graph: bool | None) -> Any:
+    """The :class:`GraphDecoder` that serves this call, or ``None`` for the eager path."""
+    if use_graph is None:
+        if not use_kv_cache:
+            return None
+    elif not isinstance(use_graph, bool):
+        raise TypeError(f"use_graph: expected None, True or False, got {use_graph!r}")
+    elif not use_graph:
+        return None
+    elif not use_kv_cache:
+        raise ValueError("use_graph=True needs use_kv_cache=True (the graph decodes one cached token per step)")
+    from pymglu.models import graph_decoder
+
+    reason = graph_decoder.unsupported_reason(model)
+    if reason is not None:
+        if use_graph:
+            raise ValueError(f"use_graph=True: the graph decoder cannot serve this model: {reason}")
+        return None
+    return graph_decoder.decoder_for(model, batch)
+
+
+def _generate_with_graph(decoder: Any, out: np.ndarray, filled: int, max_new_tokens: int, temperature: float,
+                         top_k: int | None, gen: np.random.Generator) -> None:
+    """Fill ``out[:, filled:filled + max_new_tokens]`` with the decoder: the same contexts as the eager
+    cached path (a full cache is refilled with the last ``max_seq_len`` tokens)."""
+    L = decoder.cache.capacity
+    end = filled + max_new_tokens
+    decoder.cache.reset()
+    while filled < end:
+        if decoder.cache.length in (0, L):
+            logits = decoder.prefill(out[:, max(0, filled - L):filled])
+            out[:, filled] = choose_next(to_numpy(logits), temperature, top_k, gen)
+            filled += 1
+        elif temperature == 0.0:
+            steps = min(end - filled, L - decoder.cache.length)
+            out[:, filled:filled + steps] = decoder.greedy(out[:, filled - 1], steps)
+            filled += steps
+        else:
+            logits = decoder.step(out[:, filled - 1])
+            out[:, filled] = choose_next(to_numpy(logits), temperature, top_k, gen)
+            filled += 1

@@ -113,12 +113,12 @@ class Transformer(Module):
         return KVCache(c.n_layers, batch, c.n_heads, c.head_dim, c.max_seq_len, c.np_dtype, xp)
 
     def generate(self, ids: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: Any = None, use_kv_cache: bool = True) -> np.ndarray:
+                 rng: Any = None, use_kv_cache: bool = True, use_graph: bool | None = None) -> np.ndarray:
         """Continue ``ids`` by ``max_new_tokens`` tokens; see :func:`pymglu.models.generation.generate`."""
         from pymglu.models.generation import generate
 
         return generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
-                        use_kv_cache=use_kv_cache)
+                        use_kv_cache=use_kv_cache, use_graph=use_graph)
 
     # ----------------------------------------------------------------- statistics
     def mglu_layers(self) -> list[MGLU]:

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from pymglu import cuda as pymglu_cuda
-from pymglu.cuda import flash_mglu, training
+from pymglu.cuda import decode_step, flash_mglu, training
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 
 #: source file -> the name expressions of every instance the library can launch from it
-INSTANCES = {"flash_mglu.cu": flash_mglu.kernel_names(), "mglu_train.cu": training.kernel_names()}
+INSTANCES = {"flash_mglu.cu": flash_mglu.kernel_names(), "mglu_train.cu": training.kernel_names(),
+             "decode_step.cu": decode_step.kernel_names()}
 
 
 def _compile_nvrtc(source: str, names: list[str], arch: str) -> str:

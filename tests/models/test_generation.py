@@ -106,6 +106,21 @@ def test_bad_generation_input():
         model.generate([1], -1)
 
 
+def test_use_graph_choices_on_the_cpu():
+    """The graph decoder needs a GPU model: asked for on a NumPy model it says why; the default decodes
+    eagerly; bad values of ``use_graph`` are refused before any work."""
+    model = Transformer(tiny_config(dtype="float32"), rng=0)
+    with pytest.raises(ValueError, match="use_graph=True: the graph decoder cannot serve this model"):
+        model.generate([1, 2], 2, use_graph=True)
+    with pytest.raises(ValueError, match="use_kv_cache"):
+        model.generate([1, 2], 2, use_graph=True, use_kv_cache=False)
+    with pytest.raises(TypeError, match="use_graph"):
+        model.generate([1, 2], 2, use_graph="yes")
+    default = model.generate([1, 2], 4, temperature=0.0)
+    np.testing.assert_array_equal(default, model.generate([1, 2], 4, temperature=0.0, use_graph=False))
+    assert "_graph_decoder" not in model.__dict__
+
+
 def test_kv_cache_bounds():
     cache = KVCache(n_layers=2, batch=1, n_heads=2, head_dim=4, capacity=5, dtype=np.float32)
     k = np.ones((1, 2, 3, 4), dtype=np.float32)

@@ -1,0 +1,26 @@
+"""A representative set of graph-decoder launches (pymglu.models.GraphDecoder) for compute-sanitizer.
+
+Ragged widths (d_model 96 in 3 heads of 32, d_ff 136, vocab 97), every dtype, a GLU and an MGLU kind;
+the cache is filled over three attention chunks (67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs.
+"""
+import numpy as np
+
+from pymglu.models import GraphDecoder, Transformer, TransformerConfig
+
+for dtype in ("bfloat16", "float16", "float32"):
+    for kind, n in (("swiglu", None), ("swimglu", 3)):
+        cfg = TransformerConfig(vocab_size=97, d_model=96, n_layers=2, n_heads=3, d_ff=136, ffn_kind=kind,
+                                n_masks=n, max_seq_len=72, dtype=dtype)
+        model = Transformer(cfg, rng=0).to("cuda").eval()
+        decoder = GraphDecoder(model, 2)
+        logits = decoder.prefill(np.arange(8).reshape(2, 4))
+        with decoder.stream:
+            decoder._record_step(True)  # an eager step: the sanitizer sees each launch on its own
+        decoder.cache.advance(1)
+        tokens = decoder.greedy(logits.argmax(-1), 6)
+        decoder.prefill(np.arange(132).reshape(2, 66) % 97)  # 67 positions: three attention chunks
+        step_logits = decoder.step([1, 2])
+        decoder.stream.synchronize()
+        assert tokens.shape == (2, 6) and np.all(np.isfinite(step_logits.astype(np.float32)))
+        assert decoder.cache.length == 67
+print("sanitize_decode: all launches done")

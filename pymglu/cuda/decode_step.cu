@@ -1,0 +1,248 @@
+// Kernels of one captured decode step of pymglu.models.Transformer (pymglu/cuda/decode_step.py).
+//
+// Every kernel reads the step's position from device memory (state[0]), never from a launch argument,
+// so that one captured CUDA graph serves every position: replaying it decodes the next token.
+// Arithmetic follows the reference ops (pymglu/autograd/ops): float32 inside, one rounding to the
+// storage dtype T on the way out, the rotary angles formed in double.
+#include "common.cuh"
+
+namespace pymglu {
+
+constexpr int DECODE_THREADS = 256;
+// NVRTC has no <math.h> macros.
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+// Sum of one float per thread over the block (blockDim.x a multiple of 32, at most 1024); every thread
+// gets the total. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = lane < warps ? scratch[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  return total;
+}
+
+// out[b, :] = table[ids[b], :]. Grid: B blocks.
+template <typename T>
+__global__ void decode_embed(const int* __restrict__ ids, const T* __restrict__ table, T* __restrict__ out,
+                             int d) {
+  const long long row = ids[blockIdx.x];
+  for (int j = threadIdx.x; j < d; j += blockDim.x) out[(long long)blockIdx.x * d + j] = table[row * d + j];
+}
+
+// out[b, :] = x[b, :] / sqrt(mean(x[b, :]^2) + eps) * weight. Grid: B blocks of DECODE_THREADS.
+template <typename T>
+__global__ void decode_rms_norm(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out,
+                                int d, float eps) {
+  __shared__ float scratch[32];
+  const T* row = x + (long long)blockIdx.x * d;
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = to_float(row[j]);
+    ss += v * v;
+  }
+  const float r = 1.0f / sqrtf(block_sum(ss, scratch) / (float)d + eps);
+  for (int j = threadIdx.x; j < d; j += blockDim.x)
+    out[(long long)blockIdx.x * d + j] = from_float<T>(to_float(row[j]) * r * to_float(weight[j]));
+}
+
+// Rotary rotation of element j of a head of width Dh whose values are `v` (pairs (j, j + Dh/2) turn by
+// pos * base^(-2j/Dh), the angle formed in double as the reference op does), rounded to T.
+template <typename T>
+__device__ __forceinline__ float rope_element(const T* v, int j, int Dh, long long pos, double base) {
+  const int half = Dh / 2, pair = j < half ? j : j - half;
+  const double angle = (double)pos * pow(base, -2.0 * pair / Dh);
+  const float c = (float)cos(angle), s = (float)sin(angle);
+  const float a = to_float(v[pair]), b = to_float(v[pair + half]);
+  return to_float(from_float<T>(j < half ? a * c - b * s : a * s + b * c));
+}
+
+// Attention of the new token over the cached positions 0 .. state[0], split over the positions
+// (flash-decoding). Block (bh, c) covers positions [c * CHUNK, (c + 1) * CHUNK); each of its warps takes
+// every ATTENTION_WARPS-th of them (at most POSITIONS), loads all their keys before reducing the dot
+// products and all their values before accumulating, and the warps' softmax partials are merged in
+// shared memory into the block's (part_max, part_sum, part_acc). decode_attention_combine merges the
+// partials of the chunks in use.
+// The block whose chunk holds the new position first rotates the new key, and stores it and the new
+// value into the caches (it alone reads that position); every block rotates the query itself.
+// qkv: (B, 3 * H * Dh) rows [q | k | v]; caches: (B, H, capacity, Dh); part_max, part_sum:
+// (B * H, chunks); part_acc: (B * H, chunks, Dh) float32. Grid: (B * H, chunks) blocks of
+// ATTENTION_WARPS warps. LANE: head values per lane (Dh <= 32 * LANE).
+constexpr int ATTENTION_WARPS = 4;
+constexpr int ATTENTION_CHUNK = 32;
+constexpr int ATTENTION_POSITIONS = ATTENTION_CHUNK / ATTENTION_WARPS;
+
+template <typename T, int LANE>
+__global__ void decode_attention_partial(const T* __restrict__ qkv, T* __restrict__ k_cache,
+                                         T* __restrict__ v_cache, float* __restrict__ part_max,
+                                         float* __restrict__ part_sum, float* __restrict__ part_acc,
+                                         const int* __restrict__ state, int H, int Dh, int capacity, double base,
+                                         float scale) {
+  __shared__ float warp_m[ATTENTION_WARPS], warp_l[ATTENTION_WARPS];
+  __shared__ float warp_acc[ATTENTION_WARPS][32 * LANE];
+  const int bh = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const int b = bh / H, head = bh % H, D = H * Dh;
+  const long long pos = state[0];
+  const int length = (int)pos + 1;
+  const int first = c * ATTENTION_CHUNK, last = min(first + ATTENTION_CHUNK, length);
+  const long long part = (long long)bh * chunks + c;
+  if (first >= length) {  // a chunk past the filled positions: an empty partial
+    if (threadIdx.x == 0) { part_max[part] = neg_inf(); part_sum[part] = 0.0f; }
+    for (int j = threadIdx.x; j < Dh; j += blockDim.x) part_acc[part * Dh + j] = 0.0f;
+    return;
+  }
+  const T* q = qkv + (long long)b * 3 * D + head * Dh;
+  const long long base_off = (long long)bh * capacity * Dh;
+  if (pos < last) {  // this chunk holds the new position: store its key and value first
+    const T* k = q + D;
+    const T* v = k + D;
+    for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
+      k_cache[base_off + pos * Dh + j] = from_float<T>(rope_element(k, j, Dh, pos, base));
+      v_cache[base_off + pos * Dh + j] = v[j];
+    }
+    __syncthreads();
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float qv[LANE];
+#pragma unroll
+  for (int i = 0; i < LANE; ++i) {
+    const int j = lane + 32 * i;
+    qv[i] = j < Dh ? rope_element(q, j, Dh, pos, base) : 0.0f;
+  }
+  float row[ATTENTION_POSITIONS][LANE];
+#pragma unroll
+  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
+    const int t = first + warp + k * ATTENTION_WARPS;
+#pragma unroll
+    for (int i = 0; i < LANE; ++i) {
+      const int j = lane + 32 * i;
+      row[k][i] = (t < last && j < Dh) ? to_float(k_cache[base_off + (long long)t * Dh + j]) : 0.0f;
+    }
+  }
+  float score[ATTENTION_POSITIONS];
+  float m = neg_inf();
+#pragma unroll
+  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LANE; ++i) dot += qv[i] * row[k][i];
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const bool valid = first + warp + k * ATTENTION_WARPS < last;
+    score[k] = valid ? dot * scale : neg_inf();
+    m = fmaxf(m, score[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
+    const int t = first + warp + k * ATTENTION_WARPS;
+#pragma unroll
+    for (int i = 0; i < LANE; ++i) {
+      const int j = lane + 32 * i;
+      row[k][i] = (t < last && j < Dh) ? to_float(v_cache[base_off + (long long)t * Dh + j]) : 0.0f;
+    }
+  }
+  float l = 0.0f, acc[LANE];
+#pragma unroll
+  for (int i = 0; i < LANE; ++i) acc[i] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
+    const float p = score[k] == neg_inf() ? 0.0f : expf(score[k] - m);  // m is -inf for a warp with no position
+    l += p;
+#pragma unroll
+    for (int i = 0; i < LANE; ++i) acc[i] += p * row[k][i];
+  }
+  if (lane == 0) { warp_m[warp] = m; warp_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < LANE; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  float M = neg_inf();
+  for (int w = 0; w < ATTENTION_WARPS; ++w) M = fmaxf(M, warp_m[w]);  // finite: the chunk has a position
+  float weight[ATTENTION_WARPS];
+  float L = 0.0f;
+  for (int w = 0; w < ATTENTION_WARPS; ++w) {
+    weight[w] = warp_m[w] == neg_inf() ? 0.0f : expf(warp_m[w] - M);
+    L += warp_l[w] * weight[w];
+  }
+  if (threadIdx.x == 0) { part_max[part] = M; part_sum[part] = L; }
+  for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
+    float a = 0.0f;
+    for (int w = 0; w < ATTENTION_WARPS; ++w) a += warp_acc[w][j] * weight[w];
+    part_acc[part * Dh + j] = a;
+  }
+}
+
+// out[b, head * Dh + j] = (sum_c e^(m_c - M) acc_c[j]) / (sum_c e^(m_c - M) l_c) over the chunks in use.
+// Grid: B * H blocks.
+template <typename T>
+__global__ void decode_attention_combine(const float* __restrict__ part_max, const float* __restrict__ part_sum,
+                                         const float* __restrict__ part_acc, T* __restrict__ out,
+                                         const int* __restrict__ state, int Dh, int chunks) {
+  const int bh = blockIdx.x;
+  const int used = min(chunks, (state[0] + ATTENTION_CHUNK) / ATTENTION_CHUNK);  // ceil((state[0] + 1) / CHUNK)
+  const float* pm = part_max + (long long)bh * chunks;
+  const float* ps = part_sum + (long long)bh * chunks;
+  float M = neg_inf();
+  for (int c = 0; c < used; ++c) M = fmaxf(M, pm[c]);
+  float L = 0.0f;
+  for (int c = 0; c < used; ++c) L += ps[c] * expf(pm[c] - M);
+  const float inv = 1.0f / L;
+  for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
+    float a = 0.0f;
+    for (int c = 0; c < used; ++c) a += part_acc[((long long)bh * chunks + c) * Dh + j] * expf(pm[c] - M);
+    out[(long long)bh * Dh + j] = from_float<T>(a * inv);
+  }
+}
+
+// out[b, i] = g(gv[b, i]) * gv[b, h + i] for rows gv[b] = [gate | value] (the stacked GLU product).
+// Grid: (ceil(h / DECODE_THREADS), B).
+template <typename T>
+__global__ void decode_glu(const T* __restrict__ gv, T* __restrict__ out, int h, int act) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= h) return;
+  const T* row = gv + (long long)blockIdx.y * 2 * h;
+  out[(long long)blockIdx.y * h + i] = from_float<T>(gate_fn(to_float(row[i]), act) * to_float(row[h + i]));
+}
+
+// Greedy choice: next_ids[b] = argmax(logits[b, :]) (the lowest index among equal maxima, as NumPy),
+// also written to history[b, state[1]]. Grid: B blocks of DECODE_THREADS.
+template <typename T>
+__global__ void decode_argmax(const T* __restrict__ logits, int vocab, int* __restrict__ next_ids,
+                              int* __restrict__ history, int history_stride, const int* __restrict__ state) {
+  __shared__ float best_v[DECODE_THREADS];
+  __shared__ int best_i[DECODE_THREADS];
+  const T* row = logits + (long long)blockIdx.x * vocab;
+  float bv = neg_inf();
+  int bi = vocab;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float v = to_float(row[j]);
+    if (v > bv || bi == vocab) { bv = v; bi = j; }
+  }
+  best_v[threadIdx.x] = bv;
+  best_i[threadIdx.x] = bi;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      const float ov = best_v[threadIdx.x + stride];
+      const int oi = best_i[threadIdx.x + stride];
+      if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+        best_v[threadIdx.x] = ov;
+        best_i[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    next_ids[blockIdx.x] = best_i[0];
+    history[(long long)blockIdx.x * history_stride + state[1]] = best_i[0];
+  }
+}
+
+// The step is over: the next token sits one position further, and writes the next history column.
+__global__ void decode_advance(int* state) {
+  state[0] += 1;
+  state[1] += 1;
+}
+
+}  // namespace pymglu

@@ -1,0 +1,163 @@
+"""The captured decode step (pymglu.models.GraphDecoder) against the eager cached model (gpu-marked).
+
+Every model is initialised from a fresh seed and moved to the GPU; the eager path (``model(ids,
+cache=...)`` one token at a time, the reference ops and FlashMGLU) is the reference. Buffers the graph
+writes are poisoned before replays.
+"""
+import numpy as np
+import pytest
+
+from pymglu.backend import gpu_available
+from pymglu.models import GraphDecoder, Transformer, TransformerConfig
+from pymglu.models import graph_decoder
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device"),
+]
+
+#: relative error of the logits of one step against the eager step
+TOL = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
+
+KINDS = [("swiglu", None), ("swimglu", 3), ("gemglu", 1), ("reglu", None), ("mglu", 16)]
+
+
+def make_model(kind, n_masks, dtype, seed, **overrides):
+    values = dict(vocab_size=97, d_model=96, n_layers=2, n_heads=3, d_ff=136, ffn_kind=kind, n_masks=n_masks,
+                  max_seq_len=20, dtype=dtype, tie_embeddings=True)
+    values.update(overrides)
+    model = Transformer(TransformerConfig(**values), rng=seed).to("cuda")
+    import cupy as cp
+
+    for m in model.mglu_layers():  # fresh random masks (assigning .data moves the version on)
+        m.mask_logits.data = cp.asarray(np.random.default_rng(seed).standard_normal(m.mask_logits.shape),
+                                        dtype=m.mask_logits.dtype)
+    return model.eval()
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind, n_masks", KINDS, ids=[k for k, _ in KINDS])
+def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype):
+    import cupy as cp
+
+    from pymglu import no_grad
+
+    seed = 11 + KINDS.index((kind, n_masks))
+    model = make_model(kind, n_masks, dtype, seed, tie_embeddings=kind != "reglu")
+    rng = np.random.default_rng(seed)
+    B, prompt = 3, rng.integers(0, 97, size=(3, 5))
+    steps = rng.integers(0, 97, size=(B, 14))  # fill the cache up to max_seq_len = 20 (5 + 14 + 1)
+    decoder = GraphDecoder(model, B)
+    with no_grad():
+        cache = model.new_cache(B)
+        want_first = cp.asnumpy(model(cp.asarray(prompt), cache=cache, last_only=True).data[:, -1])
+        got_first = decoder.prefill(prompt)
+        assert rel_err(got_first, want_first) < 1e-6  # the prefill is the eager model itself
+        decoder.logits.fill(np.nan)
+        for t in range(steps.shape[1]):
+            want = cp.asnumpy(model(cp.asarray(steps[:, t:t + 1]), cache=cache, last_only=True).data[:, -1])
+            got = decoder.step(steps[:, t])
+            assert rel_err(got, want) < TOL[dtype], f"step {t}"
+    assert decoder.cache.length == cache.length == 19
+    # the cache the graph filled holds the eager cache's keys and values
+    for mine, ref in zip(decoder.cache.keys + decoder.cache.values, cache.keys + cache.values):
+        assert rel_err(cp.asnumpy(mine[:, :, :19]), cp.asnumpy(ref[:, :, :19])) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_context_spans_several_attention_chunks(dtype):
+    """150 positions: the attention runs over five chunks of 32, a partial one last; heads of width 64."""
+    import cupy as cp
+
+    from pymglu import no_grad
+
+    model = make_model("swimglu", 2, dtype, 21, d_model=128, n_heads=2, max_seq_len=150)
+    rng = np.random.default_rng(21)
+    prompt, steps = rng.integers(0, 97, size=(2, 40)), rng.integers(0, 97, size=(2, 109))
+    decoder = GraphDecoder(model, 2)
+    with no_grad():
+        cache = model.new_cache(2)
+        model(cp.asarray(prompt), cache=cache, last_only=True)
+        decoder.prefill(prompt)
+        for t in range(steps.shape[1]):
+            want = cp.asnumpy(model(cp.asarray(steps[:, t:t + 1]), cache=cache, last_only=True).data[:, -1])
+            assert rel_err(decoder.step(steps[:, t]), want) < TOL[dtype], f"step {t}"
+    assert decoder.cache.length == 149
+
+
+@pytest.mark.parametrize("kind, n_masks", [("swiglu", None), ("swimglu", 4)])
+def test_greedy_generation_equals_eager_across_a_full_cache(kind, n_masks):
+    """float32, so that argmax ties between the paths are out of reach; 45 new tokens after a 7-token
+    prompt in a 20-position window: two refills of a full cache."""
+    model = make_model(kind, n_masks, "float32", 5)
+    prompt = np.random.default_rng(5).integers(0, 97, size=(2, 7))
+    eager = model.generate(prompt, 45, temperature=0.0, use_graph=False)
+    graph = model.generate(prompt, 45, temperature=0.0, use_graph=True)
+    np.testing.assert_array_equal(graph, eager)
+    assert model.__dict__["_graph_decoder"] is not None
+
+
+def test_sampling_follows_the_same_draws():
+    model = make_model("swimglu", 2, "float32", 9)
+    prompt = np.random.default_rng(9).integers(0, 97, size=(2, 4))
+    eager = model.generate(prompt, 25, temperature=0.8, top_k=20, rng=3, use_graph=False)
+    graph = model.generate(prompt, 25, temperature=0.8, top_k=20, rng=3, use_graph=True)
+    np.testing.assert_array_equal(graph, eager)
+
+
+def test_replays_allocate_nothing_and_history_is_written():
+    import cupy as cp
+
+    model = make_model("swimglu", 4, "bfloat16", 2)
+    decoder = GraphDecoder(model, 1)
+    first = decoder.prefill(np.array([[1, 2, 3]]))
+    decoder.greedy([int(first.argmax())], 1)  # builds and captures the greedy graph
+    decoder.prefill(np.array([[1, 2, 3]]))
+    decoder.history.fill(-1)
+    pool = cp.get_default_memory_pool()
+    used = pool.used_bytes()
+    tokens = decoder.greedy([int(first.argmax())], 10)
+    assert pool.used_bytes() == used
+    assert tokens.shape == (1, 10) and np.all((tokens >= 0) & (tokens < 97))
+    assert decoder.cache.length == 13 and int(decoder.state[0].get()) == 13
+
+
+def test_a_changed_parameter_rebuilds_the_decoder():
+    import cupy as cp
+
+    model = make_model("swiglu", None, "float32", 4)
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    model.generate(prompt, 4, temperature=0.0, use_graph=True)
+    first = model.__dict__["_graph_decoder"]
+    assert first.is_current()
+    w = model.layers[0].ffn.up.W_gate
+    w.data = w.data + cp.asarray(np.random.default_rng(0).standard_normal(w.shape), dtype=w.dtype) * 0.5
+    assert not first.is_current()
+    graph = model.generate(prompt, 12, temperature=0.0, use_graph=True)
+    assert model.__dict__["_graph_decoder"] is not first
+    np.testing.assert_array_equal(graph, model.generate(prompt, 12, temperature=0.0, use_graph=False))
+
+
+def test_models_the_decoder_does_not_serve():
+    plain = make_model("gelu", None, "float32", 1)
+    assert "not gated" in graph_decoder.unsupported_reason(plain)
+    with pytest.raises(ValueError, match="not gated"):
+        plain.generate(np.array([1, 2]), 3, use_graph=True)
+    # the default picks the eager path for it and still decodes
+    assert plain.generate(np.array([1, 2]), 3, temperature=0.0).shape == (5,)
+    with pytest.raises(ValueError, match="heads are 288 wide"):
+        make_model("swiglu", None, "float32", 1, d_model=576, n_heads=2).generate(np.array([1, 2]), 1, use_graph=True)
+    decoder = GraphDecoder(make_model("swiglu", None, "float32", 1), 2)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step([1, 2])
+    decoder.prefill(np.ones((2, 19), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        decoder.greedy([1, 2], 2)
+    with pytest.raises(ValueError, match="tokens"):
+        decoder.prefill(np.ones((3, 4), dtype=np.int64))
