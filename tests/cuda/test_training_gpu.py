@@ -221,14 +221,18 @@ def test_mglu_layer_trains_on_gpu_like_cpu():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", ["swiglu", "swimglu"])
 def test_16bit_training_tracks_float32(kind, dtype):
-    """bfloat16, and float16 with the dynamic loss scaler, end within 5% of the float32 run's loss."""
+    """bfloat16, and float16 with the dynamic loss scaler, track the float32 run: the loss curves (smoothed over 5 steps) stay within
+    10% of the float32 loss drop of each other at every step, and within 5% at the end.
+
+    (The text is one sentence repeated, so every run memorises it and ends near a loss of 0.02: a relative
+    bound on so small a final loss would measure the rounding noise of the last steps, not the training.)"""
     from pymglu.models import Transformer, TransformerConfig
     from pymglu.models.data import split_corpus
     from pymglu.models.training import Trainer, TrainSettings
 
     data = np.frombuffer(("pack my box with five dozen liquor jugs. " * 300).encode(), dtype=np.uint8)
     train, val = split_corpus(data, 32)
-    finals = {}
+    curves = {}
     for run_dtype in ("float32", dtype):
         config = TransformerConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, ffn_kind=kind, max_seq_len=32,
                                    dtype=run_dtype)
@@ -237,5 +241,9 @@ def test_16bit_training_tracks_float32(kind, dtype):
         trainer = Trainer(Transformer(config, rng=1).to("cuda"), settings, train, val)
         history = trainer.run(progress=False, log=None)
         assert (trainer.scaler is not None) == (run_dtype == "float16")
-        finals[run_dtype] = float(np.mean(history.train_loss[-10:]))
-    assert np.isfinite(finals[dtype]) and abs(finals[dtype] - finals["float32"]) < 0.05 * finals["float32"], finals
+        curves[run_dtype] = np.convolve(np.asarray(history.train_loss, dtype=np.float64), np.ones(5) / 5, "valid")
+    ref, low = curves["float32"], curves[dtype]
+    drop = ref[0] - ref[-1]
+    assert drop > 0.5 * ref[0], "the float32 run must learn for the comparison to mean anything"
+    assert np.all(np.isfinite(low)) and np.max(np.abs(low - ref)) < 0.1 * drop, (ref[::10], low[::10])
+    assert abs(low[-1] - ref[-1]) < 0.05 * drop
