@@ -30,6 +30,7 @@ CUDA call keeps the interpreter lock.) NCCL errors raised while enqueueing (e.g.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,6 +62,10 @@ class NCCLCommunicator(Communicator):
         self.rank, self.size, self.timeout = self.bootstrap.rank, self.bootstrap.size, timeout
         self.device = self.rank % cupy.cuda.runtime.getDeviceCount() if device is None else device
         cupy.cuda.Device(self.device).use()
+        # NCCL >= 2.22 connects the peers of an algorithm at its first collective, inside the host call,
+        # with no timeout: a peer that is alive but never reduces would hang that call beyond the
+        # watchdog's reach. Connect everything during the (collective) init instead.
+        os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.bootstrap.comm.bcast(uid, root=0)
         self.comm = nccl.NcclCommunicator(self.size, uid, self.rank)
@@ -70,6 +75,9 @@ class NCCLCommunicator(Communicator):
         self._aborted = False
         self._error: DistributedError | None = None  # raised again by every later call
         self._watched: list[Any] = []  # events of reductions the host has not seen complete
+        # one reduction while every rank is known to be here, so that whatever NCCL still sets up lazily
+        # (older versions connect at the first collective) happens now, under the watchdog
+        self.all_reduce_sum_(cupy.ones(1 << 20, dtype=np.float32))
 
     def _check(self, buf: Any, where: str) -> int:
         if not isinstance(buf, self._cp.ndarray):
