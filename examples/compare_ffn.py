@@ -203,13 +203,19 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+def best_val_loss(run: dict[str, Any]) -> float:
+    """The lowest validation loss of a run's curve (the final one when the curve has a single point)."""
+    return float(min(run["history"]["val_loss"]))
+
+
 def make_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table, one row per variant (in :data:`VARIANTS` order), over the seeds it ran."""
     ref = results.get("swiglu")
     ref_loss = float(np.mean([r["final_val_loss"] for r in ref])) if ref else None
-    lines = ["| variant | n | h | weights | FFN weights | mask bits | val loss (mean ± std) | vs SwiGLU | seeds "
-             "| train tokens/s | gate fraction per layer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref_best = float(np.mean([best_val_loss(r) for r in ref])) if ref else None
+    lines = ["| variant | n | h | weights | FFN weights | mask bits | val loss (mean ± std) | vs SwiGLU "
+             "| best val loss (mean ± std) | vs SwiGLU | seeds | train tokens/s | gate fraction per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         runs = results.get(name)
         if not runs:
@@ -217,13 +223,15 @@ def make_table(results: dict[str, list[dict[str, Any]]]) -> str:
         r0 = runs[0]
         losses = [r["final_val_loss"] for r in runs]
         rel = f"{100 * (np.mean(losses) / ref_loss - 1):+.2f}%" if ref_loss else "—"
+        bests = [best_val_loss(r) for r in runs]
+        rel_best = f"{100 * (np.mean(bests) / ref_best - 1):+.2f}%" if ref_best else "—"
         gates = np.mean([r["gate_fraction_per_layer"] for r in runs], axis=0) if r0["gate_fraction_per_layer"] else []
         gate_text = " / ".join(f"{g:.3f}" for g in gates) if len(gates) else "—"
         n = r0["config"]["n_masks"]
         lines.append(
             f"| {r0['label']} | {n if n else '—'} | {r0['config']['d_ff']} | {_count(r0['weights'])} "
             f"| {_count(r0['ffn_weights'])} | {_count(r0['mask_bits']) if r0['mask_bits'] else '0'} "
-            f"| {_mean_std(losses)} | {rel} | {len(runs)} | {np.mean([r['tokens_per_second'] for r in runs]):,.0f} "
+            f"| {_mean_std(losses)} | {rel} | {_mean_std(bests)} | {rel_best} | {len(runs)} | {np.mean([r['tokens_per_second'] for r in runs]):,.0f} "
             f"| {gate_text} |")
     return "\n".join(lines)
 
