@@ -56,9 +56,11 @@ def profile(decoder: GraphDecoder, position: int, reps: int, replays: int) -> li
         ("embed", lambda: k.embed(decoder.ids, decoder.embed_table, decoder.x)),
         ("rms_norm", lambda: k.rms_norm(decoder.x, blk.attn_norm, decoder.x_norm, c.norm_eps)),
         ("gemm qkv", lambda: gemm(decoder.x_norm, blk.wqkv, decoder.qkv, trans_b=True)),
-        ("attention (partial + combine)", lambda: k.attention(decoder.qkv, decoder.cache.keys[0],
+        ("rope + cache store", lambda: k.rope_store(decoder.qkv, decoder.q, decoder.cache.keys[0],
+                                                     decoder.cache.values[0], decoder.state, c.rope_base)),
+        ("attention (partial + combine)", lambda: k.attention(decoder.q, decoder.cache.keys[0],
                                                                decoder.cache.values[0], decoder.attn, decoder.state,
-                                                               decoder.attention_workspace, c.rope_base)),
+                                                               decoder.attention_workspace)),
         ("gemm o (accumulate)", lambda: gemm(decoder.attn, blk.wo, decoder.x, trans_b=True, accumulate=True)),
     ]
     if blk.mglu:

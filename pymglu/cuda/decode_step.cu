@@ -49,120 +49,103 @@ __global__ void decode_rms_norm(const T* __restrict__ x, const T* __restrict__ w
     out[(long long)blockIdx.x * d + j] = from_float<T>(to_float(row[j]) * r * to_float(weight[j]));
 }
 
-// Rotary rotation of element j of a head of width Dh whose values are `v` (pairs (j, j + Dh/2) turn by
-// pos * base^(-2j/Dh), the angle formed in double as the reference op does), rounded to T.
+// Rotary embedding of the new token's query and key, and the key/value store into the cache at the
+// position state[0]. qkv: (B, 3 * H * Dh) rows [q | k | v]; q_out: (B, H, Dh);
+// k_cache, v_cache: (B, H, capacity, Dh). Pairs (j, j + Dh/2) rotate by pos * base^(-2j/Dh).
+// Grid: B * H blocks.
 template <typename T>
-__device__ __forceinline__ float rope_element(const T* v, int j, int Dh, long long pos, double base) {
-  const int half = Dh / 2, pair = j < half ? j : j - half;
-  const double angle = (double)pos * pow(base, -2.0 * pair / Dh);
-  const float c = (float)cos(angle), s = (float)sin(angle);
-  const float a = to_float(v[pair]), b = to_float(v[pair + half]);
-  return to_float(from_float<T>(j < half ? a * c - b * s : a * s + b * c));
+__global__ void decode_rope_store(const T* __restrict__ qkv, T* __restrict__ q_out, T* __restrict__ k_cache,
+                                  T* __restrict__ v_cache, const int* __restrict__ state, int H, int Dh,
+                                  int capacity, double base) {
+  const int b = blockIdx.x / H, head = blockIdx.x % H, half = Dh / 2, D = H * Dh;
+  const long long pos = state[0];
+  const T* q = qkv + (long long)b * 3 * D + head * Dh;
+  const T* k = q + D;
+  const T* v = k + D;
+  T* qo = q_out + ((long long)b * H + head) * Dh;
+  const long long slot = (((long long)b * H + head) * capacity + pos) * Dh;
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    const double angle = (double)pos * pow(base, -2.0 * j / Dh);
+    const float c = (float)cos(angle), s = (float)sin(angle);
+    const float qa = to_float(q[j]), qb = to_float(q[j + half]);
+    const float ka = to_float(k[j]), kb = to_float(k[j + half]);
+    qo[j] = from_float<T>(qa * c - qb * s);
+    qo[j + half] = from_float<T>(qa * s + qb * c);
+    k_cache[slot + j] = from_float<T>(ka * c - kb * s);
+    k_cache[slot + j + half] = from_float<T>(ka * s + kb * c);
+  }
+  for (int j = threadIdx.x; j < Dh; j += blockDim.x) v_cache[slot + j] = v[j];
 }
 
 // Attention of the new token over the cached positions 0 .. state[0], split over the positions
-// (flash-decoding). Block (bh, c) covers positions [c * CHUNK, (c + 1) * CHUNK); each of its warps takes
-// every ATTENTION_WARPS-th of them (at most POSITIONS), loads all their keys before reducing the dot
-// products and all their values before accumulating, and the warps' softmax partials are merged in
-// shared memory into the block's (part_max, part_sum, part_acc). decode_attention_combine merges the
-// partials of the chunks in use.
-// The block whose chunk holds the new position first rotates the new key, and stores it and the new
-// value into the caches (it alone reads that position); every block rotates the query itself.
-// qkv: (B, 3 * H * Dh) rows [q | k | v]; caches: (B, H, capacity, Dh); part_max, part_sum:
-// (B * H, chunks); part_acc: (B * H, chunks, Dh) float32. Grid: (B * H, chunks) blocks of
-// ATTENTION_WARPS warps. LANE: head values per lane (Dh <= 32 * LANE).
+// (flash-decoding): block (bh, c) covers positions [c * chunk, (c + 1) * chunk), each of its warps an
+// interleaved share of them with an online softmax (running max m, sum l, and sum of p * v), so K and V
+// are read once; the warps' results are merged in shared memory into the block's partial
+// (part_max, part_sum, part_acc). decode_attention_combine merges the partials of the chunks in use.
+// q: (B, H, Dh); caches: (B, H, capacity, Dh); part_max, part_sum: (B * H, chunks);
+// part_acc: (B * H, chunks, Dh) float32. Grid: (B * H, chunks) blocks of ATTENTION_WARPS warps.
 constexpr int ATTENTION_WARPS = 4;
-constexpr int ATTENTION_CHUNK = 32;
-constexpr int ATTENTION_POSITIONS = ATTENTION_CHUNK / ATTENTION_WARPS;
+constexpr int ATTENTION_MAX_LANE_ELEMS = 8;  // head_dim <= 256
 
-template <typename T, int LANE>
-__global__ void decode_attention_partial(const T* __restrict__ qkv, T* __restrict__ k_cache,
-                                         T* __restrict__ v_cache, float* __restrict__ part_max,
+template <typename T>
+__global__ void decode_attention_partial(const T* __restrict__ q, const T* __restrict__ k_cache,
+                                         const T* __restrict__ v_cache, float* __restrict__ part_max,
                                          float* __restrict__ part_sum, float* __restrict__ part_acc,
-                                         const int* __restrict__ state, int H, int Dh, int capacity, double base,
+                                         const int* __restrict__ state, int Dh, int capacity, int chunk,
                                          float scale) {
   __shared__ float warp_m[ATTENTION_WARPS], warp_l[ATTENTION_WARPS];
-  __shared__ float warp_acc[ATTENTION_WARPS][32 * LANE];
+  __shared__ float warp_acc[ATTENTION_WARPS][32 * ATTENTION_MAX_LANE_ELEMS];
   const int bh = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
-  const int b = bh / H, head = bh % H, D = H * Dh;
-  const long long pos = state[0];
-  const int length = (int)pos + 1;
-  const int first = c * ATTENTION_CHUNK, last = min(first + ATTENTION_CHUNK, length);
+  const int length = state[0] + 1;
+  const int first = c * chunk, last = min(first + chunk, length);
   const long long part = (long long)bh * chunks + c;
   if (first >= length) {  // a chunk past the filled positions: an empty partial
     if (threadIdx.x == 0) { part_max[part] = neg_inf(); part_sum[part] = 0.0f; }
     for (int j = threadIdx.x; j < Dh; j += blockDim.x) part_acc[part * Dh + j] = 0.0f;
     return;
   }
-  const T* q = qkv + (long long)b * 3 * D + head * Dh;
-  const long long base_off = (long long)bh * capacity * Dh;
-  if (pos < last) {  // this chunk holds the new position: store its key and value first
-    const T* k = q + D;
-    const T* v = k + D;
-    for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
-      k_cache[base_off + pos * Dh + j] = from_float<T>(rope_element(k, j, Dh, pos, base));
-      v_cache[base_off + pos * Dh + j] = v[j];
-    }
-    __syncthreads();
-  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float qv[LANE];
+  const long long base = (long long)bh * capacity * Dh;
+  float qv[ATTENTION_MAX_LANE_ELEMS], acc[ATTENTION_MAX_LANE_ELEMS];
 #pragma unroll
-  for (int i = 0; i < LANE; ++i) {
+  for (int i = 0; i < ATTENTION_MAX_LANE_ELEMS; ++i) {
     const int j = lane + 32 * i;
-    qv[i] = j < Dh ? rope_element(q, j, Dh, pos, base) : 0.0f;
+    qv[i] = j < Dh ? to_float(q[(long long)bh * Dh + j]) : 0.0f;
+    acc[i] = 0.0f;
   }
-  float row[ATTENTION_POSITIONS][LANE];
+  float m = neg_inf(), l = 0.0f;
+  for (int t = first + warp; t < last; t += ATTENTION_WARPS) {
+    const T* kt = k_cache + base + (long long)t * Dh;
+    const T* vt = v_cache + base + (long long)t * Dh;
+    float kv[ATTENTION_MAX_LANE_ELEMS], vv[ATTENTION_MAX_LANE_ELEMS];
 #pragma unroll
-  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
-    const int t = first + warp + k * ATTENTION_WARPS;
-#pragma unroll
-    for (int i = 0; i < LANE; ++i) {
+    for (int i = 0; i < ATTENTION_MAX_LANE_ELEMS; ++i) {
       const int j = lane + 32 * i;
-      row[k][i] = (t < last && j < Dh) ? to_float(k_cache[base_off + (long long)t * Dh + j]) : 0.0f;
+      kv[i] = j < Dh ? to_float(kt[j]) : 0.0f;
+      vv[i] = j < Dh ? to_float(vt[j]) : 0.0f;
     }
-  }
-  float score[ATTENTION_POSITIONS];
-  float m = neg_inf();
-#pragma unroll
-  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
     float dot = 0.0f;
 #pragma unroll
-    for (int i = 0; i < LANE; ++i) dot += qv[i] * row[k][i];
+    for (int i = 0; i < ATTENTION_MAX_LANE_ELEMS; ++i) dot += qv[i] * kv[i];
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    const bool valid = first + warp + k * ATTENTION_WARPS < last;
-    score[k] = valid ? dot * scale : neg_inf();
-    m = fmaxf(m, score[k]);
-  }
+    const float s = dot * scale;
+    const float m_new = fmaxf(m, s);
+    const float correction = expf(m - m_new), p = expf(s - m_new);
+    l = l * correction + p;
 #pragma unroll
-  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
-    const int t = first + warp + k * ATTENTION_WARPS;
-#pragma unroll
-    for (int i = 0; i < LANE; ++i) {
-      const int j = lane + 32 * i;
-      row[k][i] = (t < last && j < Dh) ? to_float(v_cache[base_off + (long long)t * Dh + j]) : 0.0f;
-    }
-  }
-  float l = 0.0f, acc[LANE];
-#pragma unroll
-  for (int i = 0; i < LANE; ++i) acc[i] = 0.0f;
-#pragma unroll
-  for (int k = 0; k < ATTENTION_POSITIONS; ++k) {
-    const float p = score[k] == neg_inf() ? 0.0f : expf(score[k] - m);  // m is -inf for a warp with no position
-    l += p;
-#pragma unroll
-    for (int i = 0; i < LANE; ++i) acc[i] += p * row[k][i];
+    for (int i = 0; i < ATTENTION_MAX_LANE_ELEMS; ++i) acc[i] = acc[i] * correction + p * vv[i];
+    m = m_new;
   }
   if (lane == 0) { warp_m[warp] = m; warp_l[warp] = l; }
 #pragma unroll
-  for (int i = 0; i < LANE; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
+  for (int i = 0; i < ATTENTION_MAX_LANE_ELEMS; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
   float M = neg_inf();
   for (int w = 0; w < ATTENTION_WARPS; ++w) M = fmaxf(M, warp_m[w]);  // finite: the chunk has a position
   float weight[ATTENTION_WARPS];
   float L = 0.0f;
   for (int w = 0; w < ATTENTION_WARPS; ++w) {
-    weight[w] = warp_m[w] == neg_inf() ? 0.0f : expf(warp_m[w] - M);
+    weight[w] = expf(warp_m[w] - M);  // 0 for a warp that had no position (m = -inf)
     L += warp_l[w] * weight[w];
   }
   if (threadIdx.x == 0) { part_max[part] = M; part_sum[part] = L; }
@@ -178,9 +161,9 @@ __global__ void decode_attention_partial(const T* __restrict__ qkv, T* __restric
 template <typename T>
 __global__ void decode_attention_combine(const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                          const float* __restrict__ part_acc, T* __restrict__ out,
-                                         const int* __restrict__ state, int Dh, int chunks) {
+                                         const int* __restrict__ state, int Dh, int chunks, int chunk) {
   const int bh = blockIdx.x;
-  const int used = min(chunks, (state[0] + ATTENTION_CHUNK) / ATTENTION_CHUNK);  // ceil((state[0] + 1) / CHUNK)
+  const int used = min(chunks, (state[0] + chunk) / chunk);  // ceil((state[0] + 1) / chunk)
   const float* pm = part_max + (long long)bh * chunks;
   const float* ps = part_sum + (long long)bh * chunks;
   float M = neg_inf();

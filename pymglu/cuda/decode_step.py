@@ -18,13 +18,12 @@ from pymglu import cuda as _cuda
 __all__ = ["kernel_names", "DecodeKernels", "attention_workspace", "ATTENTION_CHUNK", "MAX_HEAD_DIM"]
 
 _SOURCE = "decode_step.cu"
-_TEMPLATED = ("decode_embed", "decode_rms_norm", "decode_attention_combine", "decode_glu", "decode_argmax")
-_LANE_VALUES = (1, 2, 4, 8)  # head values per lane of the attention kernel: heads up to 32, 64, 128, 256
+_TEMPLATED = ("decode_embed", "decode_rms_norm", "decode_rope_store", "decode_attention_partial",
+              "decode_attention_combine", "decode_glu", "decode_argmax")
 _THREADS = 256
 ATTENTION_WARPS = 4  # as in decode_step.cu
 
-#: cached positions per block of the attention kernel (each of its warps takes a quarter of them); as in
-#: decode_step.cu.
+#: cached positions per block of the attention kernel (each of its warps takes a quarter of them).
 ATTENTION_CHUNK = 32
 
 #: widest attention head the kernel serves (8 values per lane of a warp).
@@ -35,19 +34,9 @@ def _name(kernel: str, dtype: Any) -> str:
     return f"pymglu::{kernel}<{_cuda.CUDA_TYPE_NAMES[np.dtype(dtype)]}>"
 
 
-def _attention_name(dtype: Any, lane: int) -> str:
-    return f"pymglu::decode_attention_partial<{_cuda.CUDA_TYPE_NAMES[np.dtype(dtype)]}, {lane}>"
-
-
-def _lane_values(head_dim: int) -> int:
-    return next(v for v in _LANE_VALUES if 32 * v >= head_dim)
-
-
 def kernel_names() -> list[str]:
     """Every kernel instance this module can launch (for compile checks)."""
-    return ([_name(k, dt) for dt in _cuda.CUDA_TYPE_NAMES for k in _TEMPLATED]
-            + [_attention_name(dt, v) for dt in _cuda.CUDA_TYPE_NAMES for v in _LANE_VALUES]
-            + ["pymglu::decode_advance"])
+    return [_name(k, dt) for dt in _cuda.CUDA_TYPE_NAMES for k in _TEMPLATED] + ["pymglu::decode_advance"]
 
 
 def _i32(v: int) -> np.int32:
@@ -66,11 +55,9 @@ class DecodeKernels:
         if dt not in _cuda.CUDA_TYPE_NAMES:
             raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dt.name}")
         self.dtype = dt
-        attention = tuple(_attention_name(dt, v) for v in _LANE_VALUES)
-        names = tuple(_name(k, dt) for k in _TEMPLATED) + attention + ("pymglu::decode_advance",)
+        names = tuple(_name(k, dt) for k in _TEMPLATED) + ("pymglu::decode_advance",)
         module = _cuda.load_module(_SOURCE, names)
         self._fn = {k: module.get_function(_name(k, dt)) for k in _TEMPLATED}
-        self._attention = {v: module.get_function(name) for v, name in zip(_LANE_VALUES, attention)}
         self._advance = module.get_function("pymglu::decode_advance")
 
     def embed(self, ids: Any, table: Any, out: Any) -> None:
@@ -81,24 +68,31 @@ class DecodeKernels:
         """``out = x / sqrt(mean(x^2, -1) + eps) * weight`` row by row: x, out ``(B, d)``, weight ``(d,)``."""
         self._fn["decode_rms_norm"]((x.shape[0],), (_THREADS,), (x, weight, out, _i32(x.shape[1]), np.float32(eps)))
 
-    def attention(self, qkv: Any, k_cache: Any, v_cache: Any, out: Any, state: Any, workspace: Any,
-                  rope_base: float) -> None:
-        """Rotary embedding of the new query and key, store of the new key and value into the caches at
-        position ``state[0]``, and ``out[b, head * Dh:]`` = softmax attention of the query over positions
-        ``0 .. state[0]``.
+    def rope_store(self, qkv: Any, q_out: Any, k_cache: Any, v_cache: Any, state: Any, base: float) -> None:
+        """Rotate the new query and key at position ``state[0]`` and store key and value in the cache.
 
-        qkv ``(B, 3 H Dh)`` rows ``[q | k | v]``; caches ``(B, H, capacity, Dh)``; out ``(B, H * Dh)``;
-        ``workspace`` from :func:`attention_workspace` for these shapes.
+        qkv ``(B, 3 H Dh)`` rows ``[q | k | v]``; q_out ``(B, H, Dh)``; caches ``(B, H, capacity, Dh)``.
+        """
+        B, H, capacity, Dh = k_cache.shape
+        self._fn["decode_rope_store"]((B * H,), (min(_THREADS, max(32, Dh)),),
+                                      (qkv, q_out, k_cache, v_cache, state, _i32(H), _i32(Dh), _i32(capacity),
+                                       np.float64(base)))
+
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, out: Any, state: Any, workspace: Any) -> None:
+        """``out[b, head * Dh:]`` = softmax attention of ``q[b, head]`` over positions ``0 .. state[0]``.
+
+        q ``(B, H, Dh)``; caches ``(B, H, capacity, Dh)``; out ``(B, H * Dh)``; ``workspace`` from
+        :func:`attention_workspace` for these shapes.
         """
         B, H, capacity, Dh = k_cache.shape
         part_max, part_sum, part_acc = workspace
         chunks = part_max.shape[1]
-        self._attention[_lane_values(Dh)]((B * H, chunks), (32 * ATTENTION_WARPS,),
-                                          (qkv, k_cache, v_cache, part_max, part_sum, part_acc, state, _i32(H),
-                                           _i32(Dh), _i32(capacity), np.float64(rope_base),
-                                           np.float32(1.0 / math.sqrt(Dh))))
+        self._fn["decode_attention_partial"]((B * H, chunks), (32 * ATTENTION_WARPS,),
+                                             (q, k_cache, v_cache, part_max, part_sum, part_acc, state, _i32(Dh),
+                                              _i32(capacity), _i32(ATTENTION_CHUNK), np.float32(1.0 / math.sqrt(Dh))))
         self._fn["decode_attention_combine"]((B * H,), (min(_THREADS, max(32, Dh)),),
-                                             (part_max, part_sum, part_acc, out, state, _i32(Dh), _i32(chunks)))
+                                             (part_max, part_sum, part_acc, out, state, _i32(Dh), _i32(chunks),
+                                              _i32(ATTENTION_CHUNK)))
 
     def glu(self, gate_value: Any, out: Any, activation: str) -> None:
         """``out = g(gate) * value`` for rows ``gate_value[b] = [gate | value]``: ``(B, 2h)`` -> ``(B, h)``."""

@@ -8,10 +8,9 @@ time than GPU time. The decoder records the whole step once (CUDA stream capture
 What one step does, for the ``B`` sequences, with every buffer allocated once by the decoder:
 
 * embedding row of each sequence's last token (``ids``, an int32 device array);
-* per block: RMSNorm; ``q, k, v`` in one cuBLAS product with the stacked ``[W_q; W_k; W_v]``; one
-  attention kernel, split over chunks of 32 cached positions, that rotates ``q`` and ``k`` (rotary
-  embedding), stores ``k, v`` into the :class:`KVCache` at the step's position and attends over the
-  cached positions, then a kernel that merges the chunks; ``x += attn W_o^T`` (cuBLAS, accumulating); RMSNorm; the gated
+* per block: RMSNorm; ``q, k, v`` in one cuBLAS product with the stacked ``[W_q; W_k; W_v]``; rotary
+  embedding of ``q`` and ``k`` and the store of ``k, v`` into the :class:`KVCache` at the step's position;
+  attention over the cached positions (split into chunks of 32 positions over the GPU, then merged); ``x += attn W_o^T`` (cuBLAS, accumulating); RMSNorm; the gated
   up layer: FlashMGLU (:func:`pymglu.cuda.flash_mglu.flash_mglu`) for the MGLU kinds, one cuBLAS product
   with the stacked ``[W_gate; W_value]`` and a fused activation kernel for the GLU kinds; ``x += u
   W_down^T``;
@@ -156,6 +155,7 @@ class GraphDecoder:
             self.x = cp.empty((B, d), dtype=dt)
             self.x_norm = cp.empty((B, d), dtype=dt)
             self.qkv = cp.empty((B, 3 * d), dtype=dt)
+            self.q = cp.empty((B, H, Dh), dtype=dt)
             self.attn = cp.empty((B, d), dtype=dt)
             self.gate_value = cp.empty((B, 2 * h), dtype=dt)
             self.hidden = cp.empty((B, h), dtype=dt)
@@ -174,8 +174,9 @@ class GraphDecoder:
         for i, blk in enumerate(self.blocks):
             k.rms_norm(self.x, blk.attn_norm, self.x_norm, c.norm_eps)
             gemm(self.x_norm, blk.wqkv, self.qkv, trans_b=True)
-            k.attention(self.qkv, self.cache.keys[i], self.cache.values[i], self.attn, self.state,
-                        self.attention_workspace, c.rope_base)
+            k.rope_store(self.qkv, self.q, self.cache.keys[i], self.cache.values[i], self.state, c.rope_base)
+            k.attention(self.q, self.cache.keys[i], self.cache.values[i], self.attn, self.state,
+                        self.attention_workspace)
             gemm(self.attn, blk.wo, self.x, trans_b=True, accumulate=True)
             k.rms_norm(self.x, blk.ffn_norm, self.x_norm, c.norm_eps)
             if blk.mglu:
