@@ -3,8 +3,9 @@
 Each launcher takes preallocated CuPy buffers and allocates nothing, so that a whole decode step can be
 captured in a CUDA graph. The position of the step is read by the kernels from ``state[0]`` (an int32
 device array; ``state[1]`` is the column of the greedy-token history), never passed as an argument.
-Launches go to CuPy's current stream. Shapes and dtypes are the caller's contract (the decoder builds
-every buffer itself); the launchers check only what would otherwise write out of bounds.
+Launches go to CuPy's current stream. Shapes and dtypes are the caller's contract: the decoder builds
+every buffer itself, and the launchers check nothing (``attention_workspace`` refuses heads wider than
+``MAX_HEAD_DIM``).
 """
 from __future__ import annotations
 
