@@ -270,6 +270,8 @@ def main(argv=None):
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--warps", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
+    p.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in item.split("x")) for item in t.split(",")],
+                   default=None, help="d x h shapes, e.g. 2048x8192,4096x14336 (default: the issue's, or two with --quick)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
@@ -283,6 +285,7 @@ def main(argv=None):
         except Exception:
             have_torch = False
     shapes, tokens, ns = (SHAPES[1:], [1, 8, 16], [1, 4, 8]) if args.quick else (SHAPES, TOKENS, N_MASKS)
+    shapes = args.shapes or shapes
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)

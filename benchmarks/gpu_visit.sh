@@ -36,7 +36,7 @@ if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
 fi
 case "$mode" in
   full) python3 benchmarks/decode.py --replays 15 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
-  quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} ${SHAPES:+--shapes $SHAPES} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
