@@ -1,12 +1,11 @@
 """FlashMGLU time against the number of 16-row strips (T = 1, bf16): a staircase with steps at multiples
 of the resident-block capacity means the last partial wave costs a whole wave.
 
-    python benchmarks/wave_probe.py            # prints strips, blocks per wave, µs, µs per strip
+    python benchmarks/wave_probe.py [d]        # d defaults to 4096; prints strips, waves, µs, ns per strip
 """
 import math
 import sys
 
-import numpy as np
 import cupy as cp
 
 from pymglu import dtypes, masks
@@ -22,7 +21,7 @@ def main():
     d = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
     print("| n | strips | waves (at the kernel's occupancy) | us | ns per strip |\n|---|---|---|---|---|")
     for n in (4, 8):
-        name = fm._mma_name(dtypes.bfloat16, n, 1, fm.mma_warps(n, d), fm.fma_masks(n))
+        name = fm._mma_name(dtypes.bfloat16, n, 1, fm.mma_warps(n, d))
         for strips in range(264, 1849, 66):
             h = 16 * strips
             n_sets = max(2, math.ceil(3 * L2_BYTES / (2 * h * d)))
