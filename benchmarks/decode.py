@@ -176,6 +176,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
 
     for n in n_list:
         planes = [masks.pack_masks(cp.random.random((n, h, d), dtype=cp.float32) < 0.5) for _ in range(n_w)]
+        packed = [fm.pack_weights(W, p) for W, p in zip(Ws, planes)]
         naive_s = None
         if args.naive and (np.dtype(dtype) == dtypes.bfloat16 or args.quick):
             dense = (cp.random.random((n, h, d), dtype=cp.float32) < 0.5).astype(dtype)
@@ -194,29 +195,25 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
 
             naive_s = time_events([naive_call] * 3, max(3, args.replays // 4), stream)  # ms-long calls: no graph needed
             del dense
-        xs = {T: cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype)) for T in tokens_list}
-        outs = {T: cp.empty((T, h), dtype=dtype) for T in tokens_list}
-        by_config = {T: {} for T in tokens_list}  # T -> {"lib" or "<warps>w": seconds}
-        packed = [fm.pack_weights(W, p) for W, p in zip(Ws, planes)]
         for T in tokens_list:
-            x, out = xs[T], outs[T]
+            x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
+            out = cp.empty((T, h), dtype=dtype)
+            by_warps = {}
             for warps in args.warps:
                 fm.MMA_WARPS = warps
-                key = "lib" if warps is None else f"{warps}w"
-                by_config[T][key] = time_graph(
+                by_warps[warps] = time_graph(
                     [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
                     args.replays, stream)
             fm.MMA_WARPS = default_warps
-        del packed
-        for T in tokens_list:
-            t = min(by_config[T].values())
+            t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
             rows.append({
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
-                "flash_us": t * 1e6, "flash_us_by_config": {c: v * 1e6 for c, v in by_config[T].items()},
-                "best_config": min(by_config[T], key=by_config[T].get),
+                "flash_us": t * 1e6,
+                "flash_us_by_warps": {("lib" if w is None else str(w)): v * 1e6 for w, v in by_warps.items()},
+                "best_warps": min(by_warps, key=by_warps.get) or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
                 "glu_TBps": 4 * h * d / best_glu / 1e12,
@@ -225,14 +222,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "speedup_vs_naive": (naive_s / t if (naive_s is not None and T == 1) else float("nan")),
             })
             print(_row_md(rows[-1]), flush=True)
-        del planes
+        del packed, planes
     del Ws
     cp.get_default_memory_pool().free_all_blocks()
     return rows
 
 
 HEADER = ("| dtype | d | h | T | n | copy TB/s | FlashMGLU us | TB/s | % copy | GLU cupy us | GLU torch us "
-          "| GLU TB/s | vs GLU | bound | naive us | vs naive | best config | us by config |\n|" + "---|" * 18)
+          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by warps |\n|" + "---|" * 18)
 
 
 def _row_md(r):
@@ -240,8 +237,8 @@ def _row_md(r):
     return (f"| {r['dtype']} | {r['d']} | {r['h']} | {r['T']} | {r['n']} | {f(r['copy_TBps'], 2)} | {f(r['flash_us'])} "
             f"| {f(r['flash_TBps'], 2)} | {f(r['flash_pct_copy'])} | {f(r['glu_cupy_us'])} | {f(r['glu_torch_us'])} "
             f"| {f(r['glu_TBps'], 2)} | {f(r['speedup_vs_glu'], 2)}x | {f(r['bound_vs_glu'], 2)}x | {f(r['naive_us'])} "
-            f"| {f(r['speedup_vs_naive'])}x | {r['best_config']} "
-            f"| {' '.join(f'{c}:{v:.1f}' for c, v in r['flash_us_by_config'].items())} |")
+            f"| {f(r['speedup_vs_naive'])}x | {r['best_warps']} "
+            f"| {' '.join(f'{w}:{v:.1f}' for w, v in r['flash_us_by_warps'].items())} |")
 
 
 def plot(rows, path):

@@ -5,13 +5,14 @@ of the resident-block capacity means the last partial wave costs a whole wave.
 """
 import math
 import sys
+from pathlib import Path
 
 import cupy as cp
 
 from pymglu import dtypes, masks
 from pymglu.cuda import flash_mglu as fm
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import L2_BYTES, time_graph  # noqa: E402
 
 
@@ -21,7 +22,11 @@ def main():
     d = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
     print("| n | strips | waves (at the kernel's occupancy) | us | ns per strip |\n|---|---|---|---|---|")
     for n in (4, 8):
-        name = fm._mma_name(dtypes.bfloat16, n, 1, fm.mma_warps(n, d))
+        warps = fm.mma_warps(n, d)
+        name = fm._mma_name(dtypes.bfloat16, n, 1, warps)
+        regs = fm._cuda.load_module(fm._SOURCE, (name,)).get_function(name).attributes["num_regs"]
+        regs = -(-regs // 8) * 8  # allocation granularity
+        per_sm = min(65536 // (regs * 32 * warps), 32)  # resident blocks per SM (64K registers)
         for strips in range(264, 1849, 66):
             h = 16 * strips
             n_sets = max(2, math.ceil(3 * L2_BYTES / (2 * h * d)))
@@ -33,10 +38,6 @@ def main():
             x = cp.random.standard_normal((1, d), dtype=cp.float32).astype(dtypes.bfloat16)
             out = cp.empty((1, h), dtype=dtypes.bfloat16)
             t = time_graph([lambda k=k: fm.flash_mglu(x, sets[k % n_sets], out=out) for k in range(30)], 15, stream)
-            kern = fm._cuda.load_module(fm._SOURCE, (name,)).get_function(name)
-            regs = kern.attributes["num_regs"]
-            regs = -(-regs // 8) * 8  # allocation granularity
-            per_sm = min(65536 // (regs * 32 * fm.mma_warps(n, d)), 32)
             print(f"| {n} | {strips} | {strips / (per_sm * sms):.2f} ({per_sm}/SM) | {t * 1e6:.1f} | {t * 1e9 / strips:.1f} |",
                   flush=True)
             del sets
