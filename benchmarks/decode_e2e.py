@@ -6,7 +6,9 @@ Usage (on a machine with a CUDA GPU and CuPy):
     python benchmarks/decode_e2e.py --quick                      # 4 layers, fewer repeats
 
 Each model (random weights and random masks, drawn on the GPU) decodes with
-:class:`pymglu.models.GraphDecoder`: a 16-token prompt is prefilled, then ``--steps`` greedy tokens are
+:class:`pymglu.models.GraphDecoder`, with each step kind of ``--kinds``: ``fused`` (one persistent launch
+per token, ``pymglu.cuda.decode_fused``) and ``launches`` (about ten launches per block, cuBLAS
+products and FlashMGLU). A 16-token prompt is prefilled, then ``--steps`` greedy tokens are
 decoded by replaying the captured one-token step back to back, timed with CUDA events on the decoder's
 stream; the median over ``--repeats`` runs (the models take turns) is reported. Same run: a
 device-to-device copy of 1 GiB (the bandwidth ceiling) and the eager cached decode of each model (one
@@ -33,6 +35,7 @@ import numpy as np
 import cupy as cp
 
 import pymglu
+from pymglu.cuda import decode_fused
 from pymglu.models import GraphDecoder, Transformer, TransformerConfig
 from pymglu.nn import _init
 
@@ -131,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=256, help="greedy tokens per timed run")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--eager-steps", type=int, default=16)
+    p.add_argument("--kinds", default="fused,launches", help="step kinds to time, comma-separated")
+    p.add_argument("--prefetch", type=int, nargs="+", default=None,
+                   help="L2 prefetch bytes of the fused step to sweep (default: the library's)")
+    p.add_argument("--fused-warps", type=int, default=None, choices=[8, 16],
+                   help="warps per block of the fused step (default: the library's choice)")
     p.add_argument("--quick", action="store_true", help="4 layers, 5 repeats")
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
@@ -147,45 +155,55 @@ def main(argv: list[str] | None = None) -> int:
 
     copy_bw = copy_bandwidth(args.repeats)
     models = {name: build(cfg, seed) for seed, (name, cfg) in enumerate(variants)}
-    decoders = {name: GraphDecoder(m, 1) for name, m in models.items()}
-    for name in models:  # capture, compile and warm up outside the timed runs
-        time_graph_decode(decoders[name], prompt, 4)
-    graph_s: dict[str, list[float]] = {name: [] for name in models}
+    decode_fused.WARPS_OVERRIDE = args.fused_warps
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"fused", "launches"}:
+        p.error(f"--kinds: expected 'fused' and/or 'launches', got {args.kinds!r}")
+    prefetches = args.prefetch if args.prefetch else [decode_fused.PREFETCH_BYTES]
+    runs = [(kind, pf if kind == "fused" else None) for kind in kinds for pf in (prefetches if kind == "fused" else [None])]
+    decoders = {(name, kind): GraphDecoder(m, 1, fused=kind == "fused") for name, m in models.items() for kind in kinds}
+    for key in decoders:  # capture, compile and warm up outside the timed runs
+        time_graph_decode(decoders[key], prompt, 4)
+    graph_s: dict[tuple, list[float]] = {(name, kind, pf): [] for name in models for kind, pf in runs}
     for _ in range(args.repeats):
-        for name in models:
-            graph_s[name].append(time_graph_decode(decoders[name], prompt, args.steps))
+        for name, kind, pf in graph_s:
+            if pf is not None:
+                decode_fused.PREFETCH_BYTES = pf
+            graph_s[name, kind, pf].append(time_graph_decode(decoders[name, kind], prompt, args.steps))
     eager_s = {name: time_eager_decode(m, prompt, args.eager_steps) for name, m in models.items()}
 
     rows = []
-    base = None
-    for name, model in models.items():
-        b = bytes_per_token(model, mean_position)
-        s = statistics.median(graph_s[name])
-        row = {"variant": name, "params": model.num_weights(), "mask_bits": model.num_mask_bits(),
-               "bytes_per_token": b, "graph_s_per_token": s, "graph_tokens_per_s": 1 / s,
-               "graph_all_s": graph_s[name], "effective_GBps": b["total"] / s / 1e9,
-               "share_of_copy": b["total"] / s / copy_bw, "eager_s_per_token": eager_s[name],
-               "eager_tokens_per_s": 1 / eager_s[name]}
-        if base is None:
-            base = row
-        else:
-            row["speedup"] = base["graph_s_per_token"] / s
-            row["byte_bound"] = base["bytes_per_token"]["total"] / b["total"]
-            row["share_of_bound"] = row["speedup"] / row["byte_bound"]
-            row["share_of_bound_gain"] = (row["speedup"] - 1) / (row["byte_bound"] - 1)
-        rows.append(row)
+    for kind, pf in runs:
+        base = None
+        for name, model in models.items():
+            b = bytes_per_token(model, mean_position)
+            s = statistics.median(graph_s[name, kind, pf])
+            label = kind if pf is None or len(prefetches) == 1 else f"{kind}, prefetch {pf // 1024} KB"
+            row = {"variant": name, "step": label, "prefetch_bytes": pf, "params": model.num_weights(),
+                   "mask_bits": model.num_mask_bits(), "bytes_per_token": b, "graph_s_per_token": s,
+                   "graph_tokens_per_s": 1 / s, "graph_all_s": graph_s[name, kind, pf],
+                   "effective_GBps": b["total"] / s / 1e9, "share_of_copy": b["total"] / s / copy_bw,
+                   "eager_s_per_token": eager_s[name], "eager_tokens_per_s": 1 / eager_s[name]}
+            if base is None:
+                base = row
+            else:
+                row["speedup"] = base["graph_s_per_token"] / s
+                row["byte_bound"] = base["bytes_per_token"]["total"] / b["total"]
+                row["share_of_bound"] = row["speedup"] / row["byte_bound"]
+                row["share_of_bound_gain"] = (row["speedup"] - 1) / (row["byte_bound"] - 1)
+            rows.append(row)
 
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
     lines = [f"Device: {dev}; {args.dtype}, batch 1, d {args.d_model}, h {args.d_ff}, {args.n_layers} layers, "
              f"{args.n_heads} heads, vocab {args.vocab_size} (tied), prompt {PROMPT}, {args.steps} greedy tokens "
              f"per run, median of {args.repeats}; copy bandwidth {copy_bw / 1e9:.0f} GB/s.", "",
-             "| model | weights | MB read per token | graph tokens/s | ms/token | effective GB/s | % of copy "
-             "| eager tokens/s | speed-up over SwiGLU | byte bound | speed-up / bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | step | weights | MB read per token | graph tokens/s | ms/token | effective GB/s | % of copy "
+             "| eager tokens/s | speed-up over SwiGLU (same step) | byte bound | speed-up / bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = (f"{r['speedup']:.3f}x | {r['byte_bound']:.3f}x | {100 * r['share_of_bound']:.1f}% "
                  f"({100 * r['share_of_bound_gain']:.0f}% of the gain)" if "speedup" in r else "— | — | —")
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.0f}M | {r['bytes_per_token']['total'] / 1e6:.1f} "
+        lines.append(f"| {r['variant']} | {r['step']} | {r['params'] / 1e6:.0f}M | {r['bytes_per_token']['total'] / 1e6:.1f} "
                      f"| {r['graph_tokens_per_s']:.0f} | {1e3 * r['graph_s_per_token']:.3f} "
                      f"| {r['effective_GBps']:.0f} | {100 * r['share_of_copy']:.1f}% "
                      f"| {r['eager_tokens_per_s']:.0f} | {extra} |")

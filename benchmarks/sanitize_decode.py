@@ -1,18 +1,20 @@
 """A representative set of graph-decoder launches (pymglu.models.GraphDecoder) for compute-sanitizer.
 
-Ragged widths (d_model 96 in 3 heads of 32, d_ff 136, vocab 97), every dtype, a GLU and an MGLU kind;
-the cache is filled over three attention chunks (67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs.
+Ragged widths (d_model 96 in 3 heads of 32, d_ff 136, vocab 97), every dtype, a GLU and an MGLU kind,
+the multi-launch step and (16-bit dtypes) the fused step; the cache is filled over three attention chunks
+(67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs.
 """
 import numpy as np
 
 from pymglu.models import GraphDecoder, Transformer, TransformerConfig
 
-for dtype in ("bfloat16", "float16", "float32"):
+for dtype, fused in (("bfloat16", False), ("float16", False), ("float32", False), ("bfloat16", True),
+                     ("float16", True)):
     for kind, n in (("swiglu", None), ("swimglu", 3)):
         cfg = TransformerConfig(vocab_size=97, d_model=96, n_layers=2, n_heads=3, d_ff=136, ffn_kind=kind,
                                 n_masks=n, max_seq_len=72, dtype=dtype)
         model = Transformer(cfg, rng=0).to("cuda").eval()
-        decoder = GraphDecoder(model, 2)
+        decoder = GraphDecoder(model, 2, fused=fused)
         logits = decoder.prefill(np.arange(8).reshape(2, 4))
         with decoder.stream:
             decoder._record_step(True)  # an eager step: the sanitizer sees each launch on its own

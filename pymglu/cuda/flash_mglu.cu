@@ -15,38 +15,13 @@
 //   CUDA-core path over the canonical bit-planes (n, h, ceil(d/32)): one warp per row, lane L reads
 //   element 32j + L and bit L of word j; tokens in chunks of 4; shuffle reductions in a fixed order.
 
-#include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace pymglu {
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core path
 // ---------------------------------------------------------------------------------------------
-
-// D (fp32, 16x8) += A (16x16, row) * B (16x8, col) on the tensor cores; TYPE is the PTX operand type.
-#define PYMGLU_MMA_16816(TYPE)                                                                          \
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,       \
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {                   \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                 \
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                          \
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                       \
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                               \
-  }
-
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> { PYMGLU_MMA_16816("bf16") };
-template <> struct Mma<__half> { PYMGLU_MMA_16816("f16") };
-#undef PYMGLU_MMA_16816
-
-// Two 0x0000/0xFFFF halfwords from the MSBs of bytes 0 and 1 (sel 0x9988) or 2 and 3 (sel 0xBBAA).
-__device__ __forceinline__ uint32_t halfword_mask(uint32_t word, uint32_t selector) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(word), "r"(selector));
-  return r;
-}
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
-__device__ __forceinline__ uint32_t load_stream(const uint32_t* p) { return __ldcs(reinterpret_cast<const unsigned int*>(p)); }
 
 __device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
@@ -162,14 +137,9 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
       for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_t[nt], w[q].x, w[q].y, w[q].z, w[q].w, b[q][nt][0], b[q][nt][1]);
 #pragma unroll
       for (int i = 0; i < N_MASKS; ++i) {
-        const uint32_t s0 = m[i] << (2 * q);
-        const uint32_t s1 = s0 << 1;
-        const uint32_t a0 = w[q].x & halfword_mask(s0, 0x9988u);
-        const uint32_t a1 = w[q].y & halfword_mask(s0, 0xBBAAu);
-        const uint32_t a2 = w[q].z & halfword_mask(s1, 0x9988u);
-        const uint32_t a3 = w[q].w & halfword_mask(s1, 0xBBAAu);
+        const uint4 a = masked_fragment(w[q], m[i], q);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_s[i][nt], a0, a1, a2, a3, b[q][nt][0], b[q][nt][1]);
+        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_s[i][nt], a.x, a.y, a.z, a.w, b[q][nt][0], b[q][nt][1]);
       }
     }
   }

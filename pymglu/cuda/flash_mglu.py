@@ -38,7 +38,7 @@ from pymglu import masks as _masks
 from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "flash_mglu", "kernel_names"]
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "tile_matrix", "flash_mglu", "kernel_names"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
@@ -137,15 +137,23 @@ def pack_weights(W: Any, packed_masks: Any) -> FlashMGLUWeights:
         if dtype == float32:
             return FlashMGLUWeights(cp.ascontiguousarray(W), cp.ascontiguousarray(packed_masks), h, d, n, dtype)
         strips, groups = -(-h // 16), -(-d // 64)
-        w16 = cp.zeros((strips * 16, groups * 64), dtype=cp.uint16)
-        w16[:h, :d] = cp.ascontiguousarray(W).view(cp.uint16)
-        # (S, rh, g, G, q, ch, c, e) -> (S, G, q, g, c, ch, rh, e): row = 8 rh + g, col = 16 q + 8 ch + 2 c + e
-        w_tiles = w16.reshape(strips, 2, 8, groups, 4, 2, 4, 2).transpose(0, 3, 4, 2, 6, 5, 1, 7)
-        w_tiles = cp.ascontiguousarray(w_tiles).reshape(strips, groups, 4, 32, 8).view(W.dtype)
+        w_tiles = tile_matrix(cp, W)
         words = cp.empty((strips, groups, n, 32), dtype=cp.uint32)
         for i in range(n):
             words[:, :, i, :] = _mask_words_one_plane(cp, packed_masks[i], h, d, strips, groups)
     return FlashMGLUWeights(w_tiles, words, h, d, n, dtype)
+
+
+def tile_matrix(xp: Any, W: Any) -> Any:
+    """``W`` ``(R, K)`` (16-bit floats, NumPy or CuPy) as the tensor-core tile format ``(ceil(R/16),
+    ceil(K/64), 4, 32, 8)`` of the module docstring, zero-padded past ``R`` and ``K``; same dtype."""
+    R, K = (int(s) for s in W.shape)
+    strips, groups = -(-R // 16), -(-K // 64)
+    w16 = xp.zeros((strips * 16, groups * 64), dtype=xp.uint16)
+    w16[:R, :K] = xp.ascontiguousarray(W).view(xp.uint16)
+    # (S, rh, g, G, q, ch, c, e) -> (S, G, q, g, c, ch, rh, e): row = 8 rh + g, col = 16 q + 8 ch + 2 c + e
+    tiles = w16.reshape(strips, 2, 8, groups, 4, 2, 4, 2).transpose(0, 3, 4, 2, 6, 5, 1, 7)
+    return xp.ascontiguousarray(tiles).reshape(strips, groups, 4, 32, 8).view(W.dtype)
 
 
 def _bit_positions(cp: Any) -> Any:

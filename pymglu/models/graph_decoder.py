@@ -28,6 +28,12 @@ kinds, ``2 h d`` elements per block). A decoder reads the parameters as they wer
 :meth:`is_current` says whether they (or the MGLU masks) changed since, and :func:`decoder_for` rebuilds
 it then.
 
+**Fused step.** For bfloat16 and float16 models of at most 8 sequences (and the other limits of
+:func:`pymglu.cuda.decode_fused.unsupported_reason`) the recorded step is one launch of a persistent kernel
+that runs every block (:class:`pymglu.cuda.decode_fused.FusedDecodeStep`) instead of the launches above;
+``GraphDecoder(model, batch, fused=...)`` chooses (``None``: fused where served). Its arithmetic is the
+same (float32 sums, one rounding per stored value; the residual adds round ``x + y`` once, like cuBLAS).
+
 Served: models on CuPy in float32, float16 or bfloat16, with a gated feed-forward kind (GLU or MGLU
 family, at most :data:`pymglu.cuda.flash_mglu.MAX_MASKS` masks) and attention heads of at most
 :data:`pymglu.cuda.decode_step.MAX_HEAD_DIM` values. :func:`unsupported_reason`
@@ -110,9 +116,13 @@ class GraphDecoder:
     Args:
         model: a :class:`pymglu.models.Transformer` on CuPy that :func:`unsupported_reason` accepts.
         batch: number of sequences decoded together (>= 1).
+        fused: record the step as one fused launch (``True``; ``ValueError`` when
+            :func:`pymglu.cuda.decode_fused.unsupported_reason` names a reason), as the multi-launch step
+            (``False``), or the fused step where it is served (``None``).
 
     Attributes:
         cache: the decoder's own :class:`KVCache` (``batch`` sequences, ``max_seq_len`` positions).
+        fused: whether the step is the fused launch (and ``fused_step`` its :class:`FusedDecodeStep`).
         stream: the non-blocking CuPy stream every call of the decoder runs on.
 
     Use: :meth:`prefill` a window of tokens (eager model call that fills the cache), then
@@ -124,26 +134,32 @@ class GraphDecoder:
         ValueError: a model the decoder does not serve (the message says why).
     """
 
-    def __init__(self, model: Any, batch: int) -> None:
+    def __init__(self, model: Any, batch: int, fused: bool | None = None) -> None:
         import cupy as cp
 
         from pymglu import _checks
-        from pymglu.cuda import decode_step
+        from pymglu.cuda import decode_fused, decode_step
         from pymglu.cuda.decode_step import DecodeKernels
 
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"model: GraphDecoder cannot decode this model: {reason}")
         self.batch = B = _checks.check_positive_int("batch", batch)
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused: expected None, True or False, got {fused!r}")
+        fused_reason = decode_fused.unsupported_reason(model.config, B)
+        if fused and fused_reason is not None:
+            raise ValueError(f"fused=True: the fused decode step cannot serve this model: {fused_reason}")
+        self.fused = fused_reason is None if fused is None else fused
         self.model = model
         c = self.config = model.config
         dt = c.np_dtype
         self._key = _parameter_key(model)
-        self.kernels = DecodeKernels(dt)
+        self.kernels = None if self.fused else DecodeKernels(dt)
         self.stream = cp.cuda.Stream(non_blocking=True)
         cp.cuda.Device().synchronize()  # parameters written on other streams are complete
         with self.stream:
-            self.blocks = [_Block(b) for b in model.layers]
+            self.blocks = [] if self.fused else [_Block(b) for b in model.layers]
             self.embed_table = model.embed.weight.data
             self.final_norm = model.norm.weight.data
             self.head = model.embed.weight.data if c.tie_embeddings else model.head.weight.data
@@ -161,6 +177,7 @@ class GraphDecoder:
             self.hidden = cp.empty((B, h), dtype=dt)
             self.logits = cp.empty((B, c.vocab_size), dtype=dt)
             self.attention_workspace = decode_step.attention_workspace(B, H, Dh, c.max_seq_len)
+            self.fused_step = decode_fused.FusedDecodeStep(self) if self.fused else None
         self._graphs: dict[bool, Any] = {}
 
     # ------------------------------------------------------------------ the step
@@ -169,6 +186,9 @@ class GraphDecoder:
         from pymglu.cuda.flash_mglu import flash_mglu
         from pymglu.cuda.gemm import gemm
 
+        if self.fused_step is not None:
+            self.fused_step.launch(greedy)
+            return
         k, c = self.kernels, self.config
         k.embed(self.ids, self.embed_table, self.x)
         for i, blk in enumerate(self.blocks):

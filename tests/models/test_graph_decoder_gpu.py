@@ -41,9 +41,13 @@ def rel_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+#: (dtype, fused): the multi-launch step for every dtype, the fused step for the 16-bit ones
+STEPS = [("float32", False), ("float16", False), ("bfloat16", False), ("float16", True), ("bfloat16", True)]
+
+
+@pytest.mark.parametrize("dtype, fused", STEPS, ids=[f"{d}-{'fused' if f else 'launches'}" for d, f in STEPS])
 @pytest.mark.parametrize("kind, n_masks", KINDS, ids=[k for k, _ in KINDS])
-def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype):
+def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype, fused):
     import cupy as cp
 
     from pymglu import no_grad
@@ -53,7 +57,8 @@ def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype):
     rng = np.random.default_rng(seed)
     B, prompt = 3, rng.integers(0, 97, size=(3, 5))
     steps = rng.integers(0, 97, size=(B, 14))  # fill the cache up to max_seq_len = 20 (5 + 14 + 1)
-    decoder = GraphDecoder(model, B)
+    decoder = GraphDecoder(model, B, fused=fused)
+    assert decoder.fused == fused
     with no_grad():
         cache = model.new_cache(B)
         want_first = cp.asnumpy(model(cp.asarray(prompt), cache=cache, last_only=True).data[:, -1])
@@ -70,8 +75,8 @@ def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype):
         assert rel_err(cp.asnumpy(mine[:, :, :19]), cp.asnumpy(ref[:, :, :19])) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_long_context_spans_several_attention_chunks(dtype):
+@pytest.mark.parametrize("dtype, fused", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_long_context_spans_several_attention_chunks(dtype, fused):
     """150 positions: the attention runs over five chunks of 32, a partial one last; heads of width 64."""
     import cupy as cp
 
@@ -80,7 +85,7 @@ def test_long_context_spans_several_attention_chunks(dtype):
     model = make_model("swimglu", 2, dtype, 21, d_model=128, n_heads=2, max_seq_len=150)
     rng = np.random.default_rng(21)
     prompt, steps = rng.integers(0, 97, size=(2, 40)), rng.integers(0, 97, size=(2, 109))
-    decoder = GraphDecoder(model, 2)
+    decoder = GraphDecoder(model, 2, fused=fused)
     with no_grad():
         cache = model.new_cache(2)
         model(cp.asarray(prompt), cache=cache, last_only=True)
@@ -161,3 +166,61 @@ def test_models_the_decoder_does_not_serve():
         decoder.greedy([1, 2], 2)
     with pytest.raises(ValueError, match="tokens"):
         decoder.prefill(np.ones((3, 4), dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- fused step
+@pytest.mark.parametrize("kind, n_masks, batch", [("swiglu", None, 1), ("swimglu", 4, 8), ("swimglu", 5, 2),
+                                                  ("remglu", 8, 1), ("geglu", None, 5)])
+def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch):
+    """Both steps on one model (float16: finer than bfloat16, so the two roundings orders stay close),
+    ragged widths (d 160, h 200, vocab 97), heads of 32; every step's logits, and the caches."""
+    model = make_model(kind, n_masks, "float16", 31, d_model=160, n_heads=5, d_ff=200, max_seq_len=40)
+    rng = np.random.default_rng(31)
+    prompt, steps = rng.integers(0, 97, size=(batch, 6)), rng.integers(0, 97, size=(batch, 30))
+    fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
+    fused.prefill(prompt)
+    launches.prefill(prompt)
+    for t in range(steps.shape[1]):
+        fused.logits.fill(np.nan)
+        want = launches.step(steps[:, t])
+        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+    import cupy as cp
+
+    for mine, ref in zip(fused.cache.keys + fused.cache.values, launches.cache.keys + launches.cache.values):
+        assert rel_err(cp.asnumpy(mine[:, :, :36]), cp.asnumpy(ref[:, :, :36])) < 2e-3
+
+
+def test_fused_greedy_tokens_follow_their_own_logits():
+    """Greedy replays back to back (no host sync between them) choose the argmax of each step's logits:
+    the same tokens as one-step calls that return the logits; the counters of the grid barrier are
+    back at zero after every launch."""
+    model = make_model("swimglu", 4, "bfloat16", 8, d_model=128, n_heads=4, d_ff=256, max_seq_len=64)
+    prompt = np.random.default_rng(8).integers(0, 97, size=(2, 5))
+    decoder = GraphDecoder(model, 2, fused=True)
+    first = decoder.prefill(prompt).astype(np.float32).argmax(axis=-1)
+    tokens = decoder.greedy(first, 40)
+    decoder.prefill(prompt)
+    last, stepped = first, []
+    for _ in range(40):
+        last = decoder.step(last).astype(np.float32).argmax(axis=-1)
+        stepped.append(last)
+    np.testing.assert_array_equal(tokens, np.stack(stepped, axis=1))
+    assert decoder.fused_step.sync.get().tolist() == [0, 0]
+    assert not decoder.fused_step.head_count.get().any()
+
+
+def test_fused_step_choice_and_refusals():
+    big_batch = make_model("swiglu", None, "bfloat16", 3)
+    decoder = GraphDecoder(big_batch, 9)  # more sequences than the fused step serves: the launches
+    assert not decoder.fused and decoder.fused_step is None
+    with pytest.raises(ValueError, match="at most 8 sequences"):
+        GraphDecoder(big_batch, 9, fused=True)
+    assert GraphDecoder(big_batch, 3).fused
+    with pytest.raises(ValueError, match="dtype is float32"):
+        GraphDecoder(make_model("swiglu", None, "float32", 3), 1, fused=True)
+    narrow = make_model("swiglu", None, "bfloat16", 3, n_heads=4)  # heads of 24 values
+    with pytest.raises(ValueError, match="multiple of 16"):
+        GraphDecoder(narrow, 1, fused=True)
+    assert not GraphDecoder(narrow, 1).fused
+    with pytest.raises(TypeError, match="fused"):
+        GraphDecoder(narrow, 1, fused="yes")
