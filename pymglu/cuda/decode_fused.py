@@ -34,7 +34,7 @@ from pymglu import cuda as _cuda
 from pymglu.dtypes import bfloat16, float16
 
 __all__ = ["MAX_TOKENS", "MAX_MASKS", "PREFETCH_BYTES", "kernel_names", "warps_per_block", "mask_capacity", "qkv_row_order",
-           "glu_row_order", "choose_teams", "unsupported_reason", "FusedDecodeStep"]
+           "glu_row_order", "pack_layer", "choose_teams", "unsupported_reason", "FusedDecodeStep"]
 
 _SOURCE = "decode_fused.cu"
 
@@ -53,7 +53,8 @@ CHUNK = 32
 #: largest head width (8 values per lane).
 MAX_HEAD_DIM = 256
 #: bytes of weights each block prefetches into L2 ahead of the strips it computes (per phase round and
-#: before each barrier); 0 turns the prefetches off. Read at every launch (benchmarks sweep it).
+#: before each barrier); 0 turns the prefetches off. Read at every launch (benchmarks sweep it). On the
+#: H200 0, 64 KB and 256 KB were within 1% of each other (docs/benchmarks.md, the fused step).
 PREFETCH_BYTES = 64 * 1024
 
 _DTYPES = (bfloat16, float16)
@@ -72,6 +73,8 @@ def mask_capacity(n_masks: int) -> int:
 
 #: benchmarks only: force 8 or 16 warps per block (instances outside kernel_names() compile at first use)
 WARPS_OVERRIDE: int | None = None
+#: benchmarks only: teams per block of some products, e.g. ``{"up": 2}`` (else :func:`choose_teams`)
+TEAMS_OVERRIDE: dict[str, int] = {}
 
 
 def warps_per_block(capacity: int, arch: str) -> int:
@@ -281,6 +284,10 @@ class FusedDecodeStep:
             "down": choose_teams(d // 16, self.grid, self.warps),
             "logits": choose_teams(-(-V // 16), self.grid, self.warps),
         }
+        for phase, teams in TEAMS_OVERRIDE.items():
+            if phase not in self.teams or teams not in (1, 2, 4) or self.warps // teams < 4:
+                raise ValueError(f"TEAMS_OVERRIDE: {phase}={teams} is not a product and team count this step runs")
+            self.teams[phase] = teams
         self.barriers = 5 * c.n_layers
         self.trace = None
         self._activation = _cuda.ACTIVATION_CODES[model.layers[0].ffn.up.activation]
