@@ -39,8 +39,13 @@ constexpr int FUSED_CHUNK = 32;
 constexpr int FUSED_MAX_LANE_ELEMS = 8;  // head_dim <= 256
 // Groups each warp loads ahead of its products (dense products, MGLU products), by warps per block:
 // fewer warps, more registers per thread, deeper lookahead.
+// (sm_100+: one group, the deeper lookahead spilled on sm_120.)
 template <int WARPS, int NM> struct Ahead {
+#if __CUDA_ARCH__ >= 1000
+  static constexpr int dense = 1, mglu = 1;
+#else
   static constexpr int dense = NM <= 8 ? 4 : 2, mglu = NM <= 4 ? 3 : NM <= 8 ? 2 : 1;
+#endif
 };
 template <int NM> struct Ahead<16, NM> { static constexpr int dense = 1, mglu = 1; };
 

@@ -44,10 +44,10 @@ MAX_TOKENS = 8
 MAX_MASKS = 16
 #: compile-time mask capacities (the launch's mask count runs on the smallest one that holds it).
 _CAPACITIES = (4, 8, 16)
-#: architectures (compute capability major) whose compiler fits the GLU and 4-mask instances in 128
-#: registers, so that they run 16 warps per block; other instances and architectures run 8 (sm_120
-#: spilled at 16, tests/cuda/test_compile_kernels.py).
-_SIXTEEN_WARP_MAJORS = (8, 9)
+#: architectures whose compiler fits the GLU and 4-mask instances in 128 registers, so that they run 16
+#: warps per block; other instances and architectures run 8 (sm_86, sm_89 and sm_120 spilled at 16,
+#: tests/cuda/test_compile_kernels.py).
+_SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
 #: cached positions per attention work item (decode_fused.cu FUSED_CHUNK; decode_step.ATTENTION_CHUNK).
 CHUNK = 32
 #: largest head width (8 values per lane).
@@ -81,8 +81,7 @@ def warps_per_block(capacity: int, arch: str) -> int:
     """Warps per block of the instance with mask ``capacity`` on ``arch`` (``"sm_90"``)."""
     if WARPS_OVERRIDE is not None:
         return WARPS_OVERRIDE
-    major = int(arch.removeprefix("sm_")) // 10
-    return 16 if capacity <= 4 and major in _SIXTEEN_WARP_MAJORS else 8
+    return 16 if capacity <= 4 and arch in _SIXTEEN_WARP_ARCHS else 8
 
 
 def _kernel_name(dtype: Any, capacity: int, warps: int) -> str:

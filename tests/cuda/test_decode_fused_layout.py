@@ -105,3 +105,4 @@ def test_mask_capacities_and_instances():
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 16>" in names
     assert "pymglu::decode_fused<__half, 16, 8>" in names
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_120")
+    assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_86")
