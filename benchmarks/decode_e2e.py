@@ -135,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--eager-steps", type=int, default=16)
     p.add_argument("--kinds", default="fused,launches", help="step kinds to time, comma-separated")
-    p.add_argument("--prefetch", type=int, nargs="+", default=None,
-                   help="L2 prefetch bytes of the fused step to sweep (default: the library's)")
     p.add_argument("--fused-warps", type=int, default=None, choices=[8, 16],
                    help="warps per block of the fused step (default: the library's choice)")
     p.add_argument("--quick", action="store_true", help="4 layers, 5 repeats")
@@ -159,29 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - {"fused", "launches"}:
         p.error(f"--kinds: expected 'fused' and/or 'launches', got {args.kinds!r}")
-    prefetches = args.prefetch if args.prefetch else [decode_fused.PREFETCH_BYTES]
-    runs = [(kind, pf if kind == "fused" else None) for kind in kinds for pf in (prefetches if kind == "fused" else [None])]
     decoders = {(name, kind): GraphDecoder(m, 1, fused=kind == "fused") for name, m in models.items() for kind in kinds}
     for key in decoders:  # capture, compile and warm up outside the timed runs
         time_graph_decode(decoders[key], prompt, 4)
-    graph_s: dict[tuple, list[float]] = {(name, kind, pf): [] for name in models for kind, pf in runs}
+    graph_s: dict[tuple[str, str], list[float]] = {key: [] for key in decoders}
     for _ in range(args.repeats):
-        for name, kind, pf in graph_s:
-            if pf is not None:
-                decode_fused.PREFETCH_BYTES = pf
-            graph_s[name, kind, pf].append(time_graph_decode(decoders[name, kind], prompt, args.steps))
+        for key in graph_s:
+            graph_s[key].append(time_graph_decode(decoders[key], prompt, args.steps))
     eager_s = {name: time_eager_decode(m, prompt, args.eager_steps) for name, m in models.items()}
 
     rows = []
-    for kind, pf in runs:
+    for kind in kinds:
         base = None
         for name, model in models.items():
             b = bytes_per_token(model, mean_position)
-            s = statistics.median(graph_s[name, kind, pf])
-            label = kind if pf is None or len(prefetches) == 1 else f"{kind}, prefetch {pf // 1024} KB"
-            row = {"variant": name, "step": label, "prefetch_bytes": pf, "params": model.num_weights(),
+            s = statistics.median(graph_s[name, kind])
+            row = {"variant": name, "step": kind, "params": model.num_weights(),
                    "mask_bits": model.num_mask_bits(), "bytes_per_token": b, "graph_s_per_token": s,
-                   "graph_tokens_per_s": 1 / s, "graph_all_s": graph_s[name, kind, pf],
+                   "graph_tokens_per_s": 1 / s, "graph_all_s": graph_s[name, kind],
                    "effective_GBps": b["total"] / s / 1e9, "share_of_copy": b["total"] / s / copy_bw,
                    "eager_s_per_token": eager_s[name], "eager_tokens_per_s": 1 / eager_s[name]}
             if base is None:

@@ -24,12 +24,12 @@
 //   pairs (j, j + Dh/2) of q and k, gate and value rows of GLU.
 //
 //   Memory: data written during the launch by other blocks is read with ld.global.cg (L2, never a
-//   stale L1 line), after a barrier (release: __threadfence before the arrival; acquire: ld.acquire on
-//   the counter). Before waiting at a barrier each block prefetches into L2 the weights of its first
-//   strips of the next phase, and during a phase those of its next round, so that HBM keeps streaming
-//   while blocks wait. Arithmetic: float32 accumulation, one rounding to T per stored value, as the
+//   stale L1 line), after a barrier (release on the arrival, acquire on the counter). Each warp loads its
+//   groups of tiles one or more groups ahead of its products along the whole phase, across strips.
+//   Arithmetic: float32 accumulation, one rounding to T per stored value, as the
 //   multi-launch step (decode_step.cu) and the eager model; no float atomics (same inputs, same bits).
 
+#include "block_reduce.cuh"
 #include "tensor_core.cuh"
 
 namespace pymglu {
@@ -68,7 +68,6 @@ template <typename T>
 struct FusedCtx {
   int B, d, h, H, Dh, V, capacity, act, pos;
   float eps, scale;
-  unsigned prefetch_bytes;
   int xs_stride;
   T* xs;          // shared: (B, xs_stride) staged input of the current product
   float* red;     // shared: (WARPS, 128) partial sums of one 16 x 8 tile per warp
@@ -117,24 +116,21 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
-// Grid barrier, split so that a block can issue prefetches between its arrival and its wait.
 template <typename T>
 __device__ __forceinline__ void trace_event(FusedCtx<T>& cx, int event) {
   if (cx.trace != nullptr && threadIdx.x == 0) cx.trace[(size_t)event * gridDim.x + blockIdx.x] = global_ns();
 }
 
+// Grid barrier over a monotonic arrival counter: thread 0 arrives with release semantics (the block's
+// writes, ordered before it by bar.sync, become visible first) and spins with acquire loads until every
+// block of the grid has arrived.
 template <typename T>
-__device__ __forceinline__ void barrier_arrive(FusedCtx<T>& cx) {
+__device__ __forceinline__ void grid_sync(FusedCtx<T>& cx) {
   __syncthreads();
   trace_event(cx, 1 + 2 * (cx.target / gridDim.x));
-  if (threadIdx.x == 0)  // release: the block's writes (ordered before by bar.sync) are visible first
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cx.counter) : "memory");
   cx.target += gridDim.x;
-}
-
-template <typename T>
-__device__ __forceinline__ void barrier_wait(FusedCtx<T>& cx) {
   if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cx.counter) : "memory");
     if (load_acquire(cx.counter) < cx.target) {
       const unsigned long long start = global_ns();
       while (load_acquire(cx.counter) < cx.target) {
@@ -148,57 +144,6 @@ __device__ __forceinline__ void barrier_wait(FusedCtx<T>& cx) {
   }
   trace_event(cx, 2 * (cx.target / gridDim.x));
   __syncthreads();
-}
-
-// Asks for `bytes` (a multiple of 16, 16-byte aligned) at p in L2, spread over the block's threads: bulk
-// prefetches of 4 KB (sm_90+, the copy engine), else one prefetch per 128-byte line.
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
-  const char* c = static_cast<const char*>(p);
-#if __CUDA_ARCH__ >= 900
-  for (size_t off = (size_t)threadIdx.x * 4096; off < bytes; off += (size_t)blockDim.x * 4096) {
-    const unsigned size = (unsigned)min((size_t)4096, bytes - off);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c + off), "r"(size) : "memory");
-  }
-#else
-  for (size_t off = (size_t)threadIdx.x * 128; off < bytes; off += (size_t)blockDim.x * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-#endif
-}
-
-// This block's strips of round `round` of a product: strips (round * grid + block) * teams + [0, teams).
-__device__ __forceinline__ void prefetch_round(const uint4* tiles, const uint32_t* masks, int n_masks, int strips,
-                                               int groups, int teams, int round, unsigned limit) {
-  const int first = (round * gridDim.x + blockIdx.x) * teams;
-  if (limit == 0 || first >= strips) return;
-  const int count = min(teams, strips - first);
-  const size_t wb = (size_t)groups * 2048;
-  prefetch_l2(reinterpret_cast<const char*>(tiles) + first * wb, min((size_t)count * wb, (size_t)limit));
-  if (n_masks > 0) {
-    const size_t mb = (size_t)groups * n_masks * 128;
-    prefetch_l2(reinterpret_cast<const char*>(masks) + first * mb, min((size_t)count * mb, (size_t)limit));
-  }
-}
-
-__device__ __forceinline__ float block_max_all(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = lane < warps ? scratch[lane] : -__int_as_float(0x7f800000);
-  for (int o = 16; o > 0; o >>= 1) total = fmaxf(total, __shfl_xor_sync(0xffffffffu, total, o));
-  return total;
-}
-
-__device__ __forceinline__ float block_sum_all(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = lane < warps ? scratch[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-  return total;
 }
 
 // xs[b, k] = src[b, k] (norm == nullptr) or src[b, k] / sqrt(mean(src[b]^2) + eps) * norm[k], rounded
@@ -231,7 +176,7 @@ __device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, cons
     }
     for (int k = K + threadIdx.x; k < KP; k += blockDim.x) out[k] = from_float<T>(0.0f);
     if (norm) {
-      const float total = block_sum_all(acc, cx.scratch);
+      const float total = block_sum(acc, cx.scratch);
       if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(total / (float)K + cx.eps);
     }
   }
@@ -509,13 +454,13 @@ __device__ void attention_phase(FusedCtx<T>& cx, const FusedLayer& L, float* sme
         cx.chunk_w[cc] = __ldcg(pm + cc);
         mine = fmaxf(mine, cx.chunk_w[cc]);
       }
-      const float Mh = block_max_all(mine, cx.scratch);  // finite: every chunk in use has a position
+      const float Mh = block_max(mine, cx.scratch);  // finite: every chunk in use has a position
       float part = 0.0f;
       for (int cc = threadIdx.x; cc < used; cc += blockDim.x) {
         cx.chunk_w[cc] = expf(cx.chunk_w[cc] - Mh);
         part += __ldcg(ps + cc) * cx.chunk_w[cc];
       }
-      const float inv = 1.0f / block_sum_all(part, cx.scratch);  // also publishes chunk_w to the block
+      const float inv = 1.0f / block_sum(part, cx.scratch);  // also publishes chunk_w to the block
       const int b = bh / cx.H, head = bh % cx.H;
       for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
         const float* acc_j = cx.part_acc + (size_t)bh * chunks * Dh + j;
@@ -564,12 +509,12 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
              const float2* __restrict__ rope, int* ids, int* history, int history_stride, int* state, unsigned* sync,
              int n_masks, int B, int d, int h, int H, int Dh, int V, int capacity, int act, int teams, int xs_stride,
              int union_floats,
-             unsigned prefetch_bytes, float eps, float scale, int greedy, unsigned long long* trace) {
+             float eps, float scale, int greedy, unsigned long long* trace) {
   extern __shared__ float4 fused_smem[];
   FusedCtx<T> cx;
   cx.B = B; cx.d = d; cx.h = h; cx.H = H; cx.Dh = Dh; cx.V = V; cx.capacity = capacity; cx.act = act;
   cx.pos = state[0];
-  cx.eps = eps; cx.scale = scale; cx.prefetch_bytes = prefetch_bytes; cx.xs_stride = xs_stride;
+  cx.eps = eps; cx.scale = scale; cx.xs_stride = xs_stride;
   cx.red = reinterpret_cast<float*>(fused_smem);
   cx.scratch = cx.red + WARPS * 128;
   float* union_area = cx.scratch + 64;  // staged input, or the attention's per-warp partials
@@ -602,37 +547,23 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
       stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);
     }
     product_phase<T, 0, EPI_QKV, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
-    barrier_arrive(cx);
-    prefetch_round(L.wo, nullptr, 0, d / 16, gd, t_o, 0, prefetch_bytes);
-    barrier_wait(cx);
+    grid_sync(cx);
     // 2. attention
     attention_phase<T>(cx, L, union_area);
-    barrier_arrive(cx);
-    barrier_wait(cx);
+    grid_sync(cx);
     // 3. o
     stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);
     product_phase<T, 0, EPI_RESIDUAL, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o);
-    barrier_arrive(cx);
-    prefetch_round(L.wup, L.mup, n_masks, up_strips, gd, t_up, 0, prefetch_bytes);
-    barrier_wait(cx);
+    grid_sync(cx);
     // 4. up
     stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
     if constexpr (N_MASKS > 0) product_phase<T, N_MASKS, EPI_GLU, Ahead<WARPS, N_MASKS>::mglu>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up);
     else product_phase<T, 0, EPI_GLU, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up);
-    barrier_arrive(cx);
-    prefetch_round(L.wdown, nullptr, 0, d / 16, gh, t_down, 0, prefetch_bytes);
-    barrier_wait(cx);
+    grid_sync(cx);
     // 5. down
     stage_input<T>(cx, hidden, nullptr, nullptr, h, gh * 64);
     product_phase<T, 0, EPI_RESIDUAL, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down);
-    barrier_arrive(cx);
-    if (l + 1 < n_layers) {
-      const FusedLayer N = layers[l + 1];
-      prefetch_round(N.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv, 0, prefetch_bytes);
-    } else {
-      prefetch_round(head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head, 0, prefetch_bytes);
-    }
-    barrier_wait(cx);
+    grid_sync(cx);
   }
   // final norm and logits
   stage_input<T>(cx, x, nullptr, final_norm, d, gd * 64);

@@ -4,8 +4,8 @@
 about ten kernels per block, cuBLAS products) pays a fixed cost per launch that is as large as the
 time its bytes take on an H200 (docs/benchmarks.md). :class:`FusedDecodeStep` replaces the whole step by
 one persistent kernel (``decode_fused.cu``): one block per SM, grid barriers between the phases of each
-transformer block, every weight read once in FlashMGLU's tile format, L2 prefetches of the next phase's
-weights issued before each barrier.
+transformer block, every weight read once in FlashMGLU's tile format, each warp loading its weights
+ahead of its products across strips.
 
 What it serves (:func:`unsupported_reason` names what rules a model out; the decoder then uses the
 multi-launch step): bfloat16 or float16 models with a gated feed-forward (GLU kinds, or MGLU kinds with at
@@ -33,7 +33,7 @@ import numpy as np
 from pymglu import cuda as _cuda
 from pymglu.dtypes import bfloat16, float16
 
-__all__ = ["MAX_TOKENS", "MAX_MASKS", "PREFETCH_BYTES", "kernel_names", "warps_per_block", "mask_capacity", "qkv_row_order",
+__all__ = ["MAX_TOKENS", "MAX_MASKS", "kernel_names", "warps_per_block", "mask_capacity", "qkv_row_order",
            "glu_row_order", "pack_layer", "choose_teams", "unsupported_reason", "FusedDecodeStep"]
 
 _SOURCE = "decode_fused.cu"
@@ -52,11 +52,6 @@ _SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
 CHUNK = 32
 #: largest head width (8 values per lane).
 MAX_HEAD_DIM = 256
-#: bytes of weights each block prefetches into L2 ahead of the strips it computes (per phase round and
-#: before each barrier); 0 turns the prefetches off. Read at every launch (benchmarks sweep it). On the
-#: H200 0, 64 KB and 256 KB were within 1% of each other (docs/benchmarks.md, the fused step).
-PREFETCH_BYTES = 64 * 1024
-
 _DTYPES = (bfloat16, float16)
 _LAYER_FIELDS = 9  # pointers per FusedLayer (decode_fused.cu)
 
@@ -241,13 +236,13 @@ class FusedDecodeStep:
         self.warps = warps_per_block(cap, _device_arch())
         name = _kernel_name(c.np_dtype, cap, self.warps)
         self.kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
-        dev = cp.cuda.Device()
-        self.grid = int(cp.cuda.runtime.getDeviceProperties(dev.id)["multiProcessorCount"])
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        self.grid = int(props["multiProcessorCount"])
         self.smem, self.xs_stride, self._union_floats = _smem_layout(B, d, h, Dh, c.max_seq_len, self.warps)
         if self.smem > 48 * 1024:
             self.kernel.max_dynamic_shared_size_bytes = self.smem
         regs = int(self.kernel.num_regs)
-        if regs * 32 * self.warps > int(cp.cuda.runtime.getDeviceProperties(dev.id)["regsPerMultiprocessor"]):
+        if regs * 32 * self.warps > int(props["regsPerMultiprocessor"]):
             raise ValueError(f"model: the fused step's blocks ({regs} registers per thread) do not fit one per SM")
 
         self._keep: list[Any] = []  # every array the layer table points into
@@ -315,6 +310,6 @@ class FusedDecodeStep:
              i32(dec.history.shape[1]), dec.state, self.sync, i32(self.n_masks), i32(dec.batch), i32(c.d_model),
              i32(c.d_ff), i32(c.n_heads), i32(c.head_dim), i32(c.vocab_size), i32(c.max_seq_len),
              i32(self._activation), i32(teams), i32(self.xs_stride), i32(self._union_floats),
-             np.uint32(PREFETCH_BYTES), np.float32(c.norm_eps), np.float32(self._scale), i32(1 if greedy else 0),
+             np.float32(c.norm_eps), np.float32(self._scale), i32(1 if greedy else 0),
              self.trace if self.trace is not None else np.uintp(0)),
             shared_mem=self.smem)

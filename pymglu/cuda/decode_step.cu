@@ -5,25 +5,13 @@
 // Arithmetic follows the reference ops (pymglu/autograd/ops): float32 inside, one rounding to the
 // storage dtype T on the way out, the rotary angles formed in double.
 #include "common.cuh"
+#include "block_reduce.cuh"
 
 namespace pymglu {
 
 constexpr int DECODE_THREADS = 256;
 // NVRTC has no <math.h> macros.
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
-
-// Sum of one float per thread over the block (blockDim.x a multiple of 32, at most 1024); every thread
-// gets the total. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = lane < warps ? scratch[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-  return total;
-}
 
 // out[b, :] = table[ids[b], :]. Grid: B blocks.
 template <typename T>
