@@ -15,7 +15,8 @@
 //     5. down:     x += hidden W_down^T;
 //   then the final RMSNorm and the logits, and in the last block to finish the greedy argmax and the
 //   position update. Every product reads its weight in FlashMGLU's tile format (16-row strips of
-//   64-column groups, mma.m16n8k16 A fragments; flash_mglu.py), with the input vector (up to
+//   64-column groups, mma.m16n8k16 A fragments; flash_mglu.py; the MGLU up layer in its masked form,
+//   multiplied by mma.sp with the masks as metadata), with the input vector (up to
 //   FUSED_MAX_TOKENS tokens, the mma N = 8 columns) staged in shared memory. A block splits into
 //   `teams` of WARPS / teams warps (chosen per phase by the launcher); a team takes one strip at a time
 //   and its warps split the strip's groups, reduced through shared memory in a fixed order.
@@ -43,6 +44,8 @@ constexpr int FUSED_MAX_LANE_ELEMS = 8;  // head_dim <= 256
 template <int WARPS, int NM> struct Ahead {
 #if __CUDA_ARCH__ >= 1000
   static constexpr int dense = 1, mglu = 1;
+#elif __CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890
+  static constexpr int dense = NM <= 8 ? 4 : 2, mglu = NM <= 8 ? 2 : 1;  // 3 spilled at NM = 4 (CI's NVRTC)
 #else
   static constexpr int dense = NM <= 8 ? 4 : 2, mglu = NM <= 4 ? 3 : NM <= 8 ? 2 : 1;
 #endif
@@ -276,6 +279,8 @@ __device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4*
   const int g = lane >> 2, tg = lane & 3;
   const bool tok_ok = g < cx.B;
   const uint32_t* xrow = reinterpret_cast<const uint32_t*>(cx.xs + (tok_ok ? g : 0) * cx.xs_stride) + tg;
+  // MGLU: the lane's x quads (elements 4 tg .. 4 tg + 3 of each tile; rows are 8-byte aligned)
+  const T* xquad = cx.xs + (tok_ok ? g : 0) * cx.xs_stride + 4 * tg;
 
   uint4 wq[AHEAD][4];
   uint32_t mq[AHEAD][NMS];
@@ -289,8 +294,7 @@ __device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4*
     if (NM > 0) {
       const uint32_t* mp = masks + tile * n * 32 + lane;
 #pragma unroll
-      for (int i = 0; i < NMS; ++i)
-        if (i < n) m[i] = load_stream(mp + i * 32);
+      for (int i = 0; i < NMS; ++i) m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off
     }
     if (++ld_i == per_strip) { ld_i = 0; ld_strip += stride; }
   };
@@ -323,16 +327,20 @@ __device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4*
       load_next(wq[AHEAD - 1], mq[AHEAD - 1]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int kp = grp * 32 + q * 8;  // the element pair k0 = 64 grp + 16 q, in 32-bit words
-        const uint32_t b0 = tok_ok ? xrow[kp] : 0u;
-        const uint32_t b1 = tok_ok ? xrow[kp + 4] : 0u;
-        Mma<T>::run(acc_t, w[q].x, w[q].y, w[q].z, w[q].w, b0, b1);
+        if constexpr (NM == 0) {
+          const int kp = grp * 32 + q * 8;  // the element pair k0 = 64 grp + 16 q, in 32-bit words
+          const uint32_t b0 = tok_ok ? xrow[kp] : 0u;
+          const uint32_t b1 = tok_ok ? xrow[kp + 4] : 0u;
+          Mma<T>::run(acc_t, w[q].x, w[q].y, w[q].z, w[q].w, b0, b1);
+        } else {  // FlashMGLU's format: sparse mma with the masks as metadata (tensor_core.cuh)
+          const uint2 v = tok_ok ? *reinterpret_cast<const uint2*>(xquad + grp * 64 + q * 16) : make_uint2(0u, 0u);
+          const uint4 bq = sparse_b_fragment(v);
+          masked_mma_metadata<T>(acc_t, w[q], bq, ALL_ON_METADATA, q);
+          // Up to 4 masks (16 warps at 128 registers) every slot is multiplied, those past n with zero
+          // words; a guard per mask costs the registers that keep that instance from spilling.
 #pragma unroll
-        for (int i = 0; i < NM; ++i) {
-          if (i < n) {
-            const uint4 a = masked_fragment(w[q], m[i], q);
-            Mma<T>::run(acc_s[i], a.x, a.y, a.z, a.w, b0, b1);
-          }
+          for (int i = 0; i < NM; ++i)
+            if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);
         }
       }
     }

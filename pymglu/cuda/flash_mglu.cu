@@ -5,10 +5,11 @@
 // flash_mglu_mma<T, N_MASKS, NT, WARPS>  (T = __nv_bfloat16 or __half)
 //   Tensor-core path. One block per 16-row strip of W; its WARPS warps split the strip's K groups
 //   (64 columns each) and are reduced through shared memory in a fixed order (deterministic).
-//   Per 16x16 tile a lane holds one A fragment of mma.m16n8k16 (four 32-bit registers, loaded as one
-//   16-byte word); mask i of that tile is applied by AND-ing each register with a 0x0000/0xFFFF
-//   halfword mask made by one `prmt` in sign-replicate mode from the lane's mask word, shifted so that
-//   the two bits of the register sit in byte MSBs. One mma per mask plus one for the full product t.
+//   Per 16x16 tile a lane holds one A fragment (four 32-bit registers, loaded as one 16-byte word).
+//   The masks are applied by the sparse tensor cores (tensor_core.cuh): mma.sp m16n8k32 with the tile
+//   as its compressed A, x at every other position of B, and the mask bits as the metadata that picks
+//   x or zero for each weight; two logic operations per tile and mask make the metadata from the
+//   lane's mask word. One mma.sp for the full product t and one per mask, per 8 tokens.
 //   NT = 1 covers tokens 0..7 (mma N = 8), NT = 2 covers 0..15.
 //
 // flash_mglu_simt<T, N_MASKS>  (any T incl. float)
@@ -23,51 +24,49 @@ namespace pymglu {
 // Tensor-core path
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
-
-// B fragment word for token `tok`, columns k and k + 1 (zero outside [0, d) and for tok >= n_tokens).
-// Only the last, partial group and odd d take this path; kept out of line so that its branches do not
-// cost the main loop registers (inlined, NVRTC spilled some instances).
+// The lane's four x values x[tok, k .. k + 3] (the B fragment source of one tile; zero outside [0, d)
+// and for tok >= n_tokens), low element first. Only the last, partial group and d not a multiple of 4
+// take this path.
 template <typename T>
-__device__ __noinline__ uint32_t load_x_pair(const T* __restrict__ x, int tok, int n_tokens, int k, int d) {
-  if (tok >= n_tokens || k >= d) return 0u;
-  const uint16_t* row = reinterpret_cast<const uint16_t*>(x) + (size_t)tok * d;
-  if ((d & 1) == 0) return __ldg(reinterpret_cast<const unsigned int*>(row + k));
-  uint16_t lo = __ldg(reinterpret_cast<const unsigned short*>(row + k));
-  uint16_t hi = (k + 1 < d) ? __ldg(reinterpret_cast<const unsigned short*>(row + k + 1)) : (uint16_t)0;
-  return pack2(lo, hi);
+__device__ __forceinline__ uint2 load_x_quad(const T* __restrict__ x, int tok, int n_tokens, int k, int d) {
+  uint32_t v[4] = {0u, 0u, 0u, 0u};
+  if (tok < n_tokens) {
+    const unsigned short* row = reinterpret_cast<const unsigned short*>(x) + (size_t)tok * d;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (k + j < d) v[j] = __ldg(row + k + j);
+  }
+  return make_uint2(v[0] | (v[1] << 16), v[2] | (v[3] << 16));
 }
 
-// Loads group `grp` of a strip: 4 W tiles, the mask words and this lane's x fragments (B operands).
-template <typename T, int N_MASKS, int NT>
-__device__ __forceinline__ void load_group(const uint4* __restrict__ w_strip, const uint32_t* __restrict__ m_strip,
-                                           const T* __restrict__ x, const uint16_t* __restrict__ x16,
-                                           const int (&x_offset)[NT], const bool (&tok_ok)[NT], bool even_d,
-                                           int n_tokens, int d, int g, int tg, int grp, uint4 (&w_next)[4],
-                                           uint32_t (&m_next)[N_MASKS], uint32_t (&b_next)[4][NT][2]) {
+// Loads group `grp` of a strip from HBM: its 4 W tiles and the mask words.
+template <int N_MASKS>
+__device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, const uint32_t* __restrict__ m_strip,
+                                             int grp, uint4 (&w)[4], uint32_t (&m)[N_MASKS]) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) w_next[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
+  for (int q = 0; q < 4; ++q) w[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
 #pragma unroll
-  for (int i = 0; i < N_MASKS; ++i) m_next[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
-  if (even_d && grp * 64 + 64 <= d) {  // whole group inside x, 4-byte aligned pairs: plain loads
+  for (int i = 0; i < N_MASKS; ++i) m[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
+}
+
+// Loads this lane's x values of group `grp` (the sources of its B fragments; from L1/L2).
+template <typename T, int NT>
+__device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* __restrict__ x16,
+                                       const int (&x_offset)[NT], const bool (&tok_ok)[NT], bool d_quads,
+                                       int n_tokens, int d, int g, int tg, int grp, uint2 (&b)[4][NT]) {
+  if (d_quads && grp * 64 + 64 <= d) {  // whole group inside x, 8-byte aligned quads: plain loads
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const unsigned int* p = reinterpret_cast<const unsigned int*>(x16 + x_offset[nt] + grp * 64);
+      const uint2* p = reinterpret_cast<const uint2*>(x16 + x_offset[nt] + grp * 64);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        b_next[q][nt][0] = tok_ok[nt] ? __ldg(p + q * 8) : 0u;
-        b_next[q][nt][1] = tok_ok[nt] ? __ldg(p + q * 8 + 4) : 0u;
-      }
+      for (int q = 0; q < 4; ++q) b[q][nt] = tok_ok[nt] ? __ldg(p + q * 4) : make_uint2(0u, 0u);
     }
   } else {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int k0 = grp * 64 + q * 16 + 2 * tg;
+      const int k0 = grp * 64 + q * 16 + 4 * tg;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        b_next[q][nt][0] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0, d);
-        b_next[q][nt][1] = load_x_pair<T>(x, nt * 8 + g, n_tokens, k0 + 8, d);
-      }
+      for (int nt = 0; nt < NT; ++nt) b[q][nt] = load_x_quad<T>(x, nt * 8 + g, n_tokens, k0, d);
     }
   }
 }
@@ -97,49 +96,66 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   const uint4* w_strip = Wp + (size_t)strip * groups * 4 * 32 + lane;
   const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32 + lane;
 
-  // Software pipeline: the W tiles, mask words and x fragments of the next group are in flight while
-  // the current group is multiplied.
-  uint4 w_next[4];
-  uint32_t m_next[N_MASKS];
-  uint32_t b_next[4][NT][2];
+  // Software pipeline: the W tiles and mask words of the next AHEAD groups of the warp are in flight
+  // while the current group is multiplied (two in the two-warp instances for one or two masks: their
+  // registers are cheap, and a strip's two warps need the bytes in flight; the four-warp instances
+  // keep more blocks resident with one), and so are the x values of the next group, except in the
+  // largest instances, where the registers are needed for the accumulators (they then load at the
+  // start of the group, from L1/L2).
+  constexpr int AHEAD = (N_MASKS <= 2 && NT == 1 && WARPS == 2) ? 2 : 1;
+  constexpr bool X_AHEAD = N_MASKS * NT < 32;
+  uint4 w_ahead[AHEAD][4];
+  uint32_t m_ahead[AHEAD][N_MASKS];
+  uint2 b_next[4][NT];
   // Each lane reads x for tokens g and g + 8 only; rows past n_tokens read as zeros.
-  const bool even_d = (d & 1) == 0;
+  const bool d_quads = (d & 3) == 0;
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
-  int x_offset[NT];  // element offset of this lane's first x pair; tokens < 16 and d < 2^26 keep it in int
+  int x_offset[NT];  // element offset of this lane's first x quad; tokens < 16 and d < 2^26 keep it in int
   bool tok_ok[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int tok = nt * 8 + g;
     tok_ok[nt] = tok < n_tokens;
-    x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 2 * tg;
+    x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 4 * tg;
   }
   int grp = warp;
-  if (grp < groups)
-    load_group<T, N_MASKS, NT>(w_strip, m_strip, x, x16, x_offset, tok_ok, even_d, n_tokens, d, g, tg, grp, w_next, m_next, b_next);
+#pragma unroll
+  for (int a = 0; a < AHEAD; ++a)
+    if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
+  if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b_next);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
     uint32_t m[N_MASKS];
-    uint32_t b[4][NT][2];
+    uint2 b[4][NT];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      w[q] = w_next[q];
+      w[q] = w_ahead[0][q];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) { b[q][nt][0] = b_next[q][nt][0]; b[q][nt][1] = b_next[q][nt][1]; }
+      for (int nt = 0; nt < NT; ++nt)
+        if (X_AHEAD) b[q][nt] = b_next[q][nt];
     }
 #pragma unroll
-    for (int i = 0; i < N_MASKS; ++i) m[i] = m_next[i];
-    if (grp + WARPS < groups)
-      load_group<T, N_MASKS, NT>(w_strip, m_strip, x, x16, x_offset, tok_ok, even_d, n_tokens, d, g, tg, grp + WARPS,
-                                 w_next, m_next, b_next);
+    for (int i = 0; i < N_MASKS; ++i) m[i] = m_ahead[0][i];
+#pragma unroll
+    for (int a = 0; a + 1 < AHEAD; ++a) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) w_ahead[a][q] = w_ahead[a + 1][q];
+#pragma unroll
+      for (int i = 0; i < N_MASKS; ++i) m_ahead[a][i] = m_ahead[a + 1][i];
+    }
+    if (grp + AHEAD * WARPS < groups)
+      load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
+    if (X_AHEAD && grp + WARPS < groups)
+      load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp + WARPS, b_next);
+    if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_t[nt], w[q].x, w[q].y, w[q].z, w[q].w, b[q][nt][0], b[q][nt][1]);
+      for (int nt = 0; nt < NT; ++nt) {  // token block outermost: one expanded B fragment live at a time
+        const uint4 bq = sparse_b_fragment(b[q][nt]);
+        masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);
 #pragma unroll
-      for (int i = 0; i < N_MASKS; ++i) {
-        const uint4 a = masked_fragment(w[q], m[i], q);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc_s[i][nt], a.x, a.y, a.z, a.w, b[q][nt][0], b[q][nt][1]);
+        for (int i = 0; i < N_MASKS; ++i) masked_mma<T>(acc_s[i][nt], w[q], bq, m[i], q);
       }
     }
   }

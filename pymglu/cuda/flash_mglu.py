@@ -7,16 +7,22 @@
 Two kernels (``flash_mglu.cu``), chosen by the dtype of ``W``:
 
 * bfloat16 / float16: the tensor-core kernel. It reads ``W`` and the masks in its own *inference
-  format*, built once by :func:`pack_weights` (a :class:`FlashMGLUWeights`):
+  format*, built once by :func:`pack_weights` (a :class:`FlashMGLUWeights`). The masks become the
+  metadata of the sparse tensor cores' ``mma.sp`` (tensor_core.cuh): each 16x16 tile is the compressed
+  A operand of an ``m16n8k32`` product whose B holds x at two positions of every 4-wide chunk and zeros
+  at the other two, and each mask bit picks x or zero for its weight. With ``perm(c, e) = 8 (c & 1) +
+  4 e + (c >> 1)`` (``c`` in 0..7, ``e`` in 0..1), the column order within a tile that lets each lane
+  read its x values as one 8-byte load:
 
   - ``w_tiles`` ``(S, G, 4, 32, 8)`` (``S = ceil(h/16)`` row strips, ``G = ceil(d/64)`` column groups,
-    4 tiles of 16x16 per group, 32 lanes, 8 elements): lane ``L = 4 g + c`` of tile ``q`` holds the
-    ``mma.m16n8k16`` A fragment ``W[r0+g, k0+2c+{0,1}], W[r0+g+8, k0+2c+{0,1}], W[r0+g, k0+2c+8+{0,1}],
-    W[r0+g+8, k0+2c+8+{0,1}]`` (``r0 = 16 s``, ``k0 = 64 G + 16 q``), zero-padded past ``h`` and ``d``;
-  - ``mask_words`` ``(S, G, n, 32)`` uint32: word ``(s, G, i, L)`` holds the 32 bits of mask ``i`` for
-    lane ``L``'s 8 elements in each of the 4 tiles. Register ``j`` of tile ``q`` is register-mask
-    ``p = 4 q + j``; its two elements sit at bits ``7 - p//2 + 16 (p % 2)`` and that plus 8, so that
-    one left shift and one ``prmt`` turn them into 0x0000/0xFFFF halfword masks.
+    4 tiles of 16x16 per group, 32 lanes, 8 elements): the tile format of :func:`tile_matrix` applied
+    to ``W`` with the columns of every tile reordered, stored column ``2c + e`` = original column
+    ``perm(c, e)`` (zero-padded past ``h`` and ``d``);
+  - ``mask_words`` ``(S, G, n, 32)`` uint32: word ``(s, G, i, L)`` (lane ``L = 4 g + tg``) holds mask
+    ``i`` for 16 elements of each of two tiles, ``q = 2 (tg >> 1) + o`` for ``o`` in 0..1: bit
+    ``4 j + o + 2 e`` (``j`` in 0..7) is the mask of ``W[16 s + g + 8 (j >> 2), k0 + perm(c, e)]`` with
+    ``c = 4 (tg & 1) + (j & 3)`` and ``k0 = 64 G + 16 q`` (the metadata layout of ``mma.sp`` as measured
+    by ``benchmarks/probe_sparse_mma.py``).
 
   Bytes read per call: ``2 h d + n h d / 8`` (plus padding to multiples of 16 rows and 64 columns).
 * float32: a CUDA-core kernel over ``W`` and the canonical bit-planes as they are (no packing);
@@ -38,7 +44,8 @@ from pymglu import masks as _masks
 from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["MAX_MASKS", "MAX_TOKENS", "FlashMGLUWeights", "pack_weights", "tile_matrix", "flash_mglu", "kernel_names"]
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "TILE_COLUMN_ORDER", "FlashMGLUWeights", "pack_weights", "tile_matrix",
+           "sparse_tiles", "mask_words", "flash_mglu", "kernel_names"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
@@ -136,11 +143,8 @@ def pack_weights(W: Any, packed_masks: Any) -> FlashMGLUWeights:
     with cp.cuda.Device(W.device.id):
         if dtype == float32:
             return FlashMGLUWeights(cp.ascontiguousarray(W), cp.ascontiguousarray(packed_masks), h, d, n, dtype)
-        strips, groups = -(-h // 16), -(-d // 64)
-        w_tiles = tile_matrix(cp, W)
-        words = cp.empty((strips, groups, n, 32), dtype=cp.uint32)
-        for i in range(n):
-            words[:, :, i, :] = _mask_words_one_plane(cp, packed_masks[i], h, d, strips, groups)
+        w_tiles = sparse_tiles(cp, W)
+        words = cp.stack([mask_words(cp, _masks.unpack_masks(packed_masks[i], d)) for i in range(n)], axis=2)
     return FlashMGLUWeights(w_tiles, words, h, d, n, dtype)
 
 
@@ -156,23 +160,53 @@ def tile_matrix(xp: Any, W: Any) -> Any:
     return xp.ascontiguousarray(tiles).reshape(strips, groups, 4, 32, 8).view(W.dtype)
 
 
-def _bit_positions(cp: Any) -> Any:
-    """Bit of each element in a lane's mask word, shaped to broadcast over (rh, g, G, q, ch, c, e)."""
-    rh = np.arange(2).reshape(2, 1, 1, 1, 1, 1, 1)
-    q = np.arange(4).reshape(1, 1, 1, 4, 1, 1, 1)
-    ch = np.arange(2).reshape(1, 1, 1, 1, 2, 1, 1)
-    e = np.arange(2).reshape(1, 1, 1, 1, 1, 1, 2)
-    p = 4 * q + 2 * ch + rh
-    return cp.asarray((7 - p // 2 + 16 * (p % 2) + 8 * e).astype(np.uint32))
+#: ``TILE_COLUMN_ORDER[2 c + e] = perm(c, e)``: the original column of each stored column of a tile.
+TILE_COLUMN_ORDER = np.array([8 * (c & 1) + 4 * e + (c >> 1) for c in range(8) for e in range(2)])
 
 
-def _mask_words_one_plane(cp: Any, plane: Any, h: int, d: int, strips: int, groups: int) -> Any:
-    bits = cp.zeros((strips * 16, groups * 64), dtype=cp.uint32)
-    bits[:h, :d] = _masks.unpack_masks(plane, d)
-    bits = bits.reshape(strips, 2, 8, groups, 4, 2, 4, 2)
-    shifted = bits << _bit_positions(cp)[None]
-    words = shifted.sum(axis=(1, 4, 5, 7), dtype=cp.uint32)  # distinct bits: the sum is an OR
-    return words.transpose(0, 2, 1, 3).reshape(strips, groups, 32)
+def _reorder_columns(xp: Any, a: Any, fill_dtype: Any) -> Any:
+    """``a`` ``(R, K)`` zero-padded to ``(16 ceil(R/16), 64 ceil(K/64))`` with every 16-column tile's
+    columns in :data:`TILE_COLUMN_ORDER`."""
+    R, K = (int(s) for s in a.shape)
+    padded = xp.zeros((-(-R // 16) * 16, -(-K // 64) * 64), dtype=fill_dtype)
+    padded[:R, :K] = a
+    source = (np.arange(padded.shape[1] // 16)[:, None] * 16 + TILE_COLUMN_ORDER[None, :]).ravel()
+    return padded[:, xp.asarray(source)]
+
+
+def sparse_tiles(xp: Any, W: Any) -> Any:
+    """``W`` ``(h, d)`` (16-bit floats, NumPy or CuPy) as the ``w_tiles`` of the MGLU format (module
+    docstring): :func:`tile_matrix` of ``W`` with each tile's columns in :data:`TILE_COLUMN_ORDER`."""
+    reordered = _reorder_columns(xp, xp.ascontiguousarray(W).view(xp.uint16), xp.uint16)
+    return tile_matrix(xp, reordered.view(W.dtype))
+
+
+def _word_sources() -> tuple[np.ndarray, np.ndarray]:
+    """(row in the strip, column in the reordered group) of bit ``b`` of lane ``L``'s word, ``(32, 32)`` each."""
+    rows = np.zeros((32, 32), np.int64)
+    cols = np.zeros((32, 32), np.int64)
+    for lane in range(32):
+        g, tg = divmod(lane, 4)
+        for j in range(8):
+            for o in range(2):
+                for e in range(2):
+                    c = 4 * (tg & 1) + (j & 3)
+                    rows[lane, 4 * j + o + 2 * e] = g + 8 * (j >> 2)
+                    cols[lane, 4 * j + o + 2 * e] = 16 * (2 * (tg >> 1) + o) + 2 * c + e
+    return rows, cols
+
+
+def mask_words(xp: Any, mask: Any) -> Any:
+    """One mask ``(h, d)`` (bool or 0/1, NumPy or CuPy) as its ``mask_words`` ``(S, G, 32)`` uint32 plane
+    of the MGLU format (module docstring)."""
+    bits = _reorder_columns(xp, mask, xp.uint8)
+    strips, groups = bits.shape[0] // 16, bits.shape[1] // 64
+    by_group = bits.reshape(strips, 16, groups, 64).transpose(0, 2, 1, 3)  # (S, G, row, col)
+    rows, cols = _word_sources()
+    words = xp.zeros((strips, groups, 32), dtype=xp.uint32)
+    for b in range(32):
+        words |= by_group[:, :, xp.asarray(rows[:, b]), xp.asarray(cols[:, b])].astype(xp.uint32) << xp.uint32(b)
+    return words
 
 
 def flash_mglu(
@@ -186,7 +220,7 @@ def flash_mglu(
 
     Args:
         x: CuPy array ``(..., d)`` with at most 16 tokens (product of the leading dims), dtype of ``W``.
-            A non-contiguous or misaligned ``x`` is copied to a contiguous array first.
+            A non-contiguous ``x``, or one not 8-byte aligned, is copied to a contiguous array first.
         W: a :class:`FlashMGLUWeights` from :func:`pack_weights` (fast: pack once, call many times),
             or a CuPy ``(h, d)`` array together with ``packed_masks``; then the weights are packed on
             every call, one extra pass over ``W``.
@@ -238,8 +272,8 @@ def flash_mglu(
             )
     if n_tokens == 0:
         return out
-    if not x.flags.c_contiguous or x.data.ptr % 4:
-        x = x.copy()  # documented rule: non-contiguous or misaligned inputs are copied
+    if not x.flags.c_contiguous or x.data.ptr % 8:
+        x = x.copy()  # documented rule: non-contiguous or not 8-byte aligned inputs are copied
     _launch(cp, weights, x, out, n_tokens, _ACTIVATION_CODES[activation])
     return out
 

@@ -132,3 +132,26 @@ def test_bad_input_is_refused_before_launch():
         fm.pack_weights(W, cp.concatenate([planes] * 9))
     with pytest.raises(ValueError, match="out"):
         fm.flash_mglu(x, weights, out=cp.empty((2, 31), dtype=x.dtype))
+
+
+def test_sparse_mma_layouts_match_the_format():
+    """The device's mma.sp B and metadata layouts are the ones the packed format and the CPU emulation
+    (test_flash_mglu_layout.py) assume (read back with benchmarks/probe_sparse_mma.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_sparse_mma.py"
+    spec = importlib.util.spec_from_file_location("probe_sparse_mma", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    found = probe.run(cp)
+    for lane in range(32):
+        g, tg = divmod(lane, 4)
+        for reg in range(4):
+            for half in range(2):
+                assert tuple(found["b"][f"{lane},{reg},{half}"]) == (2 * tg + 8 * reg + half, g)
+    for sel in (0, 1):
+        table = found["meta"][str(sel)]
+        expected = {f"{4 * g + 2 * sel + r},{j}": (g + 8 * (j >> 2), 4 * r + (j & 3))
+                    for g in range(8) for r in range(2) for j in range(8)}
+        assert {k: tuple(v) for k, v in table.items()} == expected

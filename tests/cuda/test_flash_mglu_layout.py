@@ -1,0 +1,100 @@
+"""FlashMGLU's packed MGLU format, checked on the CPU (NumPy) by emulating what the kernel computes.
+
+The emulation follows the hardware, not the packer: the A fragment layout of ``mma.m16n8k16`` (PTX ISA),
+the B and metadata layouts of ``mma.sp::ordered_metadata.m16n8k32`` as ``benchmarks/probe_sparse_mma.py``
+measured them on the H200 (B register ``j`` of lane ``4 g + tg``, half ``e``, holds ``B[2 tg + 8 j + e,
+g]``; under selector ``s`` lane ``4 g + 2 s + r`` gives nibble ``j`` for row ``g + 8 (j >> 2)`` and chunk
+``4 r + (j & 3)``; a nibble's bits 1..0 index the first stored value, bits 3..2 the second), and the
+kernel's own steps (``mask_metadata`` and ``sparse_b_fragment`` of tensor_core.cuh). If the products it
+emulates equal ``x W^T`` and ``x (M_i * W)^T``, the format and the kernel's use of it agree.
+"""
+import numpy as np
+import pytest
+
+from pymglu.cuda import flash_mglu as fm
+from pymglu.dtypes import bfloat16
+
+
+def _metadata(word: int, q: int) -> int:
+    return (((word >> 1) if q & 1 else word) & 0x55555555) | 0x88888888  # tensor_core.cuh: mask_metadata
+
+
+def _tile_product(tile, x_cols, meta_of_lane, q):
+    """(16, T) product of one tile (lane registers, (32, 8)) with x columns (16, T), by the mma.sp rules."""
+    compressed = np.zeros((16, 16))
+    for lane in range(32):
+        g, tg = divmod(lane, 4)
+        v = tile[lane]
+        compressed[g, 2 * tg:2 * tg + 2] = v[0:2]
+        compressed[g + 8, 2 * tg:2 * tg + 2] = v[2:4]
+        compressed[g, 2 * tg + 8:2 * tg + 10] = v[4:6]
+        compressed[g + 8, 2 * tg + 8:2 * tg + 10] = v[6:8]
+    B = np.zeros((32, x_cols.shape[1]))
+    for tg in range(4):
+        for j in range(4):  # sparse_b_fragment: x[4 tg + j] in the high half (e = 1) of register j
+            B[2 * tg + 8 * j + 1] = x_cols[4 * tg + j]
+    A = np.zeros((16, 32))
+    sel = q >> 1
+    for lane in range(32):
+        g, tg = divmod(lane, 4)
+        if tg >> 1 != sel:
+            continue
+        meta = meta_of_lane(lane)
+        for j in range(8):
+            row, chunk = g + 8 * (j >> 2), 4 * (tg & 1) + (j & 3)
+            nibble = (meta >> (4 * j)) & 0xF
+            first, second = nibble & 3, nibble >> 2
+            assert first < second, "ordered metadata"
+            A[row, 4 * chunk + first] += compressed[row, 2 * chunk]
+            A[row, 4 * chunk + second] += compressed[row, 2 * chunk + 1]
+    return A @ B
+
+
+def emulate(tiles, words, x):
+    """t (T, S*16) and s (n, T, S*16) from the packed format, as the kernel's mma.sp calls compute them."""
+    S, G = tiles.shape[:2]
+    n = words.shape[2]
+    T, d = x.shape
+    xp = np.zeros((T, G * 64))
+    xp[:, :d] = x
+    t = np.zeros((T, S * 16))
+    s = np.zeros((n, T, S * 16))
+    tiles = tiles.astype(np.float64)
+    for strip in range(S):
+        for grp in range(G):
+            for q in range(4):
+                cols = xp[:, 64 * grp + 16 * q:64 * grp + 16 * q + 16].T
+                rows = slice(16 * strip, 16 * strip + 16)
+                t[:, rows] += _tile_product(tiles[strip, grp, q], cols, lambda lane: 0xDDDDDDDD, q).T
+                for i in range(n):
+                    meta = lambda lane: _metadata(int(words[strip, grp, i, lane]), q)
+                    s[i, :, rows] += _tile_product(tiles[strip, grp, q], cols, meta, q).T
+    return t, s
+
+
+@pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2)])
+def test_packed_format_gives_the_masked_products(h, d, n):
+    rng = np.random.default_rng(h * d + n)
+    W = rng.standard_normal((h, d)).astype(bfloat16)
+    masks = rng.random((n, h, d)) < 0.5
+    x = rng.standard_normal((3, d)).astype(bfloat16).astype(np.float64)
+    tiles = fm.sparse_tiles(np, W)
+    words = np.stack([fm.mask_words(np, m) for m in masks], axis=2)
+    assert tiles.shape == (-(-h // 16), -(-d // 64), 4, 32, 8) and tiles.dtype == W.dtype
+    assert words.shape == (-(-h // 16), -(-d // 64), n, 32) and words.dtype == np.uint32
+    t, s = emulate(tiles, words, x)
+    W64 = W.astype(np.float64)
+    np.testing.assert_allclose(t[:, :h], x @ W64.T, rtol=1e-12, atol=1e-12)
+    assert not t[:, h:].any()  # padding rows are zero
+    for i in range(n):
+        np.testing.assert_allclose(s[i, :, :h], x @ (masks[i] * W64).T, rtol=1e-12, atol=1e-12)
+
+
+def test_tile_column_order_is_a_permutation_matching_the_b_fragment():
+    order = fm.TILE_COLUMN_ORDER
+    assert sorted(order.tolist()) == list(range(16))
+    # stored column 2c + e sits at B position 4c + 1 + 2e, held by lane tg = 2 (c & 1) + e, register c >> 1,
+    # which sparse_b_fragment fills with x[4 tg + j]
+    for c in range(8):
+        for e in range(2):
+            assert order[2 * c + e] == 4 * (2 * (c & 1) + e) + (c >> 1)
