@@ -130,7 +130,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
-    default_warps = fm.MMA_WARPS
+    default_warps, default_ahead = fm.MMA_WARPS, fm.MMA_AHEAD
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -198,13 +198,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
         for T in tokens_list:
             x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
             out = cp.empty((T, h), dtype=dtype)
-            by_warps = {}
+            by_warps = {}  # (warps, groups ahead) -> seconds; None: the library's choice
             for warps in args.warps:
-                fm.MMA_WARPS = warps
-                by_warps[warps] = time_graph(
-                    [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
-                    args.replays, stream)
-            fm.MMA_WARPS = default_warps
+                for ahead in args.ahead:
+                    fm.MMA_WARPS, fm.MMA_AHEAD = warps, ahead
+                    by_warps[warps, ahead] = time_graph(
+                        [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
+                        args.replays, stream)
+            fm.MMA_WARPS, fm.MMA_AHEAD = default_warps, default_ahead
             t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
@@ -212,8 +213,8 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
                 "flash_us": t * 1e6,
-                "flash_us_by_warps": {("lib" if w is None else str(w)): v * 1e6 for w, v in by_warps.items()},
-                "best_warps": min(by_warps, key=by_warps.get) or fm.mma_warps(n, d),
+                "flash_us_by_warps": {_config_label(w, a): v * 1e6 for (w, a), v in by_warps.items()},
+                "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
                 "glu_TBps": 4 * h * d / best_glu / 1e12,
@@ -228,8 +229,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     return rows
 
 
+def _config_label(warps, ahead):
+    """'lib', '4' (warps), 'a2' (groups ahead) or '4a2': the kernel configuration of a timing."""
+    label = ("" if warps is None else str(warps)) + ("" if ahead is None else f"a{ahead}")
+    return label or "lib"
+
+
 HEADER = ("| dtype | d | h | T | n | copy TB/s | FlashMGLU us | TB/s | % copy | GLU cupy us | GLU torch us "
-          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by warps |\n|" + "---|" * 18)
+          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by config (warps, aN: groups ahead) |\n|" + "---|" * 18)
 
 
 def _row_md(r):
@@ -273,12 +280,15 @@ def main(argv=None):
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--warps", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
+    p.add_argument("--ahead", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
+                   help="groups each warp keeps in flight (1 to 3) to sweep, with every --warps value (default: the library's)")
     p.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in item.split("x")) for item in t.split(",")],
                    default=None, help="d x h shapes, e.g. 2048x8192,4096x14336 (default: the issue's, or two with --quick)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
+    args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_ahead)
     have_torch = False
     if args.torch:
         try:

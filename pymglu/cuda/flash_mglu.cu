@@ -2,7 +2,7 @@
 // for T <= 16 tokens, reading W and the mask bits once. Layouts are documented in flash_mglu.py
 // (pymglu.cuda.flash_mglu.pack_weights builds them); this file only consumes them.
 //
-// flash_mglu_mma<T, N_MASKS, NT, WARPS>  (T = __nv_bfloat16 or __half)
+// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD>  (T = __nv_bfloat16 or __half)
 //   Tensor-core path. One block per 16-row strip of W; its WARPS warps split the strip's K groups
 //   (64 columns each) and are reduced through shared memory in a fixed order (deterministic).
 //   Per 16x16 tile a lane holds one A fragment (four 32-bit registers, loaded as one 16-byte word).
@@ -72,7 +72,9 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 }
 
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
-template <typename T, int N_MASKS, int NT, int WARPS>
+// AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
+// (flash_mglu.py, mma_ahead).
+template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, const T* __restrict__ x,
                T* __restrict__ y, int n_tokens, int d, int h, int groups, int act) {
@@ -97,12 +99,10 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32 + lane;
 
   // Software pipeline: the W tiles and mask words of the next AHEAD groups of the warp are in flight
-  // while the current group is multiplied (two in the two-warp instances for one or two masks: their
-  // registers are cheap, and a strip's two warps need the bytes in flight; the four-warp instances
-  // keep more blocks resident with one), and so are the x values of the next group, except in the
+  // while the current group is multiplied, and so are the x values of the next group, except in the
   // largest instances, where the registers are needed for the accumulators (they then load at the
   // start of the group, from L1/L2).
-  constexpr int AHEAD = (N_MASKS <= 2 && NT == 1 && WARPS == 2) ? 2 : 1;
+  static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 groups");
   constexpr bool X_AHEAD = N_MASKS * NT < 32;
   uint4 w_ahead[AHEAD][4];
   uint32_t m_ahead[AHEAD][N_MASKS];
