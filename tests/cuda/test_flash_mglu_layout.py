@@ -10,6 +10,8 @@ emulates equal ``x W^T`` and ``x (M_i * W)^T``, the format and the kernel's use 
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymglu.cuda import flash_mglu as fm
 from pymglu.dtypes import bfloat16
@@ -72,9 +74,8 @@ def emulate(tiles, words, x):
     return t, s
 
 
-@pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2)])
-def test_packed_format_gives_the_masked_products(h, d, n):
-    rng = np.random.default_rng(h * d + n)
+def _check_packed_format(h, d, n, seed):
+    rng = np.random.default_rng(seed)
     W = rng.standard_normal((h, d)).astype(bfloat16)
     masks = rng.random((n, h, d)) < 0.5
     x = rng.standard_normal((3, d)).astype(bfloat16).astype(np.float64)
@@ -88,6 +89,17 @@ def test_packed_format_gives_the_masked_products(h, d, n):
     assert not t[:, h:].any()  # padding rows are zero
     for i in range(n):
         np.testing.assert_allclose(s[i, :, :h], x @ (masks[i] * W64).T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2)])
+def test_packed_format_gives_the_masked_products(h, d, n):
+    _check_packed_format(h, d, n, seed=h * d + n)
+
+
+@settings(max_examples=12, deadline=None)
+@given(h=st.integers(1, 40), d=st.integers(1, 140), n=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_packed_format_on_ragged_shapes(h, d, n, seed):
+    _check_packed_format(h, d, n, seed)
 
 
 def test_tile_column_order_is_a_permutation_matching_the_b_fragment():
