@@ -11,6 +11,7 @@ device's architecture and keeps its own on-disk cache of the binaries.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ __all__ = [
     "list_sources",
     "read_source",
     "load_module",
+    "module_code",
+    "headers_digest",
     "clear_module_cache",
     "CUDA_TYPE_NAMES",
     "ACTIVATION_CODES",
@@ -135,7 +138,7 @@ def load_module(source_name: str, name_expressions: tuple[str, ...],
     with _modules_lock:
         module = _modules.get(key)
         if module is None:
-            code = path.read_text(encoding="utf-8")
+            code = module_code(path)
             module = cp.RawModule(
                 code=code,
                 options=(*BASE_OPTIONS, *opts, f"-I{_SOURCE_DIR}"),
@@ -143,6 +146,22 @@ def load_module(source_name: str, name_expressions: tuple[str, ...],
             )
             _modules[key] = module
     return module
+
+
+def module_code(path: Path) -> str:
+    """The text handed to NVRTC for the source ``path``: the file, then a comment with a digest of the
+    ``.cuh`` headers beside it. CuPy's on-disk kernel cache keys on the code text and the options, not on
+    the files the code includes, so without the digest an edited header could be served from a stale
+    cached binary; with it, any header change gives new text and a fresh compile."""
+    return path.read_text(encoding="utf-8") + f"\n// pymglu headers {headers_digest(path.parent)}\n"
+
+
+def headers_digest(directory: Path) -> str:
+    """SHA-256 over the names and contents of the ``.cuh`` files in ``directory`` (hex)."""
+    digest = hashlib.sha256()
+    for header in sorted(directory.glob("*.cuh")):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def clear_module_cache() -> None:

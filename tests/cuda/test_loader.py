@@ -62,7 +62,8 @@ def fake_gpu(monkeypatch, tmp_path):
 def test_load_module_builds_once_per_device_options_and_names(fake_gpu, tmp_path):
     m1 = pc.load_module("k.cu", ("k",))
     assert pc.load_module("k.cu", ("k",)) is m1
-    assert m1.code == (tmp_path / "k.cu").read_text()
+    assert m1.code.startswith((tmp_path / "k.cu").read_text())
+    assert pc.headers_digest(tmp_path) in m1.code
     assert m1.options == ("-std=c++17", f"-I{tmp_path}")
     assert m1.name_expressions == ("k",)
     m2 = pc.load_module("k.cu", ("k",), options=("-DN=4",))
@@ -78,6 +79,23 @@ def test_load_module_builds_once_per_device_options_and_names(fake_gpu, tmp_path
     assert pc.list_sources() == ["k.cu"]
     pc.clear_module_cache()
     assert pc.load_module("k.cu", ("k",)) is not m1
+
+
+def test_module_code_changes_with_any_header(fake_gpu, tmp_path):
+    """CuPy's disk cache keys on the code text: a header edit must change the text (stale binaries otherwise)."""
+    source = tmp_path / "k.cu"
+    before = pc.module_code(source)
+    assert before.startswith(source.read_text()) and before.count("\n") == source.read_text().count("\n") + 2
+    (tmp_path / "k.cuh").write_text("// header, edited\n")
+    edited = pc.module_code(source)
+    assert edited != before
+    (tmp_path / "extra.cuh").write_text("// a new header\n")
+    assert pc.module_code(source) not in (before, edited)
+    (tmp_path / "notes.txt").write_text("not a header")
+    assert pc.module_code(source) == pc.module_code(source)
+    pc.clear_module_cache()
+    m = pc.load_module("k.cu", ("k",))
+    assert m.code == pc.module_code(source)
 
 
 def test_load_module_argument_errors(fake_gpu):
