@@ -1,0 +1,124 @@
+// The fused decode step (decode_fused.cu): its limits, the per-layer pointer table, the launch
+// context every phase reads, the memory helpers for data other blocks wrote during the launch,
+// and the grid barrier between phases.
+#pragma once
+
+#include "common.cuh"
+
+namespace pymglu {
+
+constexpr int FUSED_MAX_TOKENS = 8;
+constexpr int FUSED_CHUNK = 32;
+constexpr int FUSED_MAX_LANE_ELEMS = 8;  // head_dim <= 256
+// Groups each warp loads ahead of its products (dense products, MGLU products), by warps per block:
+// fewer warps, more registers per thread, deeper lookahead.
+// (sm_100+: one group, the deeper lookahead spilled on sm_120.)
+template <int WARPS, int NM> struct Ahead {
+#if __CUDA_ARCH__ >= 1000
+  static constexpr int dense = 1, mglu = 1;
+#elif __CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890
+  static constexpr int dense = NM <= 8 ? 4 : 2, mglu = NM <= 8 ? 2 : 1;  // 3 spilled at NM = 4 (CI's NVRTC)
+#else
+  static constexpr int dense = NM <= 8 ? 4 : 2, mglu = NM <= 4 ? 3 : NM <= 8 ? 2 : 1;
+#endif
+};
+template <int NM> struct Ahead<16, NM> { static constexpr int dense = 1, mglu = 1; };
+
+// Device pointers of one transformer block (the host builds a table of n_layers of these).
+struct FusedLayer {
+  const uint4* wqkv;       // (3 d / 16 strips, d / 64 groups) tiles, rows permuted (rotary pairs)
+  const uint4* wo;         // (d / 16, d / 64)
+  const uint4* wup;        // MGLU: FlashMGLU tiles of W (ceil(h/16) strips); GLU: gate/value pairs (ceil(h/8))
+  const uint32_t* mup;     // MGLU mask words (strips, groups, N_MASKS, 32); unused for GLU
+  const uint4* wdown;      // (d / 16, ceil(h / 64))
+  const void* attn_norm;   // (d,) T
+  const void* ffn_norm;    // (d,) T
+  void* k_cache;           // (B, H, capacity, Dh) T
+  void* v_cache;
+};
+
+enum FusedEpilogue { EPI_QKV = 0, EPI_RESIDUAL = 1, EPI_GLU = 2, EPI_LOGITS = 3 };
+
+template <typename T>
+struct FusedCtx {
+  int B, d, h, H, Dh, V, capacity, act, pos;
+  float eps, scale;
+  int xs_stride;
+  T* xs;          // shared: (B, xs_stride) staged input of the current product
+  float* red;     // shared: (WARPS, 128) partial sums of one 16 x 8 tile per warp
+  float* scratch; // shared: 64 floats
+  T* x;           // (B, d) residual stream
+  T* q;           // (B, H, Dh) rotated queries
+  T* attn;        // (B, d)
+  T* hidden;      // (B, h)
+  T* logits;      // (B, V)
+  float* part_max;
+  float* part_sum;
+  float* part_acc;
+  unsigned* head_count;  // (B * H) arrivals of the chunks of each head
+  const float2* rope_row;  // shared: (Dh / 2) (cos, sin) of the position
+  unsigned* counter;     // grid barrier arrivals
+  unsigned target;       // arrivals that end the next barrier
+  float* chunk_w;        // shared: (chunks) weights of the attention merge
+  unsigned long long* trace;  // optional (2 + 2 barriers, grid) global timestamps (ns), else nullptr
+};
+
+// Timestamp slot `event` of this block (thread 0): 0 start, 1 + 2k arrival at barrier k, 2 + 2k its
+// release, 1 + 2K the end (K barriers).
+template <typename T>
+__device__ __forceinline__ void trace_event(FusedCtx<T>& cx, int event);
+
+template <typename T> __device__ __forceinline__ T load_cg(const T* p);
+template <> __device__ __forceinline__ __nv_bfloat16 load_cg(const __nv_bfloat16* p) {
+  return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+}
+template <> __device__ __forceinline__ __half load_cg(const __half* p) {
+  return __ushort_as_half(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+__device__ __forceinline__ float round_to(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float round_to(float v, const __half*) { return __half2float(__float2half_rn(v)); }
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+template <typename T>
+__device__ __forceinline__ void trace_event(FusedCtx<T>& cx, int event) {
+  if (cx.trace != nullptr && threadIdx.x == 0) cx.trace[(size_t)event * gridDim.x + blockIdx.x] = global_ns();
+}
+
+// Grid barrier over a monotonic arrival counter: thread 0 arrives with release semantics (the block's
+// writes, ordered before it by bar.sync, become visible first) and spins with acquire loads until every
+// block of the grid has arrived.
+template <typename T>
+__device__ __forceinline__ void grid_sync(FusedCtx<T>& cx) {
+  __syncthreads();
+  trace_event(cx, 1 + 2 * (cx.target / gridDim.x));
+  cx.target += gridDim.x;
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cx.counter) : "memory");
+    if (load_acquire(cx.counter) < cx.target) {
+      const unsigned long long start = global_ns();
+      while (load_acquire(cx.counter) < cx.target) {
+        if (global_ns() - start > 4000000000ull) {  // 4 s: a block never started (the grid is not resident)
+          printf("pymglu decode_fused: grid barrier timed out (block %d of %d); the grid must fit on the GPU at once\n",
+                 blockIdx.x, gridDim.x);
+          __trap();
+        }
+      }
+    }
+  }
+  trace_event(cx, 2 * (cx.target / gridDim.x));
+  __syncthreads();
+}
+
+}  // namespace pymglu

@@ -1,0 +1,246 @@
+// The fused decode step (decode_fused.cu): staging of a phase's input into shared memory (with
+// RMSNorm), and the products over FlashMGLU's tile format with their epilogues.
+#pragma once
+
+#include "block_reduce.cuh"
+#include "fused_context.cuh"
+#include "tensor_core.cuh"
+
+namespace pymglu {
+
+// xs[b, k] = src[b, k] (norm == nullptr) or src[b, k] / sqrt(mean(src[b]^2) + eps) * norm[k], rounded
+// to T, for k < K, and 0 for K <= k < KP (the padding of the last 64-column group). src rows come from
+// `rows[b]` (the embedding rows of block 0) or src + b * K.
+// One pass over L2: the rows are copied into shared memory (16-byte loads when K is a multiple of 8) while
+// the sums of squares accumulate; the normalisation then rescales the copy in place.
+template <typename T>
+__device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, const T* norm, int K, int KP) {
+  const bool vec = (K & 7) == 0;  // rows and the staged copy are then 16-byte aligned
+  float* inv_rms = cx.scratch + 40;  // (FUSED_MAX_TOKENS)
+  for (int b = 0; b < cx.B; ++b) {
+    const T* row = rows ? src + (size_t)rows[b] * K : src + (size_t)b * K;
+    T* out = cx.xs + (size_t)b * cx.xs_stride;
+    float acc = 0.0f;
+    if (vec) {
+      for (int k8 = threadIdx.x; k8 < K / 8; k8 += blockDim.x) {
+        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(row) + k8);
+        reinterpret_cast<uint4*>(out)[k8] = v;
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc += to_float(e[i]) * to_float(e[i]);
+      }
+    } else {
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        const T v = load_cg(row + k);
+        out[k] = v;
+        acc += to_float(v) * to_float(v);
+      }
+    }
+    for (int k = K + threadIdx.x; k < KP; k += blockDim.x) out[k] = from_float<T>(0.0f);
+    if (norm) {
+      const float total = block_sum(acc, cx.scratch);
+      if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(total / (float)K + cx.eps);
+    }
+  }
+  __syncthreads();
+  if (norm == nullptr) return;
+  for (int b = 0; b < cx.B; ++b) {
+    const float r = inv_rms[b];
+    T* out = cx.xs + (size_t)b * cx.xs_stride;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) out[k] = from_float<T>(to_float(out[k]) * r * to_float(norm[k]));
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ void team_sync(int team, int team_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(team_threads) : "memory");
+}
+
+// The warp's 16 x 8 accumulator tile into red[warp] (element r * 8 + c: row r of the strip, token c).
+__device__ __forceinline__ void store_tile(float* red, const float (&acc)[4]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  float* r = red + warp * 128;
+  r[g * 8 + 2 * tg] = acc[0];
+  r[g * 8 + 2 * tg + 1] = acc[1];
+  r[(g + 8) * 8 + 2 * tg] = acc[2];
+  r[(g + 8) * 8 + 2 * tg + 1] = acc[3];
+}
+
+__device__ __forceinline__ float team_total(const float* red, int first_warp, int team_warps, int e) {
+  float s = 0.0f;
+  for (int w = 0; w < team_warps; ++w) s += red[(first_warp + w) * 128 + e];
+  return s;
+}
+
+// Epilogue of a dense product for rows (p, p + 8) of strip `strip`, token b: values a and c (float32 sums).
+template <typename T, int EPI>
+__device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer& L, int strip, int p, int b,
+                                               float a, float c) {
+  const T* tag = nullptr;
+  if (EPI == EPI_QKV) {
+    const int per_section = cx.d / 16, section = strip / per_section, local = strip % per_section;
+    if (section < 2) {
+      const int half = cx.Dh / 2, strips_per_head = cx.Dh / 16;
+      const int head = local / strips_per_head, j = (local % strips_per_head) * 8 + p;
+      const float qa = round_to(a, tag), qb = round_to(c, tag);  // the product's output, as stored by cuBLAS
+      const float2 cs = cx.rope_row[j];
+      const T ra = from_float<T>(qa * cs.x - qb * cs.y), rb = from_float<T>(qa * cs.y + qb * cs.x);
+      if (section == 0) {
+        T* qo = cx.q + ((size_t)b * cx.H + head) * cx.Dh;
+        qo[j] = ra;
+        qo[j + half] = rb;
+      } else {
+        T* ko = static_cast<T*>(L.k_cache) + (((size_t)b * cx.H + head) * cx.capacity + cx.pos) * cx.Dh;
+        ko[j] = ra;
+        ko[j + half] = rb;
+      }
+    } else {
+      for (int r = 0; r < 2; ++r) {
+        const int row = local * 16 + p + 8 * r, head = row / cx.Dh, j = row % cx.Dh;
+        static_cast<T*>(L.v_cache)[(((size_t)b * cx.H + head) * cx.capacity + cx.pos) * cx.Dh + j] =
+            from_float<T>(r ? c : a);
+      }
+    }
+  } else if (EPI == EPI_RESIDUAL) {
+    for (int r = 0; r < 2; ++r) {
+      const int row = strip * 16 + p + 8 * r;
+      if (row < cx.d) {
+        T* xr = cx.x + (size_t)b * cx.d + row;
+        *xr = from_float<T>(to_float(load_cg(xr)) + (r ? c : a));
+      }
+    }
+  } else if (EPI == EPI_GLU) {
+    const int row = strip * 8 + p;
+    if (row < cx.h)
+      cx.hidden[(size_t)b * cx.h + row] = from_float<T>(gate_fn(round_to(a, tag), cx.act) * round_to(c, tag));
+  } else {
+    for (int r = 0; r < 2; ++r) {
+      const int row = strip * 16 + p + 8 * r;
+      if (row < cx.V) cx.logits[(size_t)b * cx.V + row] = from_float<T>(r ? c : a);
+    }
+  }
+}
+
+// One product of the staged input (xs) with `strips` strips of `groups` 64-column groups, and its epilogue.
+// Team `team` of this block takes strips first, first + stride, ... (stride = grid * teams); warp twarp of
+// the team takes groups twarp, twarp + team_warps, ... of each. The warp's loads run AHEAD groups ahead
+// of its products along that whole sequence, across strip boundaries, so that the strip reductions do
+// not drain them. NM = 0: dense (epilogue EPI on row pairs); NM > 0: MGLU with n <= NM masks.
+template <typename T, int NM, int EPI, int AHEAD>
+__device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4* __restrict__ tiles,
+                              const uint32_t* __restrict__ masks, int n, int strips, int groups, int teams) {
+  constexpr int NMS = NM > 0 ? NM : 1;
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int team_warps = warps / teams, team = warp / team_warps, twarp = warp % team_warps;
+  const int tt = threadIdx.x - team * team_warps * 32;
+  const int per_strip = twarp < groups ? (groups - twarp + team_warps - 1) / team_warps : 0;
+  const int stride = gridDim.x * teams, first = blockIdx.x * teams + team;
+  const int g = lane >> 2, tg = lane & 3;
+  const bool tok_ok = g < cx.B;
+  const uint32_t* xrow = reinterpret_cast<const uint32_t*>(cx.xs + (tok_ok ? g : 0) * cx.xs_stride) + tg;
+  // MGLU: the lane's x quads (elements 4 tg .. 4 tg + 3 of each tile; rows are 8-byte aligned)
+  const T* xquad = cx.xs + (tok_ok ? g : 0) * cx.xs_stride + 4 * tg;
+
+  uint4 wq[AHEAD][4];
+  uint32_t mq[AHEAD][NMS];
+  int ld_strip = first, ld_i = 0;
+  auto load_next = [&](uint4 (&w)[4], uint32_t (&m)[NMS]) {
+    if (per_strip == 0 || ld_strip >= strips) return;
+    const size_t tile = (size_t)ld_strip * groups + twarp + ld_i * team_warps;
+    const uint4* wp = tiles + tile * 128 + lane;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w[q] = load_stream(wp + q * 32);
+    if (NM > 0) {
+      const uint32_t* mp = masks + tile * n * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < NMS; ++i) m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off
+    }
+    if (++ld_i == per_strip) { ld_i = 0; ld_strip += stride; }
+  };
+#pragma unroll
+  for (int a = 0; a < AHEAD; ++a) load_next(wq[a], mq[a]);
+
+  for (int strip = first; strip < strips; strip += stride) {
+    float acc_t[4], acc_s[NMS][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      acc_t[c] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NMS; ++i) acc_s[i][c] = 0.0f;
+    }
+    for (int gi = 0; gi < per_strip; ++gi) {
+      const int grp = twarp + gi * team_warps;
+      uint4 w[4];
+      uint32_t m[NMS];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) w[q] = wq[0][q];
+#pragma unroll
+      for (int i = 0; i < NMS; ++i) m[i] = mq[0][i];
+#pragma unroll
+      for (int a = 0; a + 1 < AHEAD; ++a) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) wq[a][q] = wq[a + 1][q];
+#pragma unroll
+        for (int i = 0; i < NMS; ++i) mq[a][i] = mq[a + 1][i];
+      }
+      load_next(wq[AHEAD - 1], mq[AHEAD - 1]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if constexpr (NM == 0) {
+          const int kp = grp * 32 + q * 8;  // the element pair k0 = 64 grp + 16 q, in 32-bit words
+          const uint32_t b0 = tok_ok ? xrow[kp] : 0u;
+          const uint32_t b1 = tok_ok ? xrow[kp + 4] : 0u;
+          Mma<T>::run(acc_t, w[q].x, w[q].y, w[q].z, w[q].w, b0, b1);
+        } else {  // FlashMGLU's format: sparse mma with the masks as metadata (tensor_core.cuh)
+          const uint2 v = tok_ok ? *reinterpret_cast<const uint2*>(xquad + grp * 64 + q * 16) : make_uint2(0u, 0u);
+          const uint4 bq = sparse_b_fragment(v);
+          masked_mma_metadata<T>(acc_t, w[q], bq, ALL_ON_METADATA, q);
+          // Up to 4 masks (16 warps at 128 registers) every slot is multiplied, those past n with zero
+          // words; a guard per mask costs the registers that keep that instance from spilling.
+#pragma unroll
+          for (int i = 0; i < NM; ++i)
+            if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);
+        }
+      }
+    }
+    if (NM == 0) {
+      store_tile(cx.red, acc_t);
+      team_sync(team, team_warps * 32);
+      if (tt < 64) {
+        const int p = tt >> 3, b = tt & 7;
+        if (b < cx.B) {
+          const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
+          const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
+        }
+      }
+      team_sync(team, team_warps * 32);
+    } else {
+      float t_val = 0.0f, y_val = 0.0f;
+#pragma unroll
+      for (int pass = 0; pass <= NM; ++pass) {
+        if (pass > n) break;
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          v[c] = acc_t[c];
+#pragma unroll
+          for (int i = 0; i < NM; ++i)
+            if (pass == i + 1) v[c] = acc_s[i][c];
+        }
+        store_tile(cx.red, v);
+        team_sync(team, team_warps * 32);
+        if (tt < 128) {
+          const float s = team_total(cx.red, team * team_warps, team_warps, tt);
+          if (pass == 0) t_val = s;
+          else y_val += gate_fn(s, cx.act) * (t_val - s);
+        }
+        team_sync(team, team_warps * 32);
+      }
+      const int row = strip * 16 + (tt >> 3), b = tt & 7;
+      if (tt < 128 && b < cx.B && row < cx.h) cx.hidden[(size_t)b * cx.h + row] = from_float<T>(y_val);
+    }
+  }
+}
+
+}  // namespace pymglu
