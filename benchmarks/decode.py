@@ -12,6 +12,10 @@ CUDA events, and the median per-call time is reported. Effective bandwidth count
 The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper's baseline) is timed
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
 ``decode.png`` (plot).
+
+``--warps`` and ``--ahead`` sweep the tensor-core kernel's configuration (warps per strip, groups in
+flight per warp); every combination is timed, the last column lists them, and the row's FlashMGLU time
+is the fastest of them (with neither option, the library's own choice).
 """
 from __future__ import annotations
 
