@@ -292,7 +292,7 @@ def main(argv=None):
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
-    args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_ahead)
+    args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
     have_torch = False
     if args.torch:
         try:

@@ -44,8 +44,8 @@ from pymglu import masks as _masks
 from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "mma_ahead", "TILE_COLUMN_ORDER", "FlashMGLUWeights", "pack_weights", "tile_matrix",
-           "sparse_tiles", "mask_words", "flash_mglu", "kernel_names"]
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
+           "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
@@ -53,8 +53,12 @@ MAX_TOKENS = 16
 #: ``None`` picks them with :func:`mma_warps`. Benchmarks set an int to sweep.
 MMA_WARPS: int | None = None
 #: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies (1 to 3);
-#: ``None`` picks them with :func:`mma_ahead`. Benchmarks set an int to sweep.
+#: ``None`` means :data:`DEFAULT_AHEAD`. Benchmarks set an int to sweep.
 MMA_AHEAD: int | None = None
+#: groups in flight for every instance the library launches: the H200 sweep in docs/flash_mglu.md
+#: (``decode.py --ahead 1,2,3``) found two or three no faster for one or two masks on two warps and
+#: slower elsewhere (fewer resident blocks).
+DEFAULT_AHEAD = 1
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
@@ -76,17 +80,10 @@ def mma_warps(n_masks: int, d: int) -> int:
     return 2 if n_masks <= 2 and d <= 4096 else 4
 
 
-def mma_ahead(n_masks: int, tokens_per_mma: int, warps: int) -> int:
-    """Groups of W tiles and mask words in flight beyond the current one: one for every instance. The
-    H200 sweep in docs/flash_mglu.md (``decode.py --ahead 1,2,3``) found two or three no faster for one
-    or two masks on two warps and slower elsewhere (fewer resident blocks)."""
-    return 1
-
-
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
     warps_for = {n: sorted({mma_warps(n, 64), mma_warps(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
-    names = [_mma_name(dt, n, nt, w, mma_ahead(n, nt, w)) for dt in (bfloat16, float16)
+    names = [_mma_name(dt, n, nt, w, DEFAULT_AHEAD) for dt in (bfloat16, float16)
              for n in range(1, MAX_MASKS + 1) for nt in (1, 2) for w in warps_for[n]]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
@@ -212,10 +209,10 @@ def mask_words(xp: Any, mask: Any) -> Any:
     bits = _reorder_columns(xp, mask, xp.uint8)
     strips, groups = bits.shape[0] // 16, bits.shape[1] // 64
     by_group = bits.reshape(strips, 16, groups, 64).transpose(0, 2, 1, 3)  # (S, G, row, col)
-    rows, cols = _word_sources()
+    rows, cols = (xp.asarray(a) for a in _word_sources())
     words = xp.zeros((strips, groups, 32), dtype=xp.uint32)
     for b in range(32):
-        words |= by_group[:, :, xp.asarray(rows[:, b]), xp.asarray(cols[:, b])].astype(xp.uint32) << xp.uint32(b)
+        words |= by_group[:, :, rows[:, b], cols[:, b]].astype(xp.uint32) << xp.uint32(b)
     return words
 
 
@@ -294,7 +291,7 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
         if wts.uses_tensor_cores:
             nt = 1 if n_tokens <= 8 else 2
             warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
-            ahead = MMA_AHEAD or mma_ahead(wts.n_masks, nt, warps)
+            ahead = MMA_AHEAD or DEFAULT_AHEAD
             name = _mma_name(wts.dtype, wts.n_masks, nt, warps, ahead)
             kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
             strips, groups = wts.w_tiles.shape[:2]
