@@ -13,13 +13,14 @@ The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
 ``decode.png`` (plot).
 
-``--warps`` and ``--ahead`` sweep the tensor-core kernel's configuration (warps per strip, groups in
-flight per warp); every combination is timed, the last column lists them, and the row's FlashMGLU time
+``--warps``, ``--ahead`` and ``--prefetch`` sweep the tensor-core kernel's configuration (warps per
+strip, groups in flight per warp in registers, groups ahead each warp asks L2 to fetch); every combination is timed, the last column lists them, and the row's FlashMGLU time
 is the fastest of them (with neither option, the library's own choice).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -134,7 +135,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
-    default_warps, default_ahead = fm.MMA_WARPS, fm.MMA_AHEAD
+    defaults = fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_PREFETCH
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -202,14 +203,13 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
         for T in tokens_list:
             x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
             out = cp.empty((T, h), dtype=dtype)
-            by_warps = {}  # (warps, groups ahead) -> seconds; None: the library's choice
-            for warps in args.warps:
-                for ahead in args.ahead:
-                    fm.MMA_WARPS, fm.MMA_AHEAD = warps, ahead
-                    by_warps[warps, ahead] = time_graph(
-                        [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
-                        args.replays, stream)
-            fm.MMA_WARPS, fm.MMA_AHEAD = default_warps, default_ahead
+            by_warps = {}  # (warps, groups ahead, prefetch) -> seconds; None: the library's choice
+            for config in itertools.product(args.warps, args.ahead, args.prefetch):
+                fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_PREFETCH = config
+                by_warps[config] = time_graph(
+                    [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
+                    args.replays, stream)
+            fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_PREFETCH = defaults
             t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
@@ -217,7 +217,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
                 "flash_us": t * 1e6,
-                "flash_us_by_warps": {_config_label(w, a): v * 1e6 for (w, a), v in by_warps.items()},
+                "flash_us_by_warps": {_config_label(*c): v * 1e6 for c, v in by_warps.items()},
                 "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
@@ -233,14 +233,15 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     return rows
 
 
-def _config_label(warps, ahead):
-    """'lib', '4' (warps), 'a2' (groups ahead) or '4a2': the kernel configuration of a timing."""
-    label = ("" if warps is None else str(warps)) + ("" if ahead is None else f"a{ahead}")
+def _config_label(warps, ahead, prefetch):
+    """'lib', '4' (warps), 'a2' (groups ahead), 'p4' (L2 prefetch distance) or combinations such as
+    '4a1p4': the kernel configuration of a timing."""
+    label = "".join("" if v is None else f"{tag}{v}" for tag, v in (("", warps), ("a", ahead), ("p", prefetch)))
     return label or "lib"
 
 
 HEADER = ("| dtype | d | h | T | n | copy TB/s | FlashMGLU us | TB/s | % copy | GLU cupy us | GLU torch us "
-          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by config (warps, aN: groups ahead) |\n|" + "---|" * 18)
+          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by config (warps, aN: groups ahead, pN: L2 prefetch) |\n|" + "---|" * 18)
 
 
 def _row_md(r):
@@ -286,6 +287,8 @@ def main(argv=None):
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
     p.add_argument("--ahead", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
                    help="groups each warp keeps in flight (1 to 3) to sweep, with every --warps value (default: the library's)")
+    p.add_argument("--prefetch", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
+                   help="groups ahead each warp asks L2 to fetch (0: none) to sweep (default: the library's)")
     p.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in item.split("x")) for item in t.split(",")],
                    default=None, help="d x h shapes, e.g. 2048x8192,4096x14336 (default: the issue's, or two with --quick)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
@@ -293,6 +296,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
     args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
+    args.prefetch = args.prefetch or [None]  # None: the library's (pymglu.cuda.flash_mglu.DEFAULT_PREFETCH)
     have_torch = False
     if args.torch:
         try:

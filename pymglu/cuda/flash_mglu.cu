@@ -2,7 +2,7 @@
 // for T <= 16 tokens, reading W and the mask bits once. Layouts are documented in flash_mglu.py
 // (pymglu.cuda.flash_mglu.pack_weights builds them); this file only consumes them.
 //
-// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD>  (T = __nv_bfloat16 or __half)
+// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD, PREFETCH>  (T = __nv_bfloat16 or __half)
 //   Tensor-core path. One block per 16-row strip of W; its WARPS warps split the strip's K groups
 //   (64 columns each) and are reduced through shared memory in a fixed order (deterministic).
 //   Per 16x16 tile a lane holds one A fragment (four 32-bit registers, loaded as one 16-byte word).
@@ -49,6 +49,19 @@ __device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, 
   for (int i = 0; i < N_MASKS; ++i) m[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
 }
 
+// Asks L2 to fetch group `grp` of a strip (its 2 KB of W tiles, one 128-byte line per lane 0..15, and
+// its N_MASKS 128-byte lines of mask words, lanes 16..) without waiting or using registers: the loads
+// that reach it later hit L2 instead of HBM, so more bytes are in flight per SM than the registers of
+// the resident warps could hold.
+template <int N_MASKS>
+__device__ __forceinline__ void prefetch_group_l2(const uint4* __restrict__ w_base, const uint32_t* __restrict__ m_base,
+                                                  int grp, int lane) {
+  static_assert(N_MASKS <= 16, "one lane per mask line");
+  const void* line = lane < 16 ? static_cast<const void*>(w_base + ((size_t)grp * 4 * 32 + lane * 8))
+                               : static_cast<const void*>(m_base + ((size_t)grp * N_MASKS + (lane - 16)) * 32);
+  if (lane < 16 + N_MASKS) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(line));
+}
+
 // Loads this lane's x values of group `grp` (the sources of its B fragments; from L1/L2).
 template <typename T, int NT>
 __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* __restrict__ x16,
@@ -72,9 +85,10 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 }
 
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
-// AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
-// (flash_mglu.py, DEFAULT_AHEAD).
-template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD>
+// AHEAD: groups of W tiles and mask words each warp keeps in flight in registers beyond the one it
+// multiplies (flash_mglu.py, DEFAULT_AHEAD); PREFETCH: 0, or how many of the warp's groups ahead it asks
+// L2 to fetch (prefetch_group_l2; more than AHEAD).
+template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, const T* __restrict__ x,
                T* __restrict__ y, int n_tokens, int d, int h, int groups, int act) {
@@ -95,14 +109,17 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
       for (int i = 0; i < N_MASKS; ++i) acc_s[i][nt][c] = 0.0f;
     }
 
-  const uint4* w_strip = Wp + (size_t)strip * groups * 4 * 32 + lane;
-  const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32 + lane;
+  const uint4* w_base = Wp + (size_t)strip * groups * 4 * 32;
+  const uint32_t* m_base = Mp + (size_t)strip * groups * N_MASKS * 32;
+  const uint4* w_strip = w_base + lane;
+  const uint32_t* m_strip = m_base + lane;
 
   // Software pipeline: the W tiles and mask words of the next AHEAD groups of the warp are in flight
   // while the current group is multiplied, and so are the x values of the next group, except in the
   // largest instances, where the registers are needed for the accumulators (they then load at the
   // start of the group, from L1/L2).
   static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 groups");
+  static_assert(PREFETCH == 0 || PREFETCH > AHEAD, "PREFETCH: 0 or beyond the groups loaded into registers");
   constexpr bool X_AHEAD = N_MASKS * NT < 32;
   uint4 w_ahead[AHEAD][4];
   uint32_t m_ahead[AHEAD][N_MASKS];
@@ -123,6 +140,9 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int a = 0; a < AHEAD; ++a)
     if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
   if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b_next);
+#pragma unroll
+  for (int a = AHEAD + 1; a < PREFETCH; ++a)
+    if (grp + a * WARPS < groups) prefetch_group_l2<N_MASKS>(w_base, m_base, grp + a * WARPS, lane);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
     uint32_t m[N_MASKS];
@@ -145,6 +165,8 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     }
     if (grp + AHEAD * WARPS < groups)
       load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
+    if (PREFETCH > 0 && grp + PREFETCH * WARPS < groups)
+      prefetch_group_l2<N_MASKS>(w_base, m_base, grp + PREFETCH * WARPS, lane);
     if (X_AHEAD && grp + WARPS < groups)
       load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp + WARPS, b_next);
     if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b);

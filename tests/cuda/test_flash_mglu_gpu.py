@@ -67,6 +67,21 @@ def test_large_ragged_shapes(d, h, dtype, tokens, n):
     assert _rel_err(y, _reference(x, W, planes, "silu")) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("warps,ahead,prefetch", [(2, 1, 0), (4, 1, 2), (4, 1, 4), (2, 2, 4), (4, 1, 8)])
+@pytest.mark.parametrize("tokens,n", [(1, 8), (8, 4), (16, 16)])
+def test_kernel_configurations_agree(warps, ahead, prefetch, tokens, n, monkeypatch):
+    """Every warps / groups-ahead / L2-prefetch configuration the benchmarks sweep gives the reference
+    result, with a strip longer than the prefetch distance and a ragged last group."""
+    rng = np.random.default_rng(warps * 100 + ahead * 10 + prefetch)
+    d, h = 64 * 37 + 24, 50
+    x, W, planes = _inputs(rng, tokens, d, h, n, dtypes.bfloat16)
+    monkeypatch.setattr(fm, "MMA_WARPS", warps)
+    monkeypatch.setattr(fm, "MMA_AHEAD", ahead)
+    monkeypatch.setattr(fm, "MMA_PREFETCH", prefetch)
+    y = _run_checked(x, fm.pack_weights(W, planes), "silu", dtypes.bfloat16, (tokens, h))
+    assert _rel_err(y, _reference(x, W, planes, "silu")) < TOLERANCE[dtypes.bfloat16]
+
+
 def test_leading_dims_noncontiguous_and_misaligned_inputs_are_copied():
     rng = np.random.default_rng(3)
     d, h, n = 130, 50, 2
