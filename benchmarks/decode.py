@@ -13,15 +13,13 @@ The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
 ``decode.png`` (plot).
 
-``--warps``, ``--ahead`` and ``--complement`` sweep the tensor-core kernel's configuration (warps per
-strip, groups in flight per warp, and whether 1 to 4 tokens take t - s_i from the masked products);
-every combination is timed, the last column lists them, and the row's FlashMGLU time
+``--warps`` and ``--ahead`` sweep the tensor-core kernel's configuration (warps per strip, groups in
+flight per warp); every combination is timed, the last column lists them, and the row's FlashMGLU time
 is the fastest of them (with neither option, the library's own choice).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import statistics
@@ -136,7 +134,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
-    defaults = fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_COMPLEMENT
+    default_warps, default_ahead = fm.MMA_WARPS, fm.MMA_AHEAD
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -204,15 +202,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
         for T in tokens_list:
             x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
             out = cp.empty((T, h), dtype=dtype)
-            by_warps = {}  # (warps, groups ahead, complement) -> seconds; None: the library's choice
-            for config in itertools.product(args.warps, args.ahead, args.complement):
-                if config[2] is False and T > fm.COMPLEMENT_MAX_TOKENS:
-                    continue  # the same kernel as the library's choice
-                fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_COMPLEMENT = config
-                by_warps[config] = time_graph(
-                    [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
-                    args.replays, stream)
-            fm.MMA_WARPS, fm.MMA_AHEAD, fm.MMA_COMPLEMENT = defaults
+            by_warps = {}  # (warps, groups ahead) -> seconds; None: the library's choice
+            for warps in args.warps:
+                for ahead in args.ahead:
+                    fm.MMA_WARPS, fm.MMA_AHEAD = warps, ahead
+                    by_warps[warps, ahead] = time_graph(
+                        [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
+                        args.replays, stream)
+            fm.MMA_WARPS, fm.MMA_AHEAD = default_warps, default_ahead
             t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
@@ -220,7 +217,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
                 "flash_us": t * 1e6,
-                "flash_us_by_warps": {_config_label(*c): v * 1e6 for c, v in by_warps.items()},
+                "flash_us_by_warps": {_config_label(w, a): v * 1e6 for (w, a), v in by_warps.items()},
                 "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
@@ -236,15 +233,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     return rows
 
 
-def _config_label(warps, ahead, complement):
-    """'lib', '4' (warps), 'a2' (groups ahead), 'c0' (no complement columns) or combinations such as
-    '4a1c0': the kernel configuration of a timing."""
-    label = "".join("" if v is None else f"{tag}{int(v)}" for tag, v in (("", warps), ("a", ahead), ("c", complement)))
+def _config_label(warps, ahead):
+    """'lib', '4' (warps), 'a2' (groups ahead) or '4a2': the kernel configuration of a timing."""
+    label = ("" if warps is None else str(warps)) + ("" if ahead is None else f"a{ahead}")
     return label or "lib"
 
 
 HEADER = ("| dtype | d | h | T | n | copy TB/s | FlashMGLU us | TB/s | % copy | GLU cupy us | GLU torch us "
-          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by config (warps, aN: groups ahead, c0: no complement) |\n|" + "---|" * 18)
+          "| GLU TB/s | vs GLU | bound | naive us | vs naive | warps | us by config (warps, aN: groups ahead) |\n|" + "---|" * 18)
 
 
 def _row_md(r):
@@ -290,8 +286,6 @@ def main(argv=None):
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
     p.add_argument("--ahead", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
                    help="groups each warp keeps in flight (1 to 3) to sweep, with every --warps value (default: the library's)")
-    p.add_argument("--complement", type=lambda s: [{"lib": None, "off": False}[v] for v in s.split(",")], default=None,
-                   help="lib,off: also time 1 to 4 tokens with the full product t computed separately")
     p.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in item.split("x")) for item in t.split(",")],
                    default=None, help="d x h shapes, e.g. 2048x8192,4096x14336 (default: the issue's, or two with --quick)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
@@ -299,7 +293,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
     args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
-    args.complement = args.complement or [None]  # None: the library's (pymglu.cuda.flash_mglu.MMA_COMPLEMENT)
     have_torch = False
     if args.torch:
         try:

@@ -2,15 +2,14 @@
 // for T <= 16 tokens, reading W and the mask bits once. Layouts are documented in flash_mglu.py
 // (pymglu.cuda.flash_mglu.pack_weights builds them); this file only consumes them.
 //
-// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD, COMPLEMENT>  (T = __nv_bfloat16 or __half)
+// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD>  (T = __nv_bfloat16 or __half)
 //   Tensor-core path. One block per 16-row strip of W; its WARPS warps split the strip's K groups
 //   (64 columns each) and are reduced through shared memory in a fixed order (deterministic).
 //   Per 16x16 tile a lane holds one A fragment (four 32-bit registers, loaded as one 16-byte word).
 //   The masks are applied by the sparse tensor cores (tensor_core.cuh): mma.sp m16n8k32 with the tile
 //   as its compressed A, x at every other position of B, and the mask bits as the metadata that picks
 //   x or zero for each weight; two logic operations per tile and mask make the metadata from the
-//   lane's mask word. One mma.sp for the full product t and one per mask, per 8 tokens; for 1 to 4
-//   tokens (COMPLEMENT) one per mask, the other four columns of B giving t - s_i.
+//   lane's mask word. One mma.sp for the full product t and one per mask, per 8 tokens.
 //   NT = 1 covers tokens 0..7 (mma N = 8), NT = 2 covers 0..15.
 //
 // flash_mglu_simt<T, N_MASKS>  (any T incl. float)
@@ -53,8 +52,8 @@ __device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, 
 // Loads this lane's x values of group `grp` (the sources of its B fragments; from L1/L2).
 template <typename T, int NT>
 __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* __restrict__ x16,
-                                       const int (&x_offset)[NT], const int (&tok)[NT], const bool (&tok_ok)[NT], bool d_quads,
-                                       int n_tokens, int d, int tg, int grp, uint2 (&b)[4][NT]) {
+                                       const int (&x_offset)[NT], const bool (&tok_ok)[NT], bool d_quads,
+                                       int n_tokens, int d, int g, int tg, int grp, uint2 (&b)[4][NT]) {
   if (d_quads && grp * 64 + 64 <= d) {  // whole group inside x, 8-byte aligned quads: plain loads
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -67,17 +66,15 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
     for (int q = 0; q < 4; ++q) {
       const int k0 = grp * 64 + q * 16 + 4 * tg;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) b[q][nt] = load_x_quad<T>(x, tok[nt], n_tokens, k0, d);
+      for (int nt = 0; nt < NT; ++nt) b[q][nt] = load_x_quad<T>(x, nt * 8 + g, n_tokens, k0, d);
     }
   }
 }
 
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
 // AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
-// (flash_mglu.py, DEFAULT_AHEAD). COMPLEMENT (1 to 4 tokens, NT = 1): B columns 4..7 repeat tokens
-// 0..3 with x at the positions a mask bit of 0 picks, so each masked product gives s_i in columns 0..3
-// and t - s_i in columns 4..7, and the full product t is not needed: n mma.sp per tile instead of n + 1.
-template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD, int COMPLEMENT>
+// (flash_mglu.py, DEFAULT_AHEAD).
+template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, const T* __restrict__ x,
                T* __restrict__ y, int n_tokens, int d, int h, int groups, int act) {
@@ -106,29 +103,26 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   // largest instances, where the registers are needed for the accumulators (they then load at the
   // start of the group, from L1/L2).
   static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 groups");
-  static_assert(!COMPLEMENT || NT == 1, "COMPLEMENT: tokens 0..3 only");
   constexpr bool X_AHEAD = N_MASKS * NT < 32;
   uint4 w_ahead[AHEAD][4];
   uint32_t m_ahead[AHEAD][N_MASKS];
   uint2 b_next[4][NT];
-  // Each lane reads x for the token of its B column only; tokens past n_tokens read as zeros.
+  // Each lane reads x for tokens g and g + 8 only; rows past n_tokens read as zeros.
   const bool d_quads = (d & 3) == 0;
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   int x_offset[NT];  // element offset of this lane's first x quad; tokens < 16 and d < 2^26 keep it in int
-  int tok[NT];      // the token of this lane's B column: column g of token block nt (COMPLEMENT: g mod 4)
   bool tok_ok[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    tok[nt] = COMPLEMENT ? (g & 3) : nt * 8 + g;
-    tok_ok[nt] = tok[nt] < n_tokens;
-    x_offset[nt] = (tok_ok[nt] ? tok[nt] : 0) * d + 4 * tg;
+    const int tok = nt * 8 + g;
+    tok_ok[nt] = tok < n_tokens;
+    x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 4 * tg;
   }
-  const BSelect b_select = COMPLEMENT && g >= 4 ? B_AT_OFF_POSITIONS : B_AT_ON_POSITIONS;
   int grp = warp;
 #pragma unroll
   for (int a = 0; a < AHEAD; ++a)
     if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
-  if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok, tok_ok, d_quads, n_tokens, d, tg, grp, b_next);
+  if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b_next);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
     uint32_t m[N_MASKS];
@@ -152,14 +146,14 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     if (grp + AHEAD * WARPS < groups)
       load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
     if (X_AHEAD && grp + WARPS < groups)
-      load_x<T, NT>(x, x16, x_offset, tok, tok_ok, d_quads, n_tokens, d, tg, grp + WARPS, b_next);
-    if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok, tok_ok, d_quads, n_tokens, d, tg, grp, b);
+      load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp + WARPS, b_next);
+    if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {  // token block outermost: one expanded B fragment live at a time
-        const uint4 bq = sparse_b_fragment(b[q][nt], b_select);
-        if (!COMPLEMENT) masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);
+        const uint4 bq = sparse_b_fragment(b[q][nt]);
+        masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);
 #pragma unroll
         for (int i = 0; i < N_MASKS; ++i) masked_mma<T>(acc_s[i][nt], w[q], bq, m[i], q);
       }
@@ -167,9 +161,8 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   }
 
   // Cross-warp reduction in a fixed order, one product (t, then each s_i) per pass, fused epilogue.
-  constexpr int COLS = 8 * NT;                      // columns of the products
-  constexpr int OUT_COLS = COMPLEMENT ? 4 : COLS;   // token columns (COMPLEMENT: t - s_i sits 4 further)
-  constexpr int ELEMS = 16 * OUT_COLS;
+  constexpr int COLS = 8 * NT;
+  constexpr int ELEMS = 16 * COLS;
   constexpr int PER_THREAD = (ELEMS + WARPS * 32 - 1) / (WARPS * 32);
   __shared__ float red[WARPS][16][COLS];
   float t_val[PER_THREAD];
@@ -178,7 +171,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int e = 0; e < PER_THREAD; ++e) { t_val[e] = 0.0f; y_val[e] = 0.0f; }
 
 #pragma unroll
-  for (int p = COMPLEMENT ? 1 : 0; p <= N_MASKS; ++p) {
+  for (int p = 0; p <= N_MASKS; ++p) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       float v[4];
@@ -200,15 +193,12 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     for (int e = 0; e < PER_THREAD; ++e) {
       const int idx = threadIdx.x + e * WARPS * 32;
       if (idx < ELEMS) {
-        const int row = idx / OUT_COLS, col = idx % OUT_COLS;
-        float sum = 0.0f, rest = 0.0f;  // rest: t - s_i, summed the same way (COMPLEMENT)
+        const int row = idx / COLS, col = idx % COLS;
+        float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-          sum += red[w][row][col];
-          if (COMPLEMENT) rest += red[w][row][col + 4];
-        }
+        for (int w = 0; w < WARPS; ++w) sum += red[w][row][col];
         if (p == 0) t_val[e] = sum;
-        else y_val[e] += gate_fn(sum, act) * (COMPLEMENT ? rest : t_val[e] - sum);
+        else y_val[e] += gate_fn(sum, act) * (t_val[e] - sum);
       }
     }
     __syncthreads();
@@ -217,7 +207,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int e = 0; e < PER_THREAD; ++e) {
     const int idx = threadIdx.x + e * WARPS * 32;
     if (idx < ELEMS) {
-      const int row = idx / OUT_COLS, col = idx % OUT_COLS;
+      const int row = idx / COLS, col = idx % COLS;
       const int out_row = strip * 16 + row;
       if (col < n_tokens && out_row < h) y[(size_t)col * h + out_row] = from_float<T>(y_val[e]);
     }

@@ -44,7 +44,7 @@ from pymglu import masks as _masks
 from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "COMPLEMENT_MAX_TOKENS", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
            "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names"]
 
 MAX_MASKS = 16
@@ -59,11 +59,6 @@ MMA_AHEAD: int | None = None
 #: (``decode.py --ahead 1,2,3``) found two or three no faster for one or two masks on two warps and
 #: slower elsewhere (fewer resident blocks).
 DEFAULT_AHEAD = 1
-#: ``None``: for 1 to :data:`COMPLEMENT_MAX_TOKENS` tokens the kernel gets ``t - s_i`` from the other
-#: half of each masked product instead of multiplying by the full ``W`` (n instead of n + 1 ``mma.sp`` per
-#: tile); ``False`` turns that off (benchmarks, for an A/B comparison in one run).
-MMA_COMPLEMENT: bool | None = None
-COMPLEMENT_MAX_TOKENS = 4
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
@@ -71,8 +66,8 @@ _ACTIVATION_CODES = _cuda.ACTIVATION_CODES
 _CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
 
 
-def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int, ahead: int, complement: bool) -> str:
-    return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {nt}, {warps}, {ahead}, {int(complement)}>"
+def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int, ahead: int) -> str:
+    return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {nt}, {warps}, {ahead}>"
 
 
 def _simt_name(dtype: np.dtype, n: int) -> str:
@@ -88,8 +83,8 @@ def mma_warps(n_masks: int, d: int) -> int:
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
     warps_for = {n: sorted({mma_warps(n, 64), mma_warps(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
-    names = [_mma_name(dt, n, nt, w, DEFAULT_AHEAD, c) for dt in (bfloat16, float16)
-             for n in range(1, MAX_MASKS + 1) for nt, c in ((1, True), (1, False), (2, False)) for w in warps_for[n]]
+    names = [_mma_name(dt, n, nt, w, DEFAULT_AHEAD) for dt in (bfloat16, float16)
+             for n in range(1, MAX_MASKS + 1) for nt in (1, 2) for w in warps_for[n]]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
 
@@ -297,8 +292,7 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
             nt = 1 if n_tokens <= 8 else 2
             warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
             ahead = MMA_AHEAD or DEFAULT_AHEAD
-            complement = MMA_COMPLEMENT is not False and n_tokens <= COMPLEMENT_MAX_TOKENS
-            name = _mma_name(wts.dtype, wts.n_masks, nt, warps, ahead, complement)
+            name = _mma_name(wts.dtype, wts.n_masks, nt, warps, ahead)
             kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
             strips, groups = wts.w_tiles.shape[:2]
             kernel((strips,), (warps * 32,),

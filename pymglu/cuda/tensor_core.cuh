@@ -69,21 +69,6 @@ __device__ __forceinline__ uint4 sparse_b_fragment(uint2 v) {
   return make_uint4(v.x << 16, v.x & 0xFFFF0000u, v.y << 16, v.y & 0xFFFF0000u);
 }
 
-// Where a lane's B column puts x: at positions 1 and 3 of each chunk (the indices a mask bit of 1
-// picks: products with the masked weights) or at 0 and 2 (a bit of 0: products with the weights the
-// mask leaves out). The two byte-permute selectors build the even and the odd registers of the fragment.
-struct BSelect {
-  uint32_t even, odd;
-};
-constexpr BSelect B_AT_ON_POSITIONS = {0x1044u, 0x3244u};   // x in the high half, zero in the low
-constexpr BSelect B_AT_OFF_POSITIONS = {0x4410u, 0x4432u};  // x in the low half, zero in the high
-
-// sparse_b_fragment with the positions chosen per lane: B_AT_ON_POSITIONS gives the same fragment.
-__device__ __forceinline__ uint4 sparse_b_fragment(uint2 v, BSelect sel) {
-  return make_uint4(__byte_perm(v.x, 0u, sel.even), __byte_perm(v.x, 0u, sel.odd), __byte_perm(v.y, 0u, sel.even),
-                    __byte_perm(v.y, 0u, sel.odd));
-}
-
 // acc += (M ⊙ W_tile) x for tile q of a group, M given by the lane's mask word (all on: ALL_ON_METADATA
 // through masked_mma_metadata).
 template <typename T>
