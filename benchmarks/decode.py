@@ -6,8 +6,8 @@ Usage (on a machine with a CUDA GPU and CuPy):
     python benchmarks/decode.py --quick                        # one shape, a few T and n
 
 Every variant is captured in a CUDA graph of back-to-back calls that rotate through enough weight sets
-to exceed the L2 cache several times, the graph is replayed ``--replays`` times, each replay timed with
-CUDA events, and the median per-call time is reported. Effective bandwidth counts the minimal bytes:
+to exceed the L2 cache several times, replayed for a quarter second of warm-up (``WARMUP_S``), then
+``--replays`` times, each replay timed with CUDA events, and the median per-call time is reported. Effective bandwidth counts the minimal bytes:
 ``2hd + n*hd/8`` for MGLU (16-bit W plus one bit per mask and element) and ``4hd`` for GLU.
 The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper's baseline) is timed
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
@@ -64,11 +64,31 @@ def _silu_mul_kernel(dtype):
     return cp.RawModule(code=_SILU_MUL, options=("-std=c++17",), name_expressions=(name,)).get_function(name)
 
 
+#: seconds of back-to-back work each timing runs before it measures: the first configuration timed after
+#: the weights are packed ran 14-20% slow for about 0.1 s on the H200 (probe_flash_stages.py --rounds 3,
+#: docs/flash_mglu.md), longer than the few calls of warm-up the timings had before.
+WARMUP_S = 0.25
+
+
+def _warm_up(run_once, stream) -> None:
+    """Runs ``run_once`` (one timed unit of work) back to back for about :data:`WARMUP_S` seconds."""
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    run_once()
+    end.record(stream)
+    end.synchronize()
+    once = max(cp.cuda.get_elapsed_time(start, end) / 1e3, 1e-6)
+    for _ in range(min(1000, math.ceil(WARMUP_S / once))):
+        run_once()
+    stream.synchronize()
+
+
 def time_events(calls, replays: int, stream) -> float:
     """Median seconds per call over ``replays`` event-timed runs of all ``calls`` back to back."""
     with stream:
         for c in calls[: min(3, len(calls))]:
             c()
+        _warm_up(lambda: [c() for c in calls], stream)
         times = []
         start, end = cp.cuda.Event(), cp.cuda.Event()
         for _ in range(replays):
@@ -91,8 +111,7 @@ def time_graph(calls, replays: int, stream) -> float:
         for c in calls:
             c()
         graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+        _warm_up(lambda: graph.launch(stream), stream)
         times = []
         start, end = cp.cuda.Event(), cp.cuda.Event()
         for _ in range(replays):
@@ -117,6 +136,14 @@ def time_torch(calls, replays: int) -> float:
     with torch.cuda.graph(graph):
         for c in calls:
             c()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    for _ in range(min(1000, math.ceil(WARMUP_S / max(start.elapsed_time(end) / 1e3, 1e-6)))):
+        graph.replay()  # the same warm-up as _warm_up
+    torch.cuda.synchronize()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
