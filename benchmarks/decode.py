@@ -6,8 +6,9 @@ Usage (on a machine with a CUDA GPU and CuPy):
     python benchmarks/decode.py --quick                        # one shape, a few T and n
 
 Every variant is captured in a CUDA graph of back-to-back calls that rotate through enough weight sets
-to exceed the L2 cache several times, replayed for a quarter second of warm-up (``WARMUP_S``), then
-``--replays`` times, each replay timed with CUDA events, and the median per-call time is reported. Effective bandwidth counts the minimal bytes:
+to exceed the L2 cache several times, launched once (plus ``--warmup`` seconds of back-to-back replays,
+none by default), then replayed ``--replays`` times, each replay timed with CUDA events, and the median
+per-call time is reported. Effective bandwidth counts the minimal bytes:
 ``2hd + n*hd/8`` for MGLU (16-bit W plus one bit per mask and element) and ``4hd`` for GLU.
 The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper's baseline) is timed
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
@@ -64,10 +65,11 @@ def _silu_mul_kernel(dtype):
     return cp.RawModule(code=_SILU_MUL, options=("-std=c++17",), name_expressions=(name,)).get_function(name)
 
 
-#: seconds of back-to-back work each timing runs before it measures: the first configuration timed after
-#: the weights are packed ran 14-20% slow for about 0.1 s on the H200 (probe_flash_stages.py --rounds 3,
-#: docs/flash_mglu.md), longer than the few calls of warm-up the timings had before.
-WARMUP_S = 0.25
+#: seconds of back-to-back work each timing runs before it measures (``--warmup``), beyond the few calls
+#: and the one graph launch every timing starts with. Off by default: on the H200 a quarter second of it
+#: made the third configuration after each weight packing 13-16% slower, reproducibly, while without it
+#: the same configurations ran in line with their neighbours (docs/benchmarks.md, "Timing protocol").
+WARMUP_S = 0.0
 
 
 def _warm_up(run_once, stream) -> None:
@@ -309,6 +311,7 @@ def main(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--calls", type=int, default=30, help="calls per captured graph")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--warmup", type=float, default=None, help=f"seconds of back-to-back warm-up before each timing (default {WARMUP_S})")
     p.add_argument("--warps", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
     p.add_argument("--ahead", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
@@ -318,6 +321,8 @@ def main(argv=None):
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
+    if args.warmup is not None:
+        globals()["WARMUP_S"] = args.warmup
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
     args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
     have_torch = False
