@@ -7,8 +7,11 @@ Usage (on a machine with a CUDA GPU and CuPy):
 
 Every variant is captured in a CUDA graph of back-to-back calls that rotate through enough weight sets
 to exceed the L2 cache several times, launched once (plus ``--warmup`` seconds of back-to-back replays,
-none by default), then replayed ``--replays`` times, each replay timed with CUDA events, and the median
-per-call time is reported. Effective bandwidth counts the minimal bytes:
+none by default), then replayed ``--replays`` times, each replay timed with CUDA events; the median
+per-call time of the replays is one timing. Every timing of a shape and mask count is repeated in
+``--rounds`` interleaved rounds (each round times every token count and configuration once), and the
+fastest round is reported: the H200 has spells of 10-20% slower timings that last about a configuration
+(docs/benchmarks.md, timing protocol), and a spell can only make a timing slower. Effective bandwidth counts the minimal bytes:
 ``2hd + n*hd/8`` for MGLU (16-bit W plus one bit per mask and element) and ``4hd`` for GLU.
 The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper's baseline) is timed
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
@@ -21,6 +24,7 @@ is the fastest of them (with neither option, the library's own choice).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -170,7 +174,8 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     # device copy: the bandwidth ceiling (bytes read + written)
     nbytes = 256 * 2**20
     src, dst = cp.ones(nbytes // 4, cp.float32), cp.empty(nbytes // 4, cp.float32)
-    copy_s = time_graph([lambda: dst.__setitem__(Ellipsis, src)] * calls_per_graph, args.replays, stream)
+    copy_s = min(time_graph([lambda: dst.__setitem__(Ellipsis, src)] * calls_per_graph, args.replays, stream)
+                 for _ in range(args.rounds))
     copy_bw = 2 * nbytes / copy_s
     del src, dst
 
@@ -180,7 +185,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     n_g = n_sets(2 * elem * h * d)
     Wg = [(cp.random.standard_normal((2 * h, d), dtype=cp.float32) / math.sqrt(d)).astype(dtype) for _ in range(n_g)]
     silu_mul = _silu_mul_kernel(dtype)
-    glu = {}
+    glu_calls = {}  # T -> {"cupy": thunks, "torch": thunks}
     for T in tokens_list:
         x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
         gu = cp.empty((T, 2 * h), dtype=dtype)
@@ -191,8 +196,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
             cp.matmul(x, Wg[k % n_g].T, out=gu)
             silu_mul((blocks,), (256,), (gu, y, np.int32(T), np.int32(h)))
 
-        # CuPy refuses cuBLAS calls during stream capture: back-to-back launches timed with events.
-        glu[T] = {"cupy": time_events([lambda k=k: glu_call(k) for k in range(calls_per_graph)], args.replays, stream)}
+        glu_calls[T] = {"cupy": [lambda k=k, c=glu_call: c(k) for k in range(calls_per_graph)]}
         if have_torch:
             import torch
             import torch.nn.functional as F
@@ -204,8 +208,16 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 gu_t = F.linear(tx, tw[k % n_g])
                 return F.silu(gu_t[:, :h]) * gu_t[:, h:]
 
-            glu[T]["torch"] = time_torch([lambda k=k: torch_call(k) for k in range(calls_per_graph)], args.replays)
-    del Wg
+            glu_calls[T]["torch"] = [lambda k=k, c=torch_call: c(k) for k in range(calls_per_graph)]
+    # CuPy refuses cuBLAS calls during stream capture: its GLU runs back to back, timed with events.
+    glu_rounds = {(T, lib): [] for T in tokens_list for lib in glu_calls[T]}
+    for _ in range(args.rounds):
+        for T in tokens_list:
+            for lib, calls in glu_calls[T].items():
+                glu_rounds[T, lib].append(time_events(calls, args.replays, stream) if lib == "cupy"
+                                          else time_torch(calls, args.replays))
+    glu = {T: {lib: min(glu_rounds[T, lib]) for lib in glu_calls[T]} for T in tokens_list}
+    del Wg, glu_calls
 
     for n in n_list:
         planes = [masks.pack_masks(cp.random.random((n, h, d), dtype=cp.float32) < 0.5) for _ in range(n_w)]
@@ -228,17 +240,20 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
 
             naive_s = time_events([naive_call] * 3, max(3, args.replays // 4), stream)  # ms-long calls: no graph needed
             del dense
-        for T in tokens_list:
-            x = cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype))
-            out = cp.empty((T, h), dtype=dtype)
-            by_warps = {}  # (warps, groups ahead) -> seconds; None: the library's choice
-            for warps in args.warps:
-                for ahead in args.ahead:
-                    fm.MMA_WARPS, fm.MMA_AHEAD = warps, ahead
-                    by_warps[warps, ahead] = time_graph(
-                        [lambda k=k: fm.flash_mglu(x, packed[k % n_w], out=out) for k in range(calls_per_graph)],
-                        args.replays, stream)
+        xs = {T: cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype)) for T in tokens_list}
+        outs = {T: cp.empty((T, h), dtype=dtype) for T in tokens_list}
+        configs = list(itertools.product(args.warps, args.ahead))  # (warps, groups ahead); None: the library's
+        flash_rounds = {(T, c): [] for T in tokens_list for c in configs}
+        for _ in range(args.rounds):  # every (T, configuration) once per round, so slow spells hit them alike
+            for T in tokens_list:
+                for config in configs:
+                    fm.MMA_WARPS, fm.MMA_AHEAD = config
+                    flash_rounds[T, config].append(time_graph(
+                        [lambda k=k, x=xs[T], out=outs[T]: fm.flash_mglu(x, packed[k % n_w], out=out)
+                         for k in range(calls_per_graph)], args.replays, stream))
             fm.MMA_WARPS, fm.MMA_AHEAD = default_warps, default_ahead
+        for T in tokens_list:
+            by_warps = {c: min(flash_rounds[T, c]) for c in configs}
             t = min(by_warps.values())
             mglu_bytes = 2 * h * d + n * h * d / 8
             best_glu = min(glu[T].values())
@@ -247,6 +262,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "copy_TBps": copy_bw / 1e12,
                 "flash_us": t * 1e6,
                 "flash_us_by_warps": {_config_label(w, a): v * 1e6 for (w, a), v in by_warps.items()},
+                "flash_us_rounds": {_config_label(w, a): [v * 1e6 for v in flash_rounds[T, (w, a)]] for (w, a) in configs},
                 "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
@@ -311,6 +327,8 @@ def main(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--calls", type=int, default=30, help="calls per captured graph")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all timings of a shape and mask count; each time reported is the fastest round")
     p.add_argument("--warmup", type=float, default=None, help=f"seconds of back-to-back warm-up before each timing (default {WARMUP_S})")
     p.add_argument("--warps", type=lambda s: [None if v == "lib" else int(v) for v in s.split(",")], default=None,
                    help="warps per block of the tensor-core kernel to sweep (default: the library's)")
