@@ -11,8 +11,8 @@ none by default), then replayed ``--replays`` times, each replay timed with CUDA
 per-call time of the replays is one timing. Every timing of a shape and mask count is repeated in
 ``--rounds`` interleaved rounds (each round times every token count and configuration once), and the
 fastest round is reported: the H200 has spells of 10-20% slower timings that last about a configuration
-(docs/benchmarks.md, timing protocol), and a spell can only make a timing slower. Effective bandwidth counts the minimal bytes:
-``2hd + n*hd/8`` for MGLU (16-bit W plus one bit per mask and element) and ``4hd`` for GLU.
+(docs/benchmarks.md, timing protocol), and a spell can only make a timing slower. Effective bandwidth
+counts the minimal bytes: ``2hd + n*hd/8`` for MGLU (16-bit W plus one bit per mask and element) and ``4hd`` for GLU.
 The naive MGLU (2n masked matmuls on CuPy, masks as dense 0/1 tensors, the paper's baseline) is timed
 at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json`` (raw numbers) and
 ``decode.png`` (plot).
