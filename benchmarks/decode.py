@@ -76,15 +76,22 @@ def _silu_mul_kernel(dtype):
 WARMUP_S = 0.0
 
 
+def _warmup_repeats(once_s: float) -> int:
+    """How many more runs of a unit of work that took ``once_s`` seconds fill :data:`WARMUP_S`."""
+    return min(1000, math.ceil(WARMUP_S / max(once_s, 1e-6)))
+
+
 def _warm_up(run_once, stream) -> None:
-    """Runs ``run_once`` (one timed unit of work) back to back for about :data:`WARMUP_S` seconds."""
+    """Runs ``run_once`` (one timed unit of work) back to back for about :data:`WARMUP_S` seconds;
+    nothing when it is 0."""
+    if WARMUP_S <= 0:
+        return
     start, end = cp.cuda.Event(), cp.cuda.Event()
     start.record(stream)
     run_once()
     end.record(stream)
     end.synchronize()
-    once = max(cp.cuda.get_elapsed_time(start, end) / 1e3, 1e-6)
-    for _ in range(min(1000, math.ceil(WARMUP_S / once))):
+    for _ in range(_warmup_repeats(cp.cuda.get_elapsed_time(start, end) / 1e3)):
         run_once()
     stream.synchronize()
 
@@ -117,6 +124,8 @@ def time_graph(calls, replays: int, stream) -> float:
         for c in calls:
             c()
         graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
         _warm_up(lambda: graph.launch(stream), stream)
         times = []
         start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -142,14 +151,15 @@ def time_torch(calls, replays: int) -> float:
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    for _ in range(min(1000, math.ceil(WARMUP_S / max(start.elapsed_time(end) / 1e3, 1e-6)))):
-        graph.replay()  # the same warm-up as _warm_up
-    torch.cuda.synchronize()
+    if WARMUP_S > 0:  # as _warm_up, on torch's stream
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        for _ in range(_warmup_repeats(start.elapsed_time(end) / 1e3)):
+            graph.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
