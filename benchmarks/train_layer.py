@@ -4,12 +4,15 @@ Usage (on a machine with a CUDA GPU and CuPy):
 
     python benchmarks/train_layer.py --out-dir bench_out          # the issue's sweep
     python benchmarks/train_layer.py --quick                      # one shape, T = 4096, n in {1, 4}
+    python benchmarks/train_layer.py --tokens 16384 --masks 4     # a subset (also --shapes 4096x14336)
 
 One step = forward and backward of the layer on ``T`` tokens in bfloat16 (``y``, then ``dx``, ``dW`` and,
 for MGLU, the float32 mask-logit gradients; MGLU also packs its logits into bit-planes every step, as
 training does). Variants, all in the same run:
 
 * ``mglu``: :mod:`pymglu.functional` on CuPy, i.e. the fused path of :mod:`pymglu.cuda.training`;
+* ``mglu-recompute`` (at the n of ``--recompute-n``): the same with ``keep_cache=False``, the backward
+  recomputing ``t`` and ``s_i`` in chunks of tokens (``4 (n + 1)`` products per step);
 * ``swiglu``: pymglu's GLU on the same path (two cuBLAS products per pass + fused epilogues);
 * ``swiglu-torch``: torch's SwiGLU (stacked gate+up weight, ``F.linear``, autograd), when importable;
 * ``naive-torch``: the paper's scheme (its Algorithm 2), 2n masked matmuls per pass with
@@ -18,10 +21,10 @@ training does). Variants, all in the same run:
 
 Each variant runs ``--warmup`` steps, then ``--reps`` timed groups of ``--steps`` back-to-back steps
 between two CUDA events; the median per-step time is reported. TFLOP/s counts the products only:
-``3 (n + 1) * 2 T d h`` for MGLU, ``6 * 2 T d h`` for SwiGLU, ``6n * 2 T d h`` for the naive MGLU. Peak
-memory is the high-water mark of memory in use during one step, inputs and outputs included (CuPy:
-an allocator wrapper around the pool; torch: ``max_memory_allocated``). Outputs ``train_layer.md``,
-``train_layer.json`` and ``train_layer.png``.
+``3 (n + 1) * 2 T d h`` for MGLU (``4 (n + 1)`` with recompute), ``6 * 2 T d h`` for SwiGLU, ``6n * 2 T d h``
+for the naive MGLU. Peak memory is the high-water mark of memory in use during one step, inputs and
+outputs included (CuPy: an allocator wrapper around the pool; torch: ``max_memory_allocated``). Outputs
+``train_layer.md``, ``train_layer.json`` and ``train_layer.png``.
 """
 from __future__ import annotations
 
@@ -227,6 +230,18 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
         add({**base, "variant": "mglu", "n": n, "ms": t * 1e3, "tflops": 3 * (n + 1) * flop_unit / t / 1e12,
                      "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
                      "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
+        if n in args.recompute_n:
+            def recompute_step():
+                bits = mask_ops.pack_masks(logits)
+                y, _ = functional.mglu_forward(x, W, bits, "silu", keep_cache=False)
+                del y
+                return functional.mglu_backward(dy, x, W, bits, "silu", None)
+
+            t = time_steps(recompute_step, args.warmup, args.reps, args.steps)
+            peak = peak_bytes(recompute_step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
+            add({**base, "variant": "mglu-recompute", "n": n, "ms": t * 1e3,
+                 "tflops": 4 * (n + 1) * flop_unit / t / 1e12, "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
+                 "bound": 4 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
         if args.naive and n <= args.naive_max_n:
             if have_torch:
                 tn, peak = bench_torch_naive(T, d, h, n, args)
@@ -333,7 +348,12 @@ def main(argv=None):
     p.add_argument("--naive-max-n", type=int, default=4)
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
+    p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
+    p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")
+    p.add_argument("--masks", help="comma list of n (default: 1,2,4,8)")
     args = p.parse_args(argv)
+    args.recompute_n = [int(v) for v in args.recompute_n.split(",") if v]
     have_torch = False
     if args.torch:
         try:
@@ -347,6 +367,12 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shapes, tokens, n_list = (([(4096, 14336)], [4096], [1, 4]) if args.quick else (SHAPES, TOKENS, N_MASKS))
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    if args.tokens:
+        tokens = [int(v) for v in args.tokens.split(",")]
+    if args.masks:
+        n_list = [int(v) for v in args.masks.split(",")]
     print(f"# {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, bfloat16, torch: {have_torch}")
     print(HEADER)
     rows = []

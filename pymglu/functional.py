@@ -56,6 +56,11 @@ def _check_x_w(x: Any, W: Any, w_name: str = "W") -> None:
         )
 
 
+def _check_chunk_tokens(chunk_tokens: Any) -> None:
+    if chunk_tokens is not None:
+        _checks.check_positive_int("chunk_tokens", chunk_tokens)
+
+
 def _bool_masks(masks: Any, W: Any) -> Any:
     """Validate ``masks`` against ``W`` and return them as ``(n, h, d)`` bool."""
     h, d = W.shape
@@ -88,24 +93,32 @@ def _rows(a: Any, width: int, dtype: Any) -> Any:
     return get_array_module(a).ascontiguousarray(a.reshape(-1, width).astype(dtype, copy=False))
 
 
-def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[Any, MGLUCache]:
+def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu", keep_cache: bool = True,
+                 chunk_tokens: int | None = None) -> tuple[Any, MGLUCache | None]:
     """MGLU forward that also returns the cache :func:`mglu_backward` needs.
 
     Args:
         x: ``(..., d)`` float array. W: ``(h, d)``, same dtype and device as ``x``.
         masks: ``(n, h, d)`` bool, or ``(n, h, ceil(d/32))`` uint32 bit-planes, ``n >= 1``.
         activation: one of :data:`pymglu.activations.ACTIVATIONS`.
+        keep_cache: ``False`` returns ``None`` for the cache; the fused GPU path then computes ``y``
+            ``chunk_tokens`` rows at a time (default ``pymglu.cuda.training.RECOMPUTE_CHUNK_TOKENS``), so
+            that the ``(n + 1)`` products of all rows are never alive at once, and :func:`mglu_backward`
+            recomputes them a chunk at a time.
     Returns:
-        ``y`` of shape ``(..., h)`` in ``x.dtype``, and an :class:`MGLUCache`.
+        ``y`` of shape ``(..., h)`` in ``x.dtype``, and an :class:`MGLUCache` (or ``None``).
     """
     x, W, masks = unwrap(x), unwrap(W), unwrap(masks)
     activations.check_activation(activation)
+    _check_chunk_tokens(chunk_tokens)
     xp = get_array_module(x, W, masks)
     _check_x_w(x, W)
     out_shape = x.shape[:-1] + (W.shape[0],)
     if _gpu.supports(x, W):
-        y, (t, s) = _gpu.mglu_forward(_rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W),
-                                      _packed_bits(masks, W), activation)
+        xf, Wc, bits = _rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W), _packed_bits(masks, W)
+        if not keep_cache:
+            return _gpu.mglu_forward_chunked(xf, Wc, bits, activation, chunk_tokens).reshape(out_shape), None
+        y, (t, s) = _gpu.mglu_forward(xf, Wc, bits, activation)
         return y.reshape(out_shape), MGLUCache(t, s)
     masks = _bool_masks(masks, W)
     ct = compute_dtype(x.dtype)
@@ -114,7 +127,7 @@ def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu") -> tuple[
     t = xf @ Wc.T
     s = xp.stack([xf @ (Wc * m).T for m in masks])
     y = (activations.forward(s, activation) * (t - s)).sum(axis=0)
-    return y.astype(x.dtype, copy=False).reshape(out_shape), MGLUCache(t, s)
+    return y.astype(x.dtype, copy=False).reshape(out_shape), MGLUCache(t, s) if keep_cache else None
 
 
 def mglu(x: Any, W: Any, masks: Any, activation: str = "silu") -> Any:
@@ -124,13 +137,15 @@ def mglu(x: Any, W: Any, masks: Any, activation: str = "silu") -> Any:
 
 def mglu_backward(
     dy: Any, x: Any, W: Any, masks: Any, activation: str = "silu", cache: MGLUCache | None = None,
-    consume_cache: bool = False,
+    consume_cache: bool = False, chunk_tokens: int | None = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of MGLU with the straight-through estimator for the masks.
 
     Args:
         dy: ``(..., h)`` upstream gradient. x, W, masks, activation: as in :func:`mglu_forward`.
-        cache: the forward's cache; recomputed (``n + 1`` products) when ``None``.
+        cache: the forward's cache; recomputed (``n + 1`` products) when ``None``: on the fused GPU path
+            ``chunk_tokens`` rows at a time (see :func:`mglu_forward`'s ``keep_cache``), on the reference
+            path at once.
         consume_cache: allow the fused GPU path to overwrite ``cache`` with gradients (saves memory;
             the cache is unusable afterwards). Ignored by the reference path.
     Returns:
@@ -140,6 +155,7 @@ def mglu_backward(
     """
     dy, x, W, masks = unwrap(dy), unwrap(x), unwrap(W), unwrap(masks)
     activations.check_activation(activation)
+    _check_chunk_tokens(chunk_tokens)
     xp = get_array_module(dy, x, W, masks)
     _check_x_w(x, W)
     h = W.shape[0]
@@ -148,10 +164,12 @@ def mglu_backward(
     if _gpu.supports(x, W):
         bits = _packed_bits(masks, W)
         xf, Wc = _rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W)
+        dyf = _rows(dy, h, x.dtype)
         if cache is None or cache.t.dtype != x.dtype:
-            cache, consume_cache = MGLUCache(*_gpu.mglu_forward(xf, Wc, bits, activation)[1]), True
-        dx, dW, dlogits = _gpu.mglu_backward(_rows(dy, h, x.dtype), xf, Wc, bits, activation, tuple(cache),
-                                             consume_cache=consume_cache)
+            dx, dW, dlogits = _gpu.mglu_backward_recompute(dyf, xf, Wc, bits, activation, chunk_tokens)
+        else:
+            dx, dW, dlogits = _gpu.mglu_backward(dyf, xf, Wc, bits, activation, tuple(cache),
+                                                 consume_cache=consume_cache)
         return dx.reshape(x.shape), dW, dlogits
     masks = _bool_masks(masks, W)
     if cache is None:

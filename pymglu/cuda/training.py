@@ -11,7 +11,10 @@ are the point of the path:
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weight ``M_i * W`` is built
   by one kernel into a single reused buffer of ``W``'s size (never ``n`` masked copies at once);
 * the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
-  ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them.
+  ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them;
+* to trade products for memory, :func:`mglu_forward_chunked` keeps no cache and
+  :func:`mglu_backward_recompute` recomputes it a chunk of tokens at a time (``4(n + 1)`` products per
+  step instead of ``3(n + 1)``; ``(n + 1)`` activations of a chunk alive instead of all ``N`` rows).
 
 Per pass that is ``n + 1`` products in the forward, ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the
 mask-logit gradients (which share ``e_i^T x``), i.e. ``3(n + 1)`` against SwiGLU's 6.
@@ -24,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pymglu import _checks
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
 from pymglu.cuda.gemm import gemm
@@ -31,7 +35,8 @@ from pymglu.dtypes import float32
 
 __all__ = [
     "ENABLED", "disabled", "supports", "kernel_names", "apply_mask",
-    "mglu_forward", "mglu_backward", "glu_forward", "glu_backward",
+    "mglu_forward", "mglu_backward", "mglu_forward_chunked", "mglu_backward_recompute", "RECOMPUTE_CHUNK_TOKENS",
+    "glu_forward", "glu_backward",
 ]
 
 #: Whether :mod:`pymglu.functional` uses this path for CuPy float32/float16/bfloat16 arrays.
@@ -142,6 +147,52 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     ``dy`` ``(N, h)`` C-contiguous in ``x.dtype``; ``cache`` from :func:`mglu_forward`. With
     ``consume_cache`` the gradients ``e_i`` overwrite ``s`` (the cache cannot be used again).
     """
+    dx, dW_acc, dlogits = _backward_products(dy, x, W, bits, activation, cache, consume_cache)
+    return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
+
+
+#: rows per chunk of :func:`mglu_forward_chunked` and :func:`mglu_backward_recompute`
+RECOMPUTE_CHUNK_TOKENS = 2048
+
+
+def mglu_forward_chunked(x: Any, W: Any, bits: Any, activation: str, chunk_tokens: int | None = None) -> Any:
+    """``y`` ``(N, h)`` of :func:`mglu_forward` without its cache, ``chunk_tokens`` rows at a time, so that
+    at most ``(n + 1) * chunk_tokens * h`` activations are alive (default :data:`RECOMPUTE_CHUNK_TOKENS`)."""
+    import cupy as cp
+
+    y = cp.empty((x.shape[0], W.shape[0]), dtype=x.dtype)
+    for rows in _token_chunks(x.shape[0], chunk_tokens):
+        y[rows] = mglu_forward(x[rows], W, bits, activation)[0]
+    return y
+
+
+def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
+                            chunk_tokens: int | None = None) -> tuple[Any, Any, Any]:
+    """:func:`mglu_backward` without a cache: ``t`` and ``s_i`` are recomputed ``chunk_tokens`` rows at a
+    time (``n + 1`` more products per pass), and the weight and logit gradients of the chunks are summed
+    in place, so at most ``(n + 1) * chunk_tokens * h`` activations are alive."""
+    import cupy as cp
+
+    dx = cp.empty(x.shape, dtype=x.dtype)
+    dW_acc = dlogits = None
+    for rows in _token_chunks(x.shape[0], chunk_tokens):
+        cache = mglu_forward(x[rows], W, bits, activation)[1]
+        dx[rows], dW_acc, dlogits = _backward_products(dy[rows], x[rows], W, bits, activation, cache, True,
+                                                       dW_acc, dlogits)
+        del cache
+    return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
+
+
+def _token_chunks(n_rows: int, chunk_tokens: int | None) -> list[slice]:
+    step = RECOMPUTE_CHUNK_TOKENS if chunk_tokens is None else _checks.check_positive_int("chunk_tokens", chunk_tokens)
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any],
+                       consume_cache: bool, dW_acc: Any = None, G: Any = None) -> tuple[Any, Any, Any]:
+    """The products of the backward for the rows of ``x``: ``dx`` (in ``x.dtype``), ``dW_acc =
+    (sum_i dv_i)^T x`` ``(h, d)`` and ``G_i = e_i^T x`` ``(n, h, d)``, float32, allocated after ``dx``'s
+    float32 buffer is freed, or added into the given ``dW_acc`` and ``G``."""
     import cupy as cp
 
     t, s = cache
@@ -156,7 +207,7 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     _launch("mglu_epilogue_bwd", x.dtype, vec, nh // vec,
             (dy, t, s, e, dv_sum, _i32(n), np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
 
-    # dx = (sum_i dv_i) W + sum_i e_i (M_i * W), accumulated in float32.
+    # dx = (sum_i dv_i) W + sum_i e_i (M_i * W), accumulated in float32 and rounded once.
     dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
     masked = cp.empty_like(W)
     for i in range(n):
@@ -164,17 +215,28 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     del masked
     dx = dx.astype(x.dtype, copy=False)  # before the weight gradients: the float32 buffer is freed here
 
-    # dW = (sum_i dv_i)^T x + sum_i M_i * (e_i^T x); dlogits_i = W * (e_i^T x): one pass over all planes.
-    dW_acc = gemm(dv_sum, x, cp.empty((h, d), dtype=float32), trans_a=True)
+    accumulate = dW_acc is not None
+    if not accumulate:
+        dW_acc = cp.empty((h, d), dtype=float32)
+        G = cp.empty((n, h, d), dtype=float32)
+    gemm(dv_sum, x, dW_acc, trans_a=True, accumulate=accumulate)
     del dv_sum
-    dlogits = cp.empty((n, h, d), dtype=float32)
     for i in range(n):
-        gemm(e[i], x, dlogits[i], trans_a=True)
+        gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
+    return dx, dW_acc, G
+
+
+def _weight_grads(W: Any, bits: Any, dW_acc: Any, G: Any) -> Any:
+    """``dW = dW_acc + sum_i M_i * G_i`` (returned in ``W.dtype``) and ``G_i <- W * G_i`` in place (the
+    logit gradients): one pass over all planes."""
+    import cupy as cp
+
+    h, d = W.shape
     dW = dW_acc if W.dtype == float32 else cp.empty_like(W)
     wvec = 4 if d % 4 == 0 else 1
     _launch("mglu_weight_grads", W.dtype, wvec, h * (d // wvec),
-            (dlogits, W, bits, dW_acc, dW, _i32(n), _i32(h), _i32(d), _i32(bits.shape[-1])))
-    return dx, dW, dlogits
+            (G, W, bits, dW_acc, dW, _i32(bits.shape[0]), _i32(h), _i32(d), _i32(bits.shape[-1])))
+    return dW
 
 
 def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:

@@ -56,13 +56,17 @@ class MGLU(Module):
         dtype: dtype of ``W`` (float64, float32, float16 or bfloat16); inputs must share it. The logits
             are float32 whatever ``dtype`` is (their float32 master copy, DESIGN.md section 2).
         rng: seed or ``numpy.random.Generator``.
+        recompute: in training mode, keep no ``t``/``s_i`` between forward and backward and recompute
+            them in the backward (on the GPU a chunk of tokens at a time): ``n + 1`` more products per
+            step, and activation memory of about SwiGLU's instead of ``(n + 1)`` values per token and
+            hidden unit. An attribute; may be changed between steps.
 
     Parameters: ``W`` ``(h, d)`` initialised ``N(0, 1) * d ** -0.5``; ``mask_logits`` ``(n, h, d)``
     initialised ``0.01 * N(0, 1)`` (the paper's choice). Buffer ``packed_masks`` (see module docstring).
     """
 
     def __init__(self, d: int, h: int, n_masks: int = 1, activation: str = "sigmoid", dtype: Any = float32,
-                 rng: Any = None) -> None:
+                 rng: Any = None, recompute: bool = False) -> None:
         super().__init__()
         self.d = _checks.check_positive_int("d", d)
         self.h = _checks.check_positive_int("h", h)
@@ -75,6 +79,7 @@ class MGLU(Module):
         self.register_buffer("packed_masks", None, persistent=False)
         self._packed_key: tuple[Any, int] | None = None
         self.inference_only = False
+        self.recompute = bool(recompute)
 
     # ----------------------------------------------------------------- packing
     def pack(self) -> Any:
@@ -143,7 +148,7 @@ class MGLU(Module):
                 f"{type(self).__name__} is in inference form (drop_logits() removed mask_logits) and cannot "
                 "run in training mode; call .eval() to run it"
             )
-        return ops.mglu(x, self.W, self.mask_logits, activation=self.activation)
+        return ops.mglu(x, self.W, self.mask_logits, activation=self.activation, recompute=self.recompute)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Eval-mode forward on the packed bit-planes: the FlashMGLU kernel when :meth:`_flash_module`
@@ -184,27 +189,29 @@ class MGLU(Module):
     def extra_repr(self) -> str:
         form = "inference" if self.inference_only else "training"
         return (f"d={self.d}, h={self.h}, n_masks={self.n_masks}, activation={self.activation!r}, "
-                f"dtype={self.dtype.name}, form={form}")
+                f"dtype={self.dtype.name}, form={form}" + (", recompute=True" if self.recompute else ""))
 
 
 class SwiMGLU(MGLU):
     """MGLU with SiLU gating (see :class:`MGLU`)."""
 
-    def __init__(self, d: int, h: int, n_masks: int = 1, dtype: Any = float32, rng: Any = None) -> None:
-        super().__init__(d, h, n_masks=n_masks, activation="silu", dtype=dtype, rng=rng)
+    def __init__(self, d: int, h: int, n_masks: int = 1, dtype: Any = float32, rng: Any = None,
+                 recompute: bool = False) -> None:
+        super().__init__(d, h, n_masks=n_masks, activation="silu", dtype=dtype, rng=rng, recompute=recompute)
 
 
 class GeMGLU(MGLU):
     """MGLU with GELU gating; ``approximate="none"`` (erf, default) or ``"tanh"`` (see :class:`MGLU`)."""
 
     def __init__(self, d: int, h: int, n_masks: int = 1, approximate: str = "none", dtype: Any = float32,
-                 rng: Any = None) -> None:
+                 rng: Any = None, recompute: bool = False) -> None:
         super().__init__(d, h, n_masks=n_masks, activation=_init.check_gelu_approximate(approximate),
-                         dtype=dtype, rng=rng)
+                         dtype=dtype, rng=rng, recompute=recompute)
 
 
 class ReMGLU(MGLU):
     """MGLU with ReLU gating (see :class:`MGLU`)."""
 
-    def __init__(self, d: int, h: int, n_masks: int = 1, dtype: Any = float32, rng: Any = None) -> None:
-        super().__init__(d, h, n_masks=n_masks, activation="relu", dtype=dtype, rng=rng)
+    def __init__(self, d: int, h: int, n_masks: int = 1, dtype: Any = float32, rng: Any = None,
+                 recompute: bool = False) -> None:
+        super().__init__(d, h, n_masks=n_masks, activation="relu", dtype=dtype, rng=rng, recompute=recompute)

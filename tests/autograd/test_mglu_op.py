@@ -40,6 +40,27 @@ def test_mglu_grads_x_and_w(act, n, ref_act):
     check_grads(lambda b: ops.mglu(x, b, logits, activation=act), [W], rtol=1e-6)
 
 
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_mglu_recompute_gives_the_same_values_and_gradients(act):
+    """recompute=True keeps no cache; the backward recomputes it and must give what the cached path gives,
+    also through a retained graph run twice."""
+    rng = np.random.default_rng(7)
+    x, W, logits = random_inputs(rng, (3, 5), 37, 19, 3)
+    dy = rng.standard_normal((3, 5, 19))
+    results = []
+    for recompute in (False, True):
+        xt, Wt, lt = Tensor(x, requires_grad=True), Tensor(W, requires_grad=True), Tensor(logits, requires_grad=True)
+        y = ops.mglu(xt, Wt, lt, activation=act, recompute=recompute)
+        assert (y._creator.cache is None) == recompute
+        (y * Tensor(dy)).sum().backward(retain_graph=True)
+        first = [xt.grad.copy(), Wt.grad.copy(), lt.grad.copy()]
+        (y * Tensor(dy)).sum().backward()
+        np.testing.assert_allclose(xt.grad, 2 * first[0], rtol=1e-12)  # the retained graph ran again
+        results.append((y.data, *first))
+    for cached, recomputed in zip(*results):
+        np.testing.assert_allclose(recomputed, cached, rtol=1e-12, atol=1e-14)
+
+
 def closed_form_dlogits(x, W, masks, dy, g, dg):
     """dL_i = W * (e_i^T x), e_i = dy*(t - s_i)*g'(s_i) - dy*g(s_i), from explicit per-mask products."""
     xf, dyf = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
@@ -141,6 +162,8 @@ def test_mglu_errors():
         ops.mglu(x, W, np.zeros((1, 3, 4), dtype=bool))
     with pytest.raises(ValueError, match="activation: expected one of"):
         ops.mglu(x, W, np.zeros((1, 3, 5)), activation="tanh")
+    with pytest.raises(ValueError, match="chunk_tokens: expected an integer >= 1, got 0"):
+        ops.mglu(x, W, np.zeros((1, 3, 5)), recompute=True, chunk_tokens=0)
 
 
 def explicit_glu(x, Wg, Wv, g):

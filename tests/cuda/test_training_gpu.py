@@ -161,6 +161,66 @@ def test_glu_forward_backward_match_float64(dtype, activation):
         assert rel_err(got, want) < tol
 
 
+@pytest.mark.parametrize("dtype", [float32, bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows, chunk", [(37, 8), (64, 64), (5, 1000)])
+def test_recompute_in_chunks_matches_the_cached_path(dtype, rows, chunk):
+    """keep_cache=False + a backward without cache: the chunked recompute against the cached path and
+    against float64, with chunks that do and do not divide the rows; a bad chunk size is refused."""
+    import cupy as cp
+
+    rng = np.random.default_rng()
+    n, d, h = 3, 200, 72
+    activation = ACTIVATIONS[rng.integers(len(ACTIVATIONS))]
+    x, W, logits, dy = _mglu_case(rng, (rows,), d, h, n, dtype)
+    masks = logits > 0
+    want = functional.mglu_backward(dy.astype(np.float64), x.astype(np.float64), W.astype(np.float64), masks,
+                                    activation)
+    xg, Wg, dyg, bits = cp.asarray(x), cp.asarray(W), cp.asarray(dy), mask_ops.pack_masks(cp.asarray(masks))
+    y_cached, cache = functional.mglu_forward(xg, Wg, bits, activation)
+    cached = functional.mglu_backward(dyg, xg, Wg, bits, activation, cache, consume_cache=True)
+    y, none = functional.mglu_forward(xg, Wg, bits, activation, keep_cache=False, chunk_tokens=chunk)
+    assert none is None
+    # cuBLAS may sum in another order for fewer rows, and the chunks' weight gradients add in float32
+    same = 1e-6 if dtype == float32 else 4e-3
+    assert rel_err(y, cp.asnumpy(y_cached).astype(np.float64)) < same
+    got = functional.mglu_backward(dyg, xg, Wg, bits, activation, None, chunk_tokens=chunk)
+    tol = TOL[np.dtype(dtype)] * (3 if activation == "relu" else 1)
+    for name, g, c, w in zip(("dx", "dW", "dlogits"), got, cached, want):
+        assert rel_err(g, cp.asnumpy(c).astype(np.float64)) < same, name
+        assert rel_err(g, w) < tol, (name, activation)
+    with pytest.raises(ValueError, match="chunk_tokens: expected an integer >= 1, got 0"):
+        functional.mglu_forward(xg, Wg, bits, activation, keep_cache=False, chunk_tokens=0)
+
+
+def test_recompute_keeps_the_activations_of_one_chunk():
+    """With the cache, a step holds (n + 1) * N * h activations; recomputing in chunks of C rows holds
+    (n + 1) * C * h: the pool's high-water mark must drop by most of the difference."""
+    import cupy as cp
+
+    n, h, d, N, chunk = 4, 512, 256, 4096, 512
+    rng = np.random.default_rng()
+    x, W, logits, dy = _mglu_case(rng, (N,), d, h, n, bfloat16)
+    xg, Wg, dyg = cp.asarray(x), cp.asarray(W), cp.asarray(dy)
+    bits = mask_ops.pack_masks(cp.asarray(logits))
+    pool = cp.get_default_memory_pool()
+
+    def high_water(keep):
+        cp.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        peak = 0
+        _, cache = functional.mglu_forward(xg, Wg, bits, "silu", keep_cache=keep, chunk_tokens=chunk)
+        peak = max(peak, pool.total_bytes() - before)
+        grads = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True, chunk_tokens=chunk)
+        peak = max(peak, pool.total_bytes() - before)
+        del cache, grads
+        return peak
+
+    saved = high_water(True) - high_water(False)
+    activations = (n + 1) * (N - chunk) * h * 2
+    assert saved > 0.8 * activations, (saved, activations)
+
+
 def test_peak_memory_holds_one_masked_weight():
     """n masked copies of W would add (n - 1) * W bytes to the pool's high-water mark; the path adds one."""
     import cupy as cp

@@ -120,6 +120,22 @@ def test_training_swimglu_reduces_loss_and_moves_masks():
     assert opt.param_groups[1]["names"] == ["mask_logits"] and opt.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_recompute_layer_trains_exactly_like_the_cached_one():
+    rng = np.random.default_rng(3)
+    x, target = randn(rng, 2, 9, 8), randn(rng, 2, 9, 12)
+    layers = [GeMGLU(8, 12, n_masks=3, rng=5), GeMGLU(8, 12, n_masks=3, rng=5, recompute=True)]
+    assert "recompute=True" in repr(layers[1]) and not layers[0].recompute
+    opts = [AdamW(layer.parameters(), lr=1e-2) for layer in layers]
+    for _ in range(5):
+        for layer, opt in zip(layers, opts):
+            opt.zero_grad()
+            diff = layer(x) - target
+            ops.mean(diff * diff).backward()
+            opt.step()
+    for name in ("W", "mask_logits"):
+        np.testing.assert_allclose(getattr(layers[1], name).data, getattr(layers[0], name).data, rtol=1e-12)
+
+
 def test_drop_logits_gives_a_pure_inference_layer():
     rng = np.random.default_rng(2)
     layer = ReMGLU(40, 9, n_masks=2, rng=3)

@@ -15,24 +15,31 @@ class MGLU(Function):
 
     The third input is either float mask logits ``(n, h, d)`` (trainable through the straight-through
     estimator) or fixed masks: bool ``(n, h, d)`` or uint32 bit-planes ``(n, h, ceil(d/32))``.
+    With ``recompute`` the forward keeps no ``t``/``s_i`` and the backward recomputes them (on the GPU a
+    chunk of ``chunk_tokens`` rows at a time): ``n + 1`` more products for ``n + 1`` fewer stored
+    activations per token (:func:`pymglu.functional.mglu_forward`).
     On CuPy, logits and bool masks are packed into bit-planes once per call (the fused GPU path reads
     bits); on NumPy they are thresholded into bool masks.
     """
 
-    def forward(self, x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:
+    def forward(self, x: Any, W: Any, masks_or_logits: Any, activation: str = "silu", recompute: bool = False,
+                chunk_tokens: int | None = None) -> Any:
         self.is_logits = np.dtype(masks_or_logits.dtype).kind == "f" or masks_or_logits.dtype.name == "bfloat16"
         if self.is_logits:
             self.logits_dtype = masks_or_logits.dtype
             masks = _masks.pack_masks(masks_or_logits) if is_cupy_array(masks_or_logits) else masks_or_logits > 0
         else:
             masks = masks_or_logits
-        y, cache = functional.mglu_forward(x, W, masks, activation)
+        y, cache = functional.mglu_forward(x, W, masks, activation, keep_cache=not recompute,
+                                           chunk_tokens=chunk_tokens)
         self.x, self.W, self.masks, self.activation, self.cache = x, W, masks, activation, cache
+        self.chunk_tokens = chunk_tokens
         return y
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
         dx, dW, dlogits = functional.mglu_backward(g, self.x, self.W, self.masks, self.activation, self.cache,
-                                                   consume_cache=not self.graph_retained)
+                                                   consume_cache=not self.graph_retained,
+                                                   chunk_tokens=self.chunk_tokens)
         dl = dlogits.astype(self.logits_dtype, copy=False) if self.is_logits else None
         return dx, dW, dl
 
@@ -50,12 +57,14 @@ class GLU(Function):
                                        consume_cache=not self.graph_retained)
 
 
-def mglu(x: Any, W: Any, masks_or_logits: Any, activation: str = "silu") -> Any:
+def mglu(x: Any, W: Any, masks_or_logits: Any, activation: str = "silu", recompute: bool = False,
+         chunk_tokens: int | None = None) -> Any:
     """MGLU on Tensors: ``x`` ``(..., d)``, ``W`` ``(h, d)``, mask logits ``(n, h, d)`` (or fixed masks).
 
-    Returns a Tensor of shape ``(..., h)`` in ``x``'s dtype. See :func:`pymglu.functional.mglu`.
+    Returns a Tensor of shape ``(..., h)`` in ``x``'s dtype. See :func:`pymglu.functional.mglu`;
+    ``recompute`` and ``chunk_tokens``: see :class:`MGLU`.
     """
-    return MGLU.apply(x, W, masks_or_logits, activation=activation)
+    return MGLU.apply(x, W, masks_or_logits, activation=activation, recompute=recompute, chunk_tokens=chunk_tokens)
 
 
 def glu(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:
