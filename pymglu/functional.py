@@ -102,9 +102,9 @@ def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu", keep_cach
         masks: ``(n, h, d)`` bool, or ``(n, h, ceil(d/32))`` uint32 bit-planes, ``n >= 1``.
         activation: one of :data:`pymglu.activations.ACTIVATIONS`.
         keep_cache: ``False`` returns ``None`` for the cache; the fused GPU path then computes ``y``
-            ``chunk_tokens`` rows at a time (default ``pymglu.cuda.training.RECOMPUTE_CHUNK_TOKENS``), so
-            that the ``(n + 1)`` products of all rows are never alive at once, and :func:`mglu_backward`
-            recomputes them a chunk at a time.
+            ``chunk_tokens`` rows at a time, so that the ``(n + 1)`` products of all rows are never alive
+            at once, and :func:`mglu_backward` recomputes them a chunk at a time. The default chunk
+            (``pymglu.cuda.training.default_chunk_tokens``) keeps them within SwiGLU's two per row.
     Returns:
         ``y`` of shape ``(..., h)`` in ``x.dtype``, and an :class:`MGLUCache` (or ``None``).
     """

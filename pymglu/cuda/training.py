@@ -14,7 +14,8 @@ are the point of the path:
   ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them;
 * to trade products for memory, :func:`mglu_forward_chunked` keeps no cache and
   :func:`mglu_backward_recompute` recomputes it a chunk of tokens at a time (``4(n + 1)`` products per
-  step instead of ``3(n + 1)``; ``(n + 1)`` activations of a chunk alive instead of all ``N`` rows).
+  step instead of ``3(n + 1)``; by default chunks small enough that their ``(n + 1)`` activations per
+  row take no more than SwiGLU's cache of two per row).
 
 Per pass that is ``n + 1`` products in the forward, ``n + 1`` for ``dx`` and ``n + 1`` for ``dW`` and the
 mask-logit gradients (which share ``e_i^T x``), i.e. ``3(n + 1)`` against SwiGLU's 6.
@@ -35,7 +36,7 @@ from pymglu.dtypes import float32
 
 __all__ = [
     "ENABLED", "disabled", "supports", "kernel_names", "apply_mask",
-    "mglu_forward", "mglu_backward", "mglu_forward_chunked", "mglu_backward_recompute", "RECOMPUTE_CHUNK_TOKENS",
+    "mglu_forward", "mglu_backward", "mglu_forward_chunked", "mglu_backward_recompute", "default_chunk_tokens",
     "glu_forward", "glu_backward",
 ]
 
@@ -151,17 +152,21 @@ def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tu
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
 
 
-#: rows per chunk of :func:`mglu_forward_chunked` and :func:`mglu_backward_recompute`
-RECOMPUTE_CHUNK_TOKENS = 2048
+def default_chunk_tokens(n_rows: int, n_masks: int) -> int:
+    """Rows per chunk of :func:`mglu_forward_chunked` and :func:`mglu_backward_recompute` when none is
+    given: the fewest chunks whose ``(n + 1)`` activations per row fit in SwiGLU's two per row over all
+    rows, i.e. ``ceil(n_rows / ceil((n + 1) / 2))`` (one chunk for ``n = 1``)."""
+    chunks = -(-(n_masks + 1) // 2)
+    return max(1, -(-n_rows // chunks))
 
 
 def mglu_forward_chunked(x: Any, W: Any, bits: Any, activation: str, chunk_tokens: int | None = None) -> Any:
     """``y`` ``(N, h)`` of :func:`mglu_forward` without its cache, ``chunk_tokens`` rows at a time, so that
-    at most ``(n + 1) * chunk_tokens * h`` activations are alive (default :data:`RECOMPUTE_CHUNK_TOKENS`)."""
+    at most ``(n + 1) * chunk_tokens * h`` activations are alive (default :func:`default_chunk_tokens`)."""
     import cupy as cp
 
     y = cp.empty((x.shape[0], W.shape[0]), dtype=x.dtype)
-    for rows in _token_chunks(x.shape[0], chunk_tokens):
+    for rows in _token_chunks(x.shape[0], bits.shape[0], chunk_tokens):
         y[rows] = mglu_forward(x[rows], W, bits, activation)[0]
     return y
 
@@ -175,7 +180,7 @@ def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
 
     dx = cp.empty(x.shape, dtype=x.dtype)
     dW_acc = dlogits = None
-    for rows in _token_chunks(x.shape[0], chunk_tokens):
+    for rows in _token_chunks(x.shape[0], bits.shape[0], chunk_tokens):
         cache = mglu_forward(x[rows], W, bits, activation)[1]
         dx[rows], dW_acc, dlogits = _backward_products(dy[rows], x[rows], W, bits, activation, cache, True,
                                                        dW_acc, dlogits)
@@ -183,8 +188,9 @@ def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
 
 
-def _token_chunks(n_rows: int, chunk_tokens: int | None) -> list[slice]:
-    step = RECOMPUTE_CHUNK_TOKENS if chunk_tokens is None else _checks.check_positive_int("chunk_tokens", chunk_tokens)
+def _token_chunks(n_rows: int, n_masks: int, chunk_tokens: int | None) -> list[slice]:
+    step = (default_chunk_tokens(n_rows, n_masks) if chunk_tokens is None
+            else _checks.check_positive_int("chunk_tokens", chunk_tokens))
     return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
 
