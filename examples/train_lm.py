@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-ff", type=_positive_int, default=384, help="feed-forward hidden width h")
     m.add_argument("--seq-len", type=_positive_int, default=64, help="context window in bytes")
     m.add_argument("--untied", action="store_true", help="separate output projection (default: tied embeddings)")
+    m.add_argument("--recompute", action="store_true",
+                   help="MGLU layers recompute their n + 1 products in the backward instead of keeping them: "
+                        "less activation memory for n + 1 more products per layer (docs/training.md)")
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="parameter dtype; 16-bit dtypes train with fp32 master weights (and loss scaling for "
                    "float16): mixed precision for the GPU, slower than float32 on a CPU")
@@ -213,10 +216,13 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: st
     except DataError as e:
         parser.error(f"--data: {e}")
     config = _config(parser, args)
+    if args.recompute and not config.is_mglu:
+        parser.error(f"--recompute: only MGLU kinds keep n + 1 products to recompute, got --ffn {args.ffn}")
     settings = _settings(args)
     path = _checkpoint_path(parser, args, config)
 
     model = Transformer(config, rng=args.seed)
+    model.set_recompute(args.recompute)
     if device == "gpu":
         model.to("cuda")
     parallel = DataParallel(model, comm) if args.distributed else None

@@ -125,6 +125,12 @@ class Transformer(Module):
         """The MGLU layer of each block's feed-forward, in depth order (empty for GLU and plain kinds)."""
         return [block.ffn.up for block in self.layers if isinstance(block.ffn.up, MGLU)]
 
+    def set_recompute(self, recompute: bool) -> None:
+        """Set :attr:`pymglu.nn.MGLU.recompute` on every MGLU layer: in training, recompute their ``n + 1``
+        products in the backward instead of keeping them (less memory, more products; docs/training.md)."""
+        for layer in self.mglu_layers():
+            layer.recompute = bool(recompute)
+
     def num_weights(self) -> int:
         """Trainable weights that inference keeps: every parameter element except MGLU mask logits
         (those become one bit each)."""

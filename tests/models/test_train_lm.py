@@ -42,6 +42,16 @@ def test_train_checkpoint_resume(text_file, tmp_path, capsys):
     assert ckpt.read_bytes() != first
 
 
+def test_recompute_trains_the_same_model(text_file, tmp_path):
+    """--recompute changes what is kept between forward and backward, not the arithmetic: the same run."""
+    runs = {}
+    for flag in ((), ("--recompute",)):
+        out = tmp_path / ("recompute" if flag else "cached")
+        assert run("--data", text_file, "--out", out, "--steps", 6, "--sample-tokens", 0, *flag) == 0
+        runs[bool(flag)] = metrics(out)["train_loss"]
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
+
+
 def test_resume_into_another_kind_is_refused(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert run("--data", text_file, "--out", out, "--steps", 10, "--sample-tokens", 0) == 0
@@ -88,6 +98,9 @@ def test_other_bad_arguments(text_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run("--data", text_file, "--out", tmp_path / "r", "--ffn", "swiglu", "--n-masks", "2")
     assert e.value.code == 2 and "only MGLU kinds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run("--data", text_file, "--out", tmp_path / "r", "--ffn", "swiglu", "--recompute")
+    assert e.value.code == 2 and "--recompute: only MGLU kinds" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         run("--data", text_file, "--out", tmp_path / "r", "--steps", "0")
     assert e.value.code == 2

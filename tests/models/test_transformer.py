@@ -64,6 +64,19 @@ def test_mask_logits_get_straight_through_gradients():
         assert layer.mask_logits.grad.shape == (3, 12, 8) and np.abs(layer.mask_logits.grad).sum() > 0
 
 
+def test_recompute_reaches_every_mglu_layer_and_keeps_the_gradients():
+    grads = {}
+    for recompute in (False, True):
+        model = Transformer(tiny_config(ffn_kind="swimglu", n_masks=2), rng=4)
+        model.set_recompute(recompute)
+        assert [layer.recompute for layer in model.mglu_layers()] == [recompute] * 2
+        model.loss(IDS[:, :-1], IDS[:, 1:]).backward()
+        grads[recompute] = {name: p.grad for name, p in model.named_parameters()}
+    for name, g in grads[False].items():
+        np.testing.assert_allclose(grads[True][name], g, rtol=1e-12, atol=1e-15, err_msg=name)
+    Transformer(tiny_config(), rng=0).set_recompute(True)  # no MGLU layers: nothing to set
+
+
 @pytest.mark.parametrize("kind", ["swiglu", "swimglu", "gemglu", "remglu", "geglu", "gelu"])
 def test_shapes_and_dtypes(kind):
     config = tiny_config(ffn_kind=kind, dtype="float32", tie_embeddings=kind != "gelu")
