@@ -1,4 +1,5 @@
-"""A representative set of FlashMGLU launches for compute-sanitizer (memcheck, racecheck)."""
+"""A representative set of FlashMGLU launches for compute-sanitizer (memcheck, racecheck, synccheck), each
+launched normally and then twice back to back with programmatic dependent launch (pdl=True)."""
 import numpy as np
 import cupy as cp
 
@@ -11,7 +12,12 @@ for dtype in (dtypes.bfloat16, dtypes.float16, dtypes.float32):
         x = cp.asarray(rng.standard_normal((tokens, d)).astype(dtype))
         W = cp.asarray(rng.standard_normal((h, d)).astype(dtype))
         planes = masks.pack_masks(cp.asarray(rng.standard_normal((n, h, d)) > 0))
-        y = fm.flash_mglu(x, fm.pack_weights(W, planes), activation="gelu")
+        weights = fm.pack_weights(W, planes)
+        y = fm.flash_mglu(x, weights, activation="gelu")
         cp.cuda.runtime.deviceSynchronize()
         assert bool(cp.isfinite(y.astype(cp.float32)).all())
+        z = fm.flash_mglu(x, weights, activation="gelu", pdl=True)
+        z = fm.flash_mglu(x, weights, activation="gelu", pdl=True, out=z)
+        cp.cuda.runtime.deviceSynchronize()
+        assert bool((z == y).all())
 print("sanitize_flash: all launches done")

@@ -38,6 +38,22 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Programmatic dependent launch (pymglu/cuda/launch.py). pdl_launch_dependents lets the next kernel on
+// the stream, when launched with PDL, start before this one ends; pdl_wait blocks until the kernels this
+// one depends on have finished and their writes are visible. Both do nothing when there is no PDL
+// (launched normally, or before sm_90).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // g(s) and g'(s) together (same formulas as pymglu/activations.py; ReLU' is 0 at s = 0).
 __device__ __forceinline__ void gate_and_derivative(float s, int act, float& g, float& dg) {
   switch (act) {

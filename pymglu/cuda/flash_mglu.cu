@@ -118,10 +118,18 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     tok_ok[nt] = tok < n_tokens;
     x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 4 * tg;
   }
+  // With PDL (flash_mglu.py, pdl=True) the next kernel may start once every block has passed
+  // pdl_launch_dependents (here, or after its last loads with PYMGLU_PDL_TRIGGER_AT_END); this one's
+  // first weight loads go out before it waits for the kernel before it: only x and y are shared with
+  // other kernels.
+#ifndef PYMGLU_PDL_TRIGGER_AT_END
+  pdl_launch_dependents();
+#endif
   int grp = warp;
 #pragma unroll
   for (int a = 0; a < AHEAD; ++a)
     if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
+  pdl_wait();
   if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b_next);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
@@ -160,6 +168,9 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     }
   }
 
+#ifdef PYMGLU_PDL_TRIGGER_AT_END
+  pdl_launch_dependents();
+#endif
   // Cross-warp reduction in a fixed order, one product (t, then each s_i) per pass, fused epilogue.
   constexpr int COLS = 8 * NT;
   constexpr int ELEMS = 16 * COLS;
@@ -225,6 +236,8 @@ flash_mglu_simt(const T* __restrict__ W, const uint32_t* __restrict__ planes, co
   constexpr int SIMT_TOKENS = 4;
   const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
+  pdl_launch_dependents();
+  pdl_wait();  // PDL: nothing is read before the kernel before this one has finished
   if (row >= h) return;
   const int words = (d + 31) >> 5;
   const T* w_row = W + (size_t)row * d;

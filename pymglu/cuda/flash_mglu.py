@@ -42,6 +42,7 @@ from pymglu import _checks, activations
 from pymglu import cuda as _cuda
 from pymglu import masks as _masks
 from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
+from pymglu.cuda import launch as _launching
 from pymglu.dtypes import bfloat16, float16, float32
 
 __all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
@@ -59,6 +60,9 @@ MMA_AHEAD: int | None = None
 #: (``decode.py --ahead 1,2,3``) found two or three no faster for one or two masks on two warps and
 #: slower elsewhere (fewer resident blocks).
 DEFAULT_AHEAD = 1
+#: where the tensor-core kernel lets the next kernel start when launched with ``pdl=True``: ``"start"``
+#: (every block at its start) or ``"end"`` (every block after its last loads). Benchmarks set it to sweep.
+PDL_TRIGGER = "end"
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
@@ -222,6 +226,7 @@ def flash_mglu(
     packed_masks: Any = None,
     activation: str = "silu",
     out: Any = None,
+    pdl: bool = False,
 ) -> Any:
     """MGLU decode on the GPU for 1 to 16 tokens.
 
@@ -235,6 +240,13 @@ def flash_mglu(
         activation: ``"silu"``, ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"sigmoid"``.
         out: optional C-contiguous CuPy array ``(..., h)`` of ``x``'s dtype to write into; with it the
             call allocates nothing (for a contiguous aligned ``x``) and can be captured in a CUDA graph.
+        pdl: launch with programmatic dependent launch (:mod:`pymglu.cuda.launch`): the kernel may start
+            while the kernel before it on the stream finishes, and issues its first loads of ``W`` and
+            the masks before it waits for that kernel (``x`` and ``out`` only after). Correct only
+            while no kernel still in flight on the stream writes ``W`` or the masks, as in decoding with
+            fixed weights; in particular not right after :func:`pack_weights` on the same stream
+            without a synchronisation in between. On a GPU of compute capability below 9.0, which has
+            no PDL, the call launches normally.
     Returns:
         ``y`` ``(..., h)`` in ``x``'s dtype (``out`` when given).
     """
@@ -281,25 +293,31 @@ def flash_mglu(
         return out
     if not x.flags.c_contiguous or x.data.ptr % 8:
         x = x.copy()  # documented rule: non-contiguous or not 8-byte aligned inputs are copied
-    _launch(cp, weights, x, out, n_tokens, _ACTIVATION_CODES[activation])
+    if not isinstance(pdl, (bool, np.bool_)):
+        raise TypeError(f"pdl: expected a bool, got {type(pdl).__name__}")
+    _launch(cp, weights, x, out, n_tokens, _ACTIVATION_CODES[activation], bool(pdl))
     return out
 
 
-def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act: int) -> None:
+def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act: int, pdl: bool) -> None:
     i32 = np.int32
+    if wts.uses_tensor_cores:
+        nt = 1 if n_tokens <= 8 else 2
+        warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
+        name = _mma_name(wts.dtype, wts.n_masks, nt, warps, MMA_AHEAD or DEFAULT_AHEAD)
+        strips, groups = wts.w_tiles.shape[:2]
+        grid, block = (strips,), (warps * 32,)
+        args = (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act))
+    else:
+        name = _simt_name(wts.dtype, wts.n_masks)
+        grid, block = (-(-wts.h // SIMT_ROWS_PER_BLOCK),), (SIMT_ROWS_PER_BLOCK * 32,)
+        args = (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(act))
+    if PDL_TRIGGER not in ("start", "end"):
+        raise ValueError(f"PDL_TRIGGER: expected 'start' or 'end', got {PDL_TRIGGER!r}")
+    options = ("-DPYMGLU_PDL_TRIGGER_AT_END",) if PDL_TRIGGER == "end" and wts.uses_tensor_cores else ()
     with cp.cuda.Device(x.device.id):
-        if wts.uses_tensor_cores:
-            nt = 1 if n_tokens <= 8 else 2
-            warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
-            ahead = MMA_AHEAD or DEFAULT_AHEAD
-            name = _mma_name(wts.dtype, wts.n_masks, nt, warps, ahead)
-            kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
-            strips, groups = wts.w_tiles.shape[:2]
-            kernel((strips,), (warps * 32,),
-                   (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act)))
+        function = _cuda.load_module(_SOURCE, (name,), options).get_function(name)
+        if pdl and _launching.pdl_supported(x.device.id):
+            _launching.launch(function, grid, block, args)
         else:
-            name = _simt_name(wts.dtype, wts.n_masks)
-            kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
-            blocks = -(-wts.h // SIMT_ROWS_PER_BLOCK)
-            kernel((blocks,), (SIMT_ROWS_PER_BLOCK * 32,),
-                   (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(act)))
+            function(grid, block, args)
