@@ -2,8 +2,9 @@
 
 Public API (re-exported here): the array-level reference :mod:`pymglu.functional`, masks and bit-planes
 (:mod:`pymglu.masks`), the autograd tape (:mod:`pymglu.autograd`), layers (:mod:`pymglu.nn`), optimizers
-(:mod:`pymglu.optim`), loss scaling for mixed precision (:mod:`pymglu.amp`) and checkpoints
-(:mod:`pymglu.io`).
+(:mod:`pymglu.optim`), loss scaling for mixed precision (:mod:`pymglu.amp`), checkpoints
+(:mod:`pymglu.io`) and the FlashMGLU decode kernel (:func:`flash_mglu`, from :mod:`pymglu.cuda.flash_mglu`;
+importing it does not import CuPy).
 """
 __version__ = "0.1.0"
 
@@ -14,11 +15,13 @@ from pymglu.autograd import Tensor, check_grads, no_grad
 from pymglu import amp, io, nn, optim
 from pymglu.io import load_checkpoint, save_checkpoint
 from pymglu.interop import from_dlpack
+from pymglu.cuda.flash_mglu import flash_mglu
 
 __all__ = [
     "__version__",
     "DeviceMismatchError",
     "amp",
+    "flash_mglu",
     "Tensor",
     "check_grads",
     "from_dlpack",

@@ -112,3 +112,27 @@ def test_load_module_without_gpu_raises_runtime_error(monkeypatch, tmp_path):
     monkeypatch.setattr(pc, "cupy_or_none", lambda: None)
     with pytest.raises(RuntimeError, match=r"kernel source 'k.cu' needs a CUDA GPU: CuPy is not installed"):
         pc.load_module("k.cu", ("k",))
+
+
+def test_flash_mglu_is_public_and_importing_pymglu_loads_no_gpu_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pymglu\n"
+        "from pymglu.cuda import flash_mglu as fm\n"
+        "assert pymglu.flash_mglu is fm.flash_mglu and 'flash_mglu' in pymglu.__all__\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'cupyx') or m.startswith('cuda.bindings'))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_flash_mglu_refuses_numpy_arrays_with_a_clear_message():
+    import numpy as np
+
+    import pymglu
+
+    with pytest.raises(TypeError, match=r"x: FlashMGLU needs a CuPy array on the GPU.*pymglu.functional.mglu"):
+        pymglu.flash_mglu(np.ones((1, 64), np.float32), np.ones((32, 64), np.float32), np.ones((1, 32, 2), np.uint32))
