@@ -18,8 +18,10 @@ at T = 1 in bfloat16 only. Outputs ``decode.md`` (Markdown table), ``decode.json
 ``decode.png`` (plot).
 
 ``--warps`` and ``--ahead`` sweep the tensor-core kernel's configuration (warps per strip, groups in
-flight per warp); every combination is timed, the last column lists them, and the row's FlashMGLU time
-is the fastest of them (with neither option, the library's own choice).
+flight per warp), ``--pdl off,start`` times every configuration launched normally and with programmatic
+dependent launch (``flash_mglu(pdl=True)``: each call of the graph starts while the one before it
+finishes; ``--pdl off,start,end`` also times the trigger after the blocks' last loads); every combination is timed, the last column lists them, and the row's FlashMGLU time is the
+fastest of them (with none of these options, the library's own choice, launched normally).
 """
 from __future__ import annotations
 
@@ -177,7 +179,7 @@ def n_sets(bytes_per_set: int) -> int:
 
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
-    default_warps, default_ahead = fm.MMA_WARPS, fm.MMA_AHEAD
+    default_warps, default_ahead, default_trigger = fm.MMA_WARPS, fm.MMA_AHEAD, fm.PDL_TRIGGER
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -252,16 +254,18 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
             del dense
         xs = {T: cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype)) for T in tokens_list}
         outs = {T: cp.empty((T, h), dtype=dtype) for T in tokens_list}
-        configs = list(itertools.product(args.warps, args.ahead))  # (warps, groups ahead); None: the library's
+        # (warps, groups ahead, PDL); None: the library's choice
+        configs = list(itertools.product(args.warps, args.ahead, args.pdl))
         flash_rounds = {(T, c): [] for T in tokens_list for c in configs}
         for _ in range(args.rounds):  # every (T, configuration) once per round, so slow spells hit them alike
             for T in tokens_list:
                 for config in configs:
-                    fm.MMA_WARPS, fm.MMA_AHEAD = config
+                    fm.MMA_WARPS, fm.MMA_AHEAD = config[:2]
+                    fm.PDL_TRIGGER = config[2] or "start"
                     flash_rounds[T, config].append(time_graph(
-                        [lambda k=k, x=xs[T], out=outs[T]: fm.flash_mglu(x, packed[k % n_w], out=out)
+                        [lambda k=k, x=xs[T], out=outs[T], pdl=bool(config[2]): fm.flash_mglu(x, packed[k % n_w], out=out, pdl=pdl)
                          for k in range(calls_per_graph)], args.replays, stream))
-            fm.MMA_WARPS, fm.MMA_AHEAD = default_warps, default_ahead
+            fm.MMA_WARPS, fm.MMA_AHEAD, fm.PDL_TRIGGER = default_warps, default_ahead, default_trigger
         for T in tokens_list:
             by_warps = {c: min(flash_rounds[T, c]) for c in configs}
             t = min(by_warps.values())
@@ -271,8 +275,8 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "dtype": np.dtype(dtype).name, "d": d, "h": h, "T": T, "n": n,
                 "copy_TBps": copy_bw / 1e12,
                 "flash_us": t * 1e6,
-                "flash_us_by_warps": {_config_label(w, a): v * 1e6 for (w, a), v in by_warps.items()},
-                "flash_us_rounds": {_config_label(w, a): [v * 1e6 for v in flash_rounds[T, (w, a)]] for (w, a) in configs},
+                "flash_us_by_warps": {_config_label(*c): v * 1e6 for c, v in by_warps.items()},
+                "flash_us_rounds": {_config_label(*c): [v * 1e6 for v in flash_rounds[T, c]] for c in configs},
                 "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
@@ -288,9 +292,15 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     return rows
 
 
-def _config_label(warps, ahead):
-    """'lib', '4' (warps), 'a2' (groups ahead) or '4a2': the kernel configuration of a timing."""
+def _config_label(warps, ahead, pdl=None):
+    """'lib', '4' (warps), 'a2' (groups ahead), '4a2', each with '+pdl-start' ('+pdl-end') when launched
+    with programmatic dependent launch triggered at the blocks' start (after their last loads, the
+    library's default); 'pdl-start' or 'pdl-end' alone for the library's configuration: the kernel
+    configuration of a timing."""
     label = ("" if warps is None else str(warps)) + ("" if ahead is None else f"a{ahead}")
+    if pdl:
+        tag = f"pdl-{pdl}"
+        return label + "+" + tag if label else tag
     return label or "lib"
 
 
@@ -346,6 +356,14 @@ def main(argv=None):
                    help="groups each warp keeps in flight (1 to 3) to sweep, with every --warps value (default: the library's)")
     p.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in item.split("x")) for item in t.split(",")],
                    default=None, help="d x h shapes, e.g. 2048x8192,4096x14336 (default: the issue's, or two with --quick)")
+    p.add_argument("--pdl", type=lambda s: s.split(","), default=["off"],
+                   help="comma list of launch modes timed as separate configurations in the same rounds: off (normal "
+                        "launch), start (flash_mglu(pdl=True), the next call may start once every block has started), "
+                        "end (pdl=True with PDL_TRIGGER = 'end': once every block has issued its last loads)")
+    p.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="token counts (default: the issue's, or 1, 8, 16 with --quick)")
+    p.add_argument("--masks", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="mask counts (default: the issue's, or 1, 4, 8 with --quick)")
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args = p.parse_args(argv)
@@ -353,6 +371,10 @@ def main(argv=None):
         globals()["WARMUP_S"] = args.warmup
     args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
     args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
+    bad = [m for m in args.pdl if m not in ("off", "start", "end")]
+    if bad:
+        p.error(f"--pdl: expected off, start or end, got {bad}")
+    args.pdl = [None if m == "off" else m for m in args.pdl]
     have_torch = False
     if args.torch:
         try:
@@ -362,7 +384,7 @@ def main(argv=None):
         except Exception:
             have_torch = False
     shapes, tokens, ns = (SHAPES[1:], [1, 8, 16], [1, 4, 8]) if args.quick else (SHAPES, TOKENS, N_MASKS)
-    shapes = args.shapes or shapes
+    shapes, tokens, ns = args.shapes or shapes, args.tokens or tokens, args.masks or ns
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)

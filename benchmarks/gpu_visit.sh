@@ -12,7 +12,8 @@
 # processes shared its GPU, then one call that only aggregates, the directory returned as compare.tgz),
 # none (tests and sanitizer only). A dry run of the experiment mode on a CPU machine:
 # PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 JOBS_PER_GPU=2 EXTRA=--smoke SEEDS="0 1" OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment
-# WARPS / AHEAD (quick, full): comma lists swept by decode.py --warps / --ahead. With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
+# WARPS / AHEAD (quick, full): comma lists swept by decode.py --warps / --ahead; PDL (quick, full): a comma list of off, start,
+# end (decode.py --pdl). SANITIZE_TOOLS: the compute-sanitizer tools (default: memcheck racecheck). With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
 # SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training sanitize_decode).
 set -uo pipefail
 mode=${1:-quick}
@@ -27,7 +28,7 @@ if [ "${PYTEST:-1}" = 1 ]; then
 fi
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training sanitize_decode}; do
-    for tool in memcheck racecheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 \
         && echo "compute-sanitizer $tool $script: clean" || { echo "compute-sanitizer $tool $script: FAILED"; status=1; }
       tail -n 2 "$OUT/${script}_$tool.log"
@@ -35,8 +36,8 @@ if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 case "$mode" in
-  full) python3 benchmarks/decode.py --replays 15 ${WARPS:+--warps $WARPS} ${AHEAD:+--ahead $AHEAD} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
-  quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} ${AHEAD:+--ahead $AHEAD} ${SHAPES:+--shapes $SHAPES} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  full) python3 benchmarks/decode.py --replays 15 ${WARPS:+--warps $WARPS} ${AHEAD:+--ahead $AHEAD} ${PDL:+--pdl $PDL} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} ${AHEAD:+--ahead $AHEAD} ${PDL:+--pdl $PDL} ${SHAPES:+--shapes $SHAPES} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
