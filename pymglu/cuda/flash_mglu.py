@@ -46,7 +46,8 @@ from pymglu.cuda import launch as _launching
 from pymglu.dtypes import bfloat16, float16, float32
 
 __all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
-           "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names"]
+           "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names",
+           "compile_options", "PDL_TRIGGER"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
@@ -82,6 +83,14 @@ def mma_warps(n_masks: int, d: int) -> int:
     """Warps per 16-row strip, from the H200 sweep in docs/benchmarks.md: two for few masks on narrow
     inputs, four otherwise (more mask arithmetic per byte wants more warps per strip)."""
     return 2 if n_masks <= 2 and d <= 4096 else 4
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options the tensor-core instances are built with: ``-DPYMGLU_PDL_TRIGGER_AT_END`` for
+    ``PDL_TRIGGER = "end"`` (the default), none for ``"start"``."""
+    if PDL_TRIGGER not in ("start", "end"):
+        raise ValueError(f"PDL_TRIGGER: expected 'start' or 'end', got {PDL_TRIGGER!r}")
+    return ("-DPYMGLU_PDL_TRIGGER_AT_END",) if PDL_TRIGGER == "end" else ()
 
 
 def kernel_names() -> list[str]:
@@ -312,9 +321,7 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
         name = _simt_name(wts.dtype, wts.n_masks)
         grid, block = (-(-wts.h // SIMT_ROWS_PER_BLOCK),), (SIMT_ROWS_PER_BLOCK * 32,)
         args = (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(act))
-    if PDL_TRIGGER not in ("start", "end"):
-        raise ValueError(f"PDL_TRIGGER: expected 'start' or 'end', got {PDL_TRIGGER!r}")
-    options = ("-DPYMGLU_PDL_TRIGGER_AT_END",) if PDL_TRIGGER == "end" and wts.uses_tensor_cores else ()
+    options = compile_options() if wts.uses_tensor_cores else ()
     with cp.cuda.Device(x.device.id):
         function = _cuda.load_module(_SOURCE, (name,), options).get_function(name)
         if pdl and _launching.pdl_supported(x.device.id):

@@ -43,12 +43,12 @@ def _compile_nvrtc(source: str, names: list[str], arch: str) -> str:
     return log.text
 
 
-def _compile_nvcc(path: Path, names: list[str], arch: str) -> str:
+def _compile_nvcc(path: Path, names: list[str], arch: str, defines: str = "") -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("neither cuda.core (NVRTC) nor nvcc is available")
     # Explicit instantiation of each name expression, through a kernel pointer.
-    lines = [f'#include "{path}"']
+    lines = [defines + f'#include "{path}"']
     lines += [f"static auto* _i{k} = &{name};" for k, name in enumerate(names)]
     with tempfile.TemporaryDirectory() as tmp:
         tu = Path(tmp) / "instances.cu"
@@ -64,15 +64,22 @@ def _names(source_name: str, arch: str) -> list[str]:
     return names(arch) if callable(names) else names
 
 
+def _defines(source_name: str) -> str:
+    """``#define`` lines for the ``-D`` options the library builds ``source_name`` with."""
+    options = flash_mglu.compile_options() if source_name == "flash_mglu.cu" else ()
+    assert all(o.startswith("-D") and "=" not in o for o in options), options
+    return "".join(f"#define {o[2:]}\n" for o in options)
+
+
 def _compile(source_name: str, arch: str) -> str:
     path = pymglu_cuda.source_path(source_name)
     names = _names(source_name, arch)
     if os.environ.get("PYMGLU_COMPILE_WITH") != "nvcc":
         try:
-            return _compile_nvrtc(path.read_text(), names, arch)
+            return _compile_nvrtc(_defines(source_name) + path.read_text(), names, arch)
         except pytest.skip.Exception:
             pass
-    return _compile_nvcc(path, names, arch)
+    return _compile_nvcc(path, names, arch, _defines(source_name))
 
 
 def test_every_source_has_its_instances_listed():

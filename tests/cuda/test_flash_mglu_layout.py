@@ -110,3 +110,14 @@ def test_tile_column_order_is_a_permutation_matching_the_b_fragment():
     for c in range(8):
         for e in range(2):
             assert order[2 * c + e] == 4 * (2 * (c & 1) + e) + (c >> 1)
+
+
+def test_compile_options_follow_the_pdl_trigger(monkeypatch):
+    from pymglu.cuda import flash_mglu as fm_
+
+    assert fm_.PDL_TRIGGER == "end" and fm_.compile_options() == ("-DPYMGLU_PDL_TRIGGER_AT_END",)
+    monkeypatch.setattr(fm_, "PDL_TRIGGER", "start")
+    assert fm_.compile_options() == ()
+    monkeypatch.setattr(fm_, "PDL_TRIGGER", "middle")
+    with pytest.raises(ValueError, match="PDL_TRIGGER: expected 'start' or 'end'"):
+        fm_.compile_options()
