@@ -84,7 +84,7 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   cx.pos = state[0];
   cx.eps = eps; cx.scale = scale; cx.xs_stride = xs_stride;
   cx.red = reinterpret_cast<float*>(fused_smem);
-  cx.scratch = cx.red + WARPS * 128;
+  cx.scratch = cx.red + WARPS * (N_MASKS + 1) * 128;
   float* union_area = cx.scratch + 64;  // staged input, or the attention's per-warp partials
   cx.xs = reinterpret_cast<T*>(union_area);
   cx.x = x; cx.q = q; cx.attn = attn; cx.hidden = hidden; cx.logits = logits;

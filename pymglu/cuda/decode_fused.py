@@ -170,13 +170,16 @@ def choose_teams(strips: int, grid: int, warps: int) -> int:
     return best
 
 
-def _smem_layout(batch: int, d: int, h: int, head_dim: int, capacity: int, warps: int) -> tuple[int, int, int]:
+def _smem_layout(batch: int, d: int, h: int, head_dim: int, capacity: int, warps: int,
+                 mask_slots: int = 0) -> tuple[int, int, int]:
     """(dynamic shared memory bytes, staged-input row stride in elements, floats of the region shared by
-    the staged input and the attention partials) of one launch. Regions: per-warp tiles (warps x 128
-    floats), 64 floats of scratch, that shared region, the attention merge's chunk weights."""
+    the staged input and the attention partials) of one launch. Regions: per-warp tiles (warps x
+    (mask_slots + 1) x 128 floats: the MGLU reduction stores ``t`` and every ``s_i`` at once; the instance's
+    mask capacity, 0 for GLU), 64 floats of scratch, that shared region, the attention merge's chunk weights."""
     stride = 64 * max(-(-d // 64), -(-h // 64)) + 8
     union_floats = max(-(-batch * stride * 2 // 16) * 4, 2 * warps + warps * head_dim)
-    return (warps * 128 + 64 + union_floats + -(-capacity // CHUNK)) * 4, stride, union_floats
+    red_floats = warps * (mask_slots + 1) * 128
+    return (red_floats + 64 + union_floats + -(-capacity // CHUNK)) * 4, stride, union_floats
 
 
 def unsupported_reason(config: Any, batch: int) -> str | None:
@@ -198,7 +201,8 @@ def unsupported_reason(config: Any, batch: int) -> str | None:
         return f"n_masks = {n} exceeds its maximum of {MAX_MASKS}"
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     warps = warps_per_block(mask_capacity(n), _device_arch())
-    smem = _smem_layout(batch, config.d_model, config.d_ff, config.head_dim, config.max_seq_len, warps)[0]
+    smem = _smem_layout(batch, config.d_model, config.d_ff, config.head_dim, config.max_seq_len, warps,
+                        mask_capacity(n))[0]
     limit = int(props["sharedMemPerBlockOptin"])
     if smem > limit:
         return f"it needs {smem} bytes of shared memory per block for these widths and batch, the device has {limit}"
@@ -238,7 +242,7 @@ class FusedDecodeStep:
         self.kernel = _cuda.load_module(_SOURCE, (name,)).get_function(name)
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         self.grid = int(props["multiProcessorCount"])
-        self.smem, self.xs_stride, self._union_floats = _smem_layout(B, d, h, Dh, c.max_seq_len, self.warps)
+        self.smem, self.xs_stride, self._union_floats = _smem_layout(B, d, h, Dh, c.max_seq_len, self.warps, cap)
         if self.smem > 48 * 1024:
             self.kernel.max_dynamic_shared_size_bytes = self.smem
         regs = int(self.kernel.num_regs)

@@ -45,7 +45,7 @@ struct FusedCtx {
   float eps, scale;
   int xs_stride;
   T* xs;          // shared: (B, xs_stride) staged input of the current product
-  float* red;     // shared: (WARPS, 128) partial sums of one 16 x 8 tile per warp
+  float* red;     // shared: (WARPS, N_MASKS + 1, 128) partial sums of 16 x 8 tiles per warp (dense: slot 0)
   float* scratch; // shared: 64 floats
   T* x;           // (B, d) residual stream
   T* q;           // (B, H, Dh) rotated queries

@@ -56,14 +56,19 @@ __device__ __forceinline__ void team_sync(int team, int team_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(team_threads) : "memory");
 }
 
-// The warp's 16 x 8 accumulator tile into red[warp] (element r * 8 + c: row r of the strip, token c).
-__device__ __forceinline__ void store_tile(float* red, const float (&acc)[4]) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
-  float* r = red + warp * 128;
+// The warp's 16 x 8 accumulator tile into the 128 floats at r (element r * 8 + c: row r of the strip,
+// token c).
+__device__ __forceinline__ void store_tile_at(float* r, const float (&acc)[4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   r[g * 8 + 2 * tg] = acc[0];
   r[g * 8 + 2 * tg + 1] = acc[1];
   r[(g + 8) * 8 + 2 * tg] = acc[2];
   r[(g + 8) * 8 + 2 * tg + 1] = acc[3];
+}
+
+// The warp's tile into red[warp] (dense products: one slot of 128 floats per warp).
+__device__ __forceinline__ void store_tile(float* red, const float (&acc)[4]) {
+  store_tile_at(red + (threadIdx.x >> 5) * 128, acc);
 }
 
 __device__ __forceinline__ float team_total(const float* red, int first_warp, int team_warps, int e) {
@@ -216,27 +221,30 @@ __device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4*
       }
       team_sync(team, team_warps * 32);
     } else {
-      float t_val = 0.0f, y_val = 0.0f;
+      // Every product's tile at once (red holds NM + 1 slots per warp), so that a strip costs one pair of
+      // team barriers instead of n + 1; the sums run over the warps in the same fixed order as before.
+      constexpr int SLOTS = NM + 1;
+      float* mine = cx.red + warp * SLOTS * 128;
+      store_tile_at(mine, acc_t);
 #pragma unroll
-      for (int pass = 0; pass <= NM; ++pass) {
-        if (pass > n) break;
-        float v[4];
+      for (int i = 0; i < NM; ++i)
+        if (i < n) store_tile_at(mine + (i + 1) * 128, acc_s[i]);
+      team_sync(team, team_warps * 32);
+      float y_val = 0.0f;
+      if (tt < 128) {
+        const float* first = cx.red + team * team_warps * SLOTS * 128 + tt;
+        float t_val = 0.0f;
+        for (int w = 0; w < team_warps; ++w) t_val += first[w * SLOTS * 128];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          v[c] = acc_t[c];
-#pragma unroll
-          for (int i = 0; i < NM; ++i)
-            if (pass == i + 1) v[c] = acc_s[i][c];
+        for (int i = 0; i < NM; ++i) {
+          if (i < n) {
+            float s = 0.0f;
+            for (int w = 0; w < team_warps; ++w) s += first[w * SLOTS * 128 + (i + 1) * 128];
+            y_val += gate_fn(s, cx.act) * (t_val - s);
+          }
         }
-        store_tile(cx.red, v);
-        team_sync(team, team_warps * 32);
-        if (tt < 128) {
-          const float s = team_total(cx.red, team * team_warps, team_warps, tt);
-          if (pass == 0) t_val = s;
-          else y_val += gate_fn(s, cx.act) * (t_val - s);
-        }
-        team_sync(team, team_warps * 32);
       }
+      team_sync(team, team_warps * 32);
       const int row = strip * 16 + (tt >> 3), b = tt & 7;
       if (tt < 128 && b < cx.B && row < cx.h) cx.hidden[(size_t)b * cx.h + row] = from_float<T>(y_val);
     }
