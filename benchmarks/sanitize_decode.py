@@ -3,13 +3,16 @@
 Ragged widths (d_model 96 in 3 heads of 32, d_ff 136, vocab 97), every dtype, a GLU and an MGLU kind,
 the multi-launch step and (16-bit dtypes) the fused step; the cache is filled over three attention chunks
 (67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs.
+``python benchmarks/sanitize_decode.py fused`` runs the fused-step cases only.
 """
+import sys
+
 import numpy as np
 
 from pymglu.models import GraphDecoder, Transformer, TransformerConfig
 
-for dtype, fused in (("bfloat16", False), ("float16", False), ("float32", False), ("bfloat16", True),
-                     ("float16", True)):
+CASES = (("bfloat16", False), ("float16", False), ("float32", False), ("bfloat16", True), ("float16", True))
+for dtype, fused in [c for c in CASES if c[1] or sys.argv[1:] != ["fused"]]:
     for kind, n in (("swiglu", None), ("swimglu", 3)):
         cfg = TransformerConfig(vocab_size=97, d_model=96, n_layers=2, n_heads=3, d_ff=136, ffn_kind=kind,
                                 n_masks=n, max_seq_len=72, dtype=dtype)
