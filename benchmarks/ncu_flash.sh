@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute on a few FlashMGLU configurations; reports under $OUT, a summary of key metrics last.
-# CONFIGS: space-separated "d,h,n,T" tuples (default: the four of docs/flash_mglu.md).
+# CONFIGS: space-separated "d,h,n,T" tuples (default: the four of docs/flash_mglu_history.md, stop 14).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

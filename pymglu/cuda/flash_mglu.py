@@ -57,7 +57,7 @@ MMA_WARPS: int | None = None
 #: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies (1 to 3);
 #: ``None`` means :data:`DEFAULT_AHEAD`. Benchmarks set an int to sweep.
 MMA_AHEAD: int | None = None
-#: groups in flight for every instance the library launches: the H200 sweep in docs/flash_mglu.md
+#: groups in flight for every instance the library launches: the H200 sweep in docs/flash_mglu_history.md
 #: (``decode.py --ahead 1,2,3``) found two or three no faster for one or two masks on two warps and
 #: slower elsewhere (fewer resident blocks).
 DEFAULT_AHEAD = 1
