@@ -106,3 +106,13 @@ def test_mask_capacities_and_instances():
     assert "pymglu::decode_fused<__half, 16, 8>" in names
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_120")
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_86")
+
+
+@pytest.mark.parametrize("warps,capacity", [(16, 4), (8, 8), (8, 16)])
+def test_shared_memory_holds_every_products_tile_per_warp_for_mglu(warps, capacity):
+    """The MGLU reduction stores t and each of the instance's mask slots at once: (capacity + 1) tiles of
+    128 floats per warp, where the GLU instances keep one."""
+    glu, stride, union = decode_fused._smem_layout(1, 2048, 8192, 128, 160, warps)
+    mglu, stride_m, union_m = decode_fused._smem_layout(1, 2048, 8192, 128, 160, warps, capacity)
+    assert (stride_m, union_m) == (stride, union)
+    assert mglu - glu == warps * capacity * 128 * 4
