@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine: gpu tests, compute-sanitizer, benchmarks; logs under $OUT, a short table last.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
-# MODE: quick (decode --quick), full (decode sweep), train-quick (train_layer --quick), train (train_layer
+# MODE: quick (decode --quick), full (decode sweep), pdl-sweep (the next FlashMGLU measurement of
+# docs/flash_mglu.md: four warps or two groups ahead under PDL at 4096 x 14336), fused-probe
+# (probe_fused_stages.py --quick), train-quick (train_layer --quick), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
@@ -41,6 +43,9 @@ case "$mode" in
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  pdl-sweep) python3 benchmarks/decode.py --dtypes bfloat16,float16 --shapes 4096x14336 --tokens 1,2,4,8 --masks 1,2,8 \
+       --warps lib,4 --ahead lib,2 --pdl end --rounds 3 --replays 10 --no-naive --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  fused-probe) python3 benchmarks/probe_fused_stages.py --quick --rounds 3 > "$OUT/bench.log" 2>&1 || status=1 ;;
   scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   experiment)
     compare=${COMPARE_DIR:-$OUT/compare}
