@@ -260,6 +260,8 @@ def flash_mglu(
         ``y`` ``(..., h)`` in ``x``'s dtype (``out`` when given).
     """
     activations.check_activation(activation)
+    if not isinstance(pdl, (bool, np.bool_)):
+        raise TypeError(f"pdl: expected a bool, got {type(pdl).__name__}")
     x = unwrap(x)
     _require_device_array("x", x)
     _checks.check_min_ndim("x", x, 1)
@@ -302,8 +304,6 @@ def flash_mglu(
         return out
     if not x.flags.c_contiguous or x.data.ptr % 8:
         x = x.copy()  # documented rule: non-contiguous or not 8-byte aligned inputs are copied
-    if not isinstance(pdl, (bool, np.bool_)):
-        raise TypeError(f"pdl: expected a bool, got {type(pdl).__name__}")
     _launch(cp, weights, x, out, n_tokens, _ACTIVATION_CODES[activation], bool(pdl))
     return out
 

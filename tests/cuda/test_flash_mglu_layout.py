@@ -121,3 +121,12 @@ def test_compile_options_follow_the_pdl_trigger(monkeypatch):
     monkeypatch.setattr(fm_, "PDL_TRIGGER", "middle")
     with pytest.raises(ValueError, match="PDL_TRIGGER: expected 'start' or 'end'"):
         fm_.compile_options()
+
+
+def test_pdl_must_be_a_bool_and_is_checked_first():
+    import numpy as np_
+
+    from pymglu.cuda import flash_mglu as fm_
+
+    with pytest.raises(TypeError, match="pdl: expected a bool, got str"):
+        fm_.flash_mglu(np_.ones((1, 64), np_.float32), np_.ones((32, 64), np_.float32), None, pdl="yes")
