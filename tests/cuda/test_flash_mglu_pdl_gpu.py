@@ -120,9 +120,3 @@ def test_back_to_back_pdl_calls_in_a_graph_match_eager_calls():
     for y, e in zip(outs, expected):
         assert bool((_bits(y) == _bits(e)).all())
 
-
-def test_pdl_must_be_a_bool():
-    rng = np.random.default_rng(13)
-    x, W, planes = _inputs(rng, 1, 64, 32, 1, dtypes.bfloat16)
-    with pytest.raises(TypeError, match="pdl: expected a bool"):
-        fm.flash_mglu(x, fm.pack_weights(W, planes), pdl="yes")
