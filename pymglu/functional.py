@@ -21,7 +21,7 @@ it off. float64 CuPy arrays take the reference path below.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -33,15 +33,46 @@ from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 __all__ = ["MGLUCache", "mglu", "mglu_forward", "mglu_backward", "glu", "glu_forward", "glu_backward"]
 
 
-class MGLUCache(NamedTuple):
+class MGLUCache:
     """What :func:`mglu_backward` needs from the forward pass, in the compute dtype (on the fused GPU
     path: in the input dtype).
 
     ``t``: ``(N, h)`` full product ``x W^T``; ``s``: ``(n, N, h)`` gate products; ``N`` = tokens.
+    Unpacks like a pair (``t, s = cache``). A backward with ``consume_cache=True`` takes the arrays out
+    (:meth:`take`), so that each one is freed as soon as the backward is done with it; the cache is empty
+    (``t`` and ``s`` are ``None``) afterwards.
     """
 
-    t: Any
-    s: Any
+    __slots__ = ("t", "s")
+
+    def __init__(self, t: Any, s: Any) -> None:
+        self.t, self.s = t, s
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.t, self.s))
+
+    def __repr__(self) -> str:
+        if self.consumed:
+            return "MGLUCache(consumed)"
+        return f"MGLUCache(t={_checks.describe(self.t)}, s={_checks.describe(self.s)})"
+
+    @property
+    def consumed(self) -> bool:
+        """True once a backward with ``consume_cache=True`` has taken the arrays."""
+        return self.t is None
+
+    def take(self) -> list[Any]:
+        """``[t, s]``, leaving the cache empty; ``ValueError`` when it was taken already."""
+        _check_not_consumed(self)
+        arrays = [self.t, self.s]
+        self.t = self.s = None
+        return arrays
+
+
+def _check_not_consumed(cache: MGLUCache) -> None:
+    if cache.consumed:
+        raise ValueError("cache: expected the MGLUCache of a forward pass, got one already consumed by a "
+                         "backward with consume_cache=True; run the forward again")
 
 
 def _check_x_w(x: Any, W: Any, w_name: str = "W") -> None:
@@ -146,8 +177,10 @@ def mglu_backward(
         cache: the forward's cache; recomputed (``n + 1`` products) when ``None``: on the fused GPU path
             ``chunk_tokens`` rows at a time (see :func:`mglu_forward`'s ``keep_cache``), on the reference
             path at once.
-        consume_cache: allow the fused GPU path to overwrite ``cache`` with gradients (saves memory;
-            the cache is unusable afterwards). Ignored by the reference path.
+        consume_cache: hand ``cache`` over: the backward takes its arrays out (the cache is empty
+            afterwards, see :meth:`MGLUCache.take`), the fused GPU path writes gradients over them and
+            drops each one as soon as it is dead, so that its memory is freed then (as long as no other
+            reference to ``cache.t`` or ``cache.s`` is kept).
     Returns:
         ``dx`` ``(..., d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, and ``dlogits``
         ``(n, h, d)`` in the compute dtype (float32, or float64 for float64 inputs):
@@ -161,14 +194,20 @@ def mglu_backward(
     h = W.shape[0]
     _checks.check_dtype("dy", dy, FLOAT_DTYPES)
     _checks.check_shape("dy", dy, tuple(x.shape[:-1]) + (h,))
+    if cache is not None:
+        _check_not_consumed(cache)
     if _gpu.supports(x, W):
         bits = _packed_bits(masks, W)
         xf, Wc = _rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W)
         dyf = _rows(dy, h, x.dtype)
         if cache is None or cache.t.dtype != x.dtype:
             dx, dW, dlogits = _gpu.mglu_backward_recompute(dyf, xf, Wc, bits, activation, chunk_tokens)
+            if cache is not None and consume_cache:
+                cache.take()
         else:
-            dx, dW, dlogits = _gpu.mglu_backward(dyf, xf, Wc, bits, activation, tuple(cache),
+            # The list is emptied by the GPU path, which then holds the only references to t and s.
+            arrays = cache.take() if consume_cache else [cache.t, cache.s]
+            dx, dW, dlogits = _gpu.mglu_backward(dyf, xf, Wc, bits, activation, arrays,
                                                  consume_cache=consume_cache)
         return dx.reshape(x.shape), dW, dlogits
     masks = _bool_masks(masks, W)
@@ -178,7 +217,7 @@ def mglu_backward(
     xf = _flatten(x, ct)
     dyf = dy.reshape(-1, h).astype(ct, copy=False)
     Wc = W.astype(ct, copy=False)
-    t, s = cache
+    t, s = cache.take() if consume_cache else cache
     a, da = activations.forward_and_derivative(s, activation)
     dv = dyf * a                                   # (n, N, h)
     e = dyf * (t - s) * da - dv

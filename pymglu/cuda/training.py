@@ -11,7 +11,9 @@ are the point of the path:
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weight ``M_i * W`` is built
   by one kernel into a single reused buffer of ``W``'s size (never ``n`` masked copies at once);
 * the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
-  ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them;
+  ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them, and when the cache
+  is handed over as a list it drops ``t`` before the ``G_i`` are allocated and ``s`` before the
+  weight-gradient pass, so that the pool can reuse their memory;
 * to trade products for memory, :func:`mglu_forward_chunked` keeps no cache and
   :func:`mglu_backward_recompute` recomputes it a chunk of tokens at a time (``4(n + 1)`` products per
   step instead of ``3(n + 1)``; by default chunks small enough that their ``(n + 1)`` activations per
@@ -141,12 +143,14 @@ def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple
     return y, (t, s)
 
 
-def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any],
+def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any] | list[Any],
                   consume_cache: bool = False) -> tuple[Any, Any, Any]:
     """``dx`` ``(N, d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, ``dlogits`` ``(n, h, d)`` float32.
 
-    ``dy`` ``(N, h)`` C-contiguous in ``x.dtype``; ``cache`` from :func:`mglu_forward`. With
-    ``consume_cache`` the gradients ``e_i`` overwrite ``s`` (the cache cannot be used again).
+    ``dy`` ``(N, h)`` C-contiguous in ``x.dtype``; ``cache`` ``(t, s)`` from :func:`mglu_forward`. With
+    ``consume_cache`` the gradients ``e_i`` overwrite ``s`` (the cache cannot be used again); a ``cache``
+    given as a list ``[t, s]`` is also emptied, and ``t`` and ``s`` are then dropped as soon as they are
+    dead, which frees them if the caller keeps no other reference.
     """
     dx, dW_acc, dlogits = _backward_products(dy, x, W, bits, activation, cache, consume_cache)
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
@@ -181,10 +185,9 @@ def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
     dx = cp.empty(x.shape, dtype=x.dtype)
     dW_acc = dlogits = None
     for rows in _token_chunks(x.shape[0], bits.shape[0], chunk_tokens):
-        cache = mglu_forward(x[rows], W, bits, activation)[1]
+        cache = list(mglu_forward(x[rows], W, bits, activation)[1])
         dx[rows], dW_acc, dlogits = _backward_products(dy[rows], x[rows], W, bits, activation, cache, True,
                                                        dW_acc, dlogits)
-        del cache
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
 
 
@@ -194,14 +197,18 @@ def _token_chunks(n_rows: int, n_masks: int, chunk_tokens: int | None) -> list[s
     return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
 
-def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any],
+def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any] | list[Any],
                        consume_cache: bool, dW_acc: Any = None, G: Any = None) -> tuple[Any, Any, Any]:
     """The products of the backward for the rows of ``x``: ``dx`` (in ``x.dtype``), ``dW_acc =
     (sum_i dv_i)^T x`` ``(h, d)`` and ``G_i = e_i^T x`` ``(n, h, d)``, float32, allocated after ``dx``'s
-    float32 buffer is freed, or added into the given ``dW_acc`` and ``G``."""
+    float32 buffer is freed, or added into the given ``dW_acc`` and ``G``. A consumed ``cache`` list is
+    emptied: ``t`` (then holding ``sum_i dv_i``) is dropped before ``G`` is allocated, ``s`` (then
+    holding the ``e_i``) after the last product."""
     import cupy as cp
 
     t, s = cache
+    if consume_cache and isinstance(cache, list):
+        cache.clear()
     N, d = x.shape
     h = W.shape[0]
     n = bits.shape[0]
@@ -224,9 +231,10 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     accumulate = dW_acc is not None
     if not accumulate:
         dW_acc = cp.empty((h, d), dtype=float32)
-        G = cp.empty((n, h, d), dtype=float32)
     gemm(dv_sum, x, dW_acc, trans_a=True, accumulate=accumulate)
-    del dv_sum
+    del dv_sum, t  # with a handed-over cache, the pool reuses t's memory for G
+    if not accumulate:
+        G = cp.empty((n, h, d), dtype=float32)
     for i in range(n):
         gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
     return dx, dW_acc, G

@@ -186,3 +186,27 @@ def test_glu_errors():
         ops.glu(np.zeros((2, 5)), np.zeros((3, 5)), np.zeros((4, 5)))
     with pytest.raises(TypeError, match="x and W_gate must share a dtype"):
         ops.glu(np.zeros((2, 5), dtype=np.float32), np.zeros((3, 5)), np.zeros((3, 5)))
+
+
+def test_consumed_cache_is_emptied_and_refused_a_second_time():
+    """consume_cache=True hands the cache over: the same gradients, an empty cache afterwards, and a clear
+    error (nothing computed) when the emptied cache is passed again."""
+    from pymglu import functional
+
+    rng = np.random.default_rng(11)
+    x, W, logits = random_inputs(rng, (4,), 13, 9, 3)
+    dy = rng.standard_normal((4, 9))
+    masks = logits > 0
+    y, cache = functional.mglu_forward(x, W, masks, "silu")
+    t, s = cache  # unpacks like a pair
+    assert t.shape == (4, 9) and s.shape == (3, 4, 9) and not cache.consumed
+    kept = functional.mglu_backward(dy, x, W, masks, "silu", cache)
+    assert cache.t is t and cache.s is s
+    consumed = functional.mglu_backward(dy, x, W, masks, "silu", cache, consume_cache=True)
+    for k, c in zip(kept, consumed):
+        np.testing.assert_array_equal(k, c)
+    assert cache.consumed and cache.t is None and cache.s is None and "consumed" in repr(cache)
+    with pytest.raises(ValueError, match="cache: .*already consumed by a backward with consume_cache=True"):
+        functional.mglu_backward(dy, x, W, masks, "silu", cache)
+    with pytest.raises(ValueError, match="already consumed"):
+        cache.take()
