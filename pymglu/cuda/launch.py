@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = ["pdl_supported", "launch", "kernel_params", "function_handle"]
 
-_SCALAR_TYPES = {
-    np.dtype(np.int32): ctypes.c_int32,
-    np.dtype(np.uint32): ctypes.c_uint32,
-    np.dtype(np.int64): ctypes.c_int64,
-    np.dtype(np.uint64): ctypes.c_uint64,
-    np.dtype(np.float32): ctypes.c_float,
-    np.dtype(np.float64): ctypes.c_double,
+#: struct format of each scalar parameter type; every argument takes one 8-byte slot of the buffer
+#: (little-endian: a 4-byte value sits at the start of its slot, where the driver reads it).
+_SCALAR_FORMATS = {
+    np.dtype(np.int32): "<i",
+    np.dtype(np.uint32): "<I",
+    np.dtype(np.int64): "<q",
+    np.dtype(np.uint64): "<Q",
+    np.dtype(np.float32): "<f",
+    np.dtype(np.float64): "<d",
 }
 
 
@@ -49,27 +52,29 @@ def pdl_supported(device_id: int) -> bool:
     return major >= 9
 
 
-def kernel_params(args: Sequence[Any]) -> tuple[ctypes.Array, list]:
-    """The ``void**`` array ``cuLaunchKernelEx`` takes for ``args``, and the ctypes objects it points to
-    (keep both alive until the launch returns).
+def kernel_params(args: Sequence[Any]) -> tuple[ctypes.Array, ctypes.Array]:
+    """The ``void**`` array ``cuLaunchKernelEx`` takes for ``args``, and the buffer of values it points
+    into (keep both alive until the launch returns).
 
     Args:
         args: CuPy arrays (passed as their device pointers) and NumPy scalars of the kernel's parameter
             types (int32, uint32, int64, uint64, float32, float64), in the kernel's parameter order.
     """
-    holders: list = []
+    values = (ctypes.c_uint64 * max(1, len(args)))()
+    base = ctypes.addressof(values)
     for i, a in enumerate(args):
-        if hasattr(a, "data") and hasattr(a.data, "ptr"):
-            holders.append(ctypes.c_void_p(int(a.data.ptr)))
-        elif isinstance(a, np.generic) and a.dtype in _SCALAR_TYPES:
-            holders.append(_SCALAR_TYPES[a.dtype](a.item()))
+        data = getattr(a, "data", None)
+        if hasattr(data, "ptr"):
+            values[i] = int(data.ptr)
+        elif isinstance(a, np.generic) and a.dtype in _SCALAR_FORMATS:
+            struct.pack_into(_SCALAR_FORMATS[a.dtype], values, 8 * i, a.item())
         else:
             raise TypeError(
                 f"args[{i}]: expected a CuPy array or a NumPy scalar of "
-                f"{sorted(t.name for t in _SCALAR_TYPES)}, got {type(a).__name__}"
+                f"{sorted(t.name for t in _SCALAR_FORMATS)}, got {type(a).__name__}"
             )
-    pointers = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(h) for h in holders])
-    return pointers, holders
+    pointers = (ctypes.c_void_p * max(1, len(args)))(*range(base, base + 8 * len(args), 8))
+    return pointers, values
 
 
 def function_handle(function: Any) -> int:
@@ -80,6 +85,24 @@ def function_handle(function: Any) -> int:
     if ptr is None:
         raise TypeError(f"function: expected a cupy RawKernel or cupy.cuda.function.Function, got {type(function).__name__}")
     return int(ptr)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int, stream_ptr: int) -> Any:
+    """The ``CUlaunchConfig`` of one launch shape on one stream, with the PDL attribute (built once)."""
+    from cuda.bindings import driver
+
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = block
+    config.sharedMemBytes = shared_mem
+    config.hStream = driver.CUstream(stream_ptr)
+    config.attrs = [attr]
+    config.numAttrs = 1
+    return config
 
 
 def launch(function: Any, grid: tuple[int, ...], block: tuple[int, ...], args: Sequence[Any], *,
@@ -101,21 +124,12 @@ def launch(function: Any, grid: tuple[int, ...], block: tuple[int, ...], args: S
 
     cp = cupy_or_none()
     stream = cp.cuda.get_current_stream() if stream is None else stream
-    grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    block3 = tuple(block) + (1,) * (3 - len(block))
-    attr = driver.CUlaunchAttribute()
-    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value.programmaticStreamSerializationAllowed = 1
-    config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = (int(v) for v in grid3)
-    config.blockDimX, config.blockDimY, config.blockDimZ = (int(v) for v in block3)
-    config.sharedMemBytes = int(shared_mem)
-    config.hStream = driver.CUstream(int(stream.ptr))
-    config.attrs = [attr]
-    config.numAttrs = 1
-    pointers, holders = kernel_params(args)
+    grid3 = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+    block3 = tuple(int(v) for v in block) + (1,) * (3 - len(block))
+    config = _config(grid3, block3, int(shared_mem), int(stream.ptr))
+    pointers, values = kernel_params(args)
     (err,) = driver.cuLaunchKernelEx(config, driver.CUfunction(function_handle(function)), ctypes.addressof(pointers), 0)
-    del holders
+    del values
     if err != driver.CUresult.CUDA_SUCCESS:
         _, name = driver.cuGetErrorName(err)
         _, text = driver.cuGetErrorString(err)
