@@ -277,7 +277,7 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
                 "flash_us": t * 1e6,
                 "flash_us_by_warps": {_config_label(*c): v * 1e6 for c, v in by_warps.items()},
                 "flash_us_rounds": {_config_label(*c): [v * 1e6 for v in flash_rounds[T, c]] for c in configs},
-                "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_warps(n, d),
+                "best_warps": min(by_warps, key=by_warps.get)[0] or fm.mma_config(n, d)[0],
                 "flash_TBps": mglu_bytes / t / 1e12, "flash_pct_copy": 100 * mglu_bytes / t / copy_bw,
                 "glu_cupy_us": glu[T]["cupy"] * 1e6, "glu_torch_us": glu[T].get("torch", float("nan")) * 1e6,
                 "glu_TBps": 4 * h * d / best_glu / 1e12,
@@ -369,8 +369,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.warmup is not None:
         globals()["WARMUP_S"] = args.warmup
-    args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_warps)
-    args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.DEFAULT_AHEAD)
+    args.warps = args.warps or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_config)
+    args.ahead = args.ahead or [None]  # None: the library's choice (pymglu.cuda.flash_mglu.mma_config)
     bad = [m for m in args.pdl if m not in ("off", "start", "end")]
     if bad:
         p.error(f"--pdl: expected off, start or end, got {bad}")

@@ -80,8 +80,8 @@ def main(argv=None) -> None:
                 packed.append(fm.pack_weights(W, masks.pack_masks(cp.random.random((n, h, d), dtype=cp.float32) < 0.5)))
             x = cp.asarray(np.random.default_rng(0).standard_normal((1, d), dtype=np.float32).astype(dtype))
             out = cp.empty((1, h), dtype=dtype)
-            warps = fm.mma_warps(n, d)
-            name = fm._mma_name(dtype, n, 1, warps, fm.DEFAULT_AHEAD)
+            warps, ahead = fm.mma_config(n, d)
+            name = fm._mma_name(dtype, n, 1, warps, ahead)
             strips, groups = packed[0].w_tiles.shape[:2]
             kernels = [cp.RawModule(code=variant_source(replacements),
                                     options=(*pymglu_cuda.BASE_OPTIONS, f"-I{pymglu_cuda.source_dir()}"),

@@ -22,8 +22,8 @@ def main():
     d = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
     print("| n | strips | waves (at the kernel's occupancy) | us | ns per strip |\n|---|---|---|---|---|")
     for n in (4, 8):
-        warps = fm.mma_warps(n, d)
-        name = fm._mma_name(dtypes.bfloat16, n, 1, warps, fm.DEFAULT_AHEAD)
+        warps, ahead = fm.mma_config(n, d)
+        name = fm._mma_name(dtypes.bfloat16, n, 1, warps, ahead)
         regs = fm._cuda.load_module(fm._SOURCE, (name,)).get_function(name).attributes["num_regs"]
         regs = -(-regs // 8) * 8  # allocation granularity
         per_sm = min(65536 // (regs * 32 * warps), 32)  # resident blocks per SM (64K registers)

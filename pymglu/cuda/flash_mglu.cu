@@ -73,7 +73,7 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
 // AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
-// (flash_mglu.py, DEFAULT_AHEAD).
+// (flash_mglu.py, mma_config).
 template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, const T* __restrict__ x,

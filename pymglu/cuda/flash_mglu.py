@@ -45,22 +45,18 @@ from pymglu.backend import cupy_or_none, is_cupy_array, unwrap
 from pymglu.cuda import launch as _launching
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_warps", "DEFAULT_AHEAD", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
+__all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_config", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
            "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names",
            "compile_options", "PDL_TRIGGER"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
 #: warps per block of the tensor-core kernel (they split the 64-column groups of a 16-row strip);
-#: ``None`` picks them with :func:`mma_warps`. Benchmarks set an int to sweep.
+#: ``None`` picks them with :func:`mma_config`. Benchmarks set an int to sweep.
 MMA_WARPS: int | None = None
 #: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies (1 to 3);
-#: ``None`` means :data:`DEFAULT_AHEAD`. Benchmarks set an int to sweep.
+#: ``None`` picks them with :func:`mma_config`. Benchmarks set an int to sweep.
 MMA_AHEAD: int | None = None
-#: groups in flight for every instance the library launches: the H200 sweep in docs/flash_mglu_history.md
-#: (``decode.py --ahead 1,2,3``) found two or three no faster for one or two masks on two warps and
-#: slower elsewhere (fewer resident blocks).
-DEFAULT_AHEAD = 1
 #: where the tensor-core kernel lets the next kernel start when launched with ``pdl=True``: ``"start"``
 #: (every block at its start) or ``"end"`` (every block after its last loads). Benchmarks set it to sweep.
 PDL_TRIGGER = "end"
@@ -79,10 +75,13 @@ def _simt_name(dtype: np.dtype, n: int) -> str:
     return f"pymglu::flash_mglu_simt<{_CUDA_TYPES[np.dtype(dtype)]}, {n}>"
 
 
-def mma_warps(n_masks: int, d: int) -> int:
-    """Warps per 16-row strip, from the H200 sweep in docs/benchmarks.md: two for few masks on narrow
-    inputs, four otherwise (more mask arithmetic per byte wants more warps per strip)."""
-    return 2 if n_masks <= 2 and d <= 4096 else 4
+def mma_config(n_masks: int, d: int) -> tuple[int, int]:
+    """``(warps per 16-row strip, groups each warp keeps in flight)`` of the tensor-core instance the
+    library launches, from the H200 sweep of docs/flash_mglu.md ("Launch configuration"): four warps
+    everywhere; two groups in flight for one or two masks on inputs up to 4096 wide (little mask
+    arithmetic per byte, so the loads set the pace), one otherwise (more registers per thread would
+    leave fewer blocks resident)."""
+    return (4, 2) if n_masks <= 2 and d <= 4096 else (4, 1)
 
 
 def compile_options() -> tuple[str, ...]:
@@ -95,9 +94,9 @@ def compile_options() -> tuple[str, ...]:
 
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
-    warps_for = {n: sorted({mma_warps(n, 64), mma_warps(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
-    names = [_mma_name(dt, n, nt, w, DEFAULT_AHEAD) for dt in (bfloat16, float16)
-             for n in range(1, MAX_MASKS + 1) for nt in (1, 2) for w in warps_for[n]]
+    configs = {n: sorted({mma_config(n, 64), mma_config(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
+    names = [_mma_name(dt, n, nt, warps, ahead) for dt in (bfloat16, float16)
+             for n in range(1, MAX_MASKS + 1) for nt in (1, 2) for warps, ahead in configs[n]]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
 
@@ -312,8 +311,9 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
     i32 = np.int32
     if wts.uses_tensor_cores:
         nt = 1 if n_tokens <= 8 else 2
-        warps = MMA_WARPS or mma_warps(wts.n_masks, wts.d)
-        name = _mma_name(wts.dtype, wts.n_masks, nt, warps, MMA_AHEAD or DEFAULT_AHEAD)
+        lib_warps, lib_ahead = mma_config(wts.n_masks, wts.d)
+        warps = MMA_WARPS or lib_warps
+        name = _mma_name(wts.dtype, wts.n_masks, nt, warps, MMA_AHEAD or lib_ahead)
         strips, groups = wts.w_tiles.shape[:2]
         grid, block = (strips,), (warps * 32,)
         args = (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act))
