@@ -61,14 +61,14 @@ PASSES = """      float t_val = 0.0f, y_val = 0.0f;
         team_sync(team, team_warps * 32);
       }
 """
-MASK_LOAD = "      for (int i = 0; i < NMS; ++i) m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off"
+MASK_LOAD = "      m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off"
 
 VARIANTS = {
     "library": [],
     # the mask words stay live (a test on their value) so that the compiler keeps their loads
     "t only": [(MGLU_MMA, "            acc_t[0] += __uint_as_float(m[i] & 1u);")],
     "n + 1 passes": [(REDUCTION_START, REDUCTION_END)],  # a span, replaced by PASSES
-    "no masks": [(MGLU_MMA, "            (void)m[i];"), (MASK_LOAD, "      for (int i = 0; i < NMS; ++i) m[i] = 0u;")],
+    "no masks": [(MGLU_MMA, "            (void)m[i];"), (MASK_LOAD, "      m[i] = 0u;")],
 }
 
 

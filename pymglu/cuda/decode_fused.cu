@@ -104,6 +104,10 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   if (threadIdx.x < B) token_rows[threadIdx.x] = ids[threadIdx.x];
   __syncthreads();
 
+  // The first weight loads of the o, up and down products are issued before the grid barrier (and the
+  // staging) that precede them: the weights do not depend on them (fused_products.cuh, prefetch_phase).
+  constexpr int AD = Ahead<WARPS, N_MASKS>::dense, AM = Ahead<WARPS, N_MASKS>::mglu;
+  PhaseLoads<0, AD> pd;  // the dense products, one after another
   for (int l = 0; l < n_layers; ++l) {
     const FusedLayer L = layers[l];
     // 1. q k v (block 0 reads its input from the embedding rows, and block 0 of the grid stores them in x)
@@ -114,29 +118,42 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
     } else {
       stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);
     }
-    product_phase<T, 0, EPI_QKV, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
+    prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
+    product_phase<T, 0, EPI_QKV, AD>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv, pd);
     grid_sync(cx);
     // 2. attention
     attention_phase<T>(cx, L, union_area);
+    prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
     grid_sync(cx);
     // 3. o
     stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);
-    product_phase<T, 0, EPI_RESIDUAL, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o);
-    grid_sync(cx);
-    // 4. up
-    stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
-    if constexpr (N_MASKS > 0) product_phase<T, N_MASKS, EPI_GLU, Ahead<WARPS, N_MASKS>::mglu>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up);
-    else product_phase<T, 0, EPI_GLU, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up);
+    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o, pd);
+    if constexpr (N_MASKS > 0) {
+      PhaseLoads<N_MASKS, AM> pu;  // the MGLU up product's loads
+      prefetch_phase(pu, L.wup, L.mup, n_masks, up_strips, gd, t_up);
+      grid_sync(cx);
+      // 4. up
+      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
+      product_phase<T, N_MASKS, EPI_GLU, AM>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up, pu);
+    } else {
+      prefetch_phase(pd, L.wup, nullptr, 0, up_strips, gd, t_up);
+      grid_sync(cx);
+      // 4. up
+      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
+      product_phase<T, 0, EPI_GLU, AD>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up, pd);
+    }
+    prefetch_phase(pd, L.wdown, nullptr, 0, d / 16, gh, t_down);
     grid_sync(cx);
     // 5. down
     stage_input<T>(cx, hidden, nullptr, nullptr, h, gh * 64);
-    product_phase<T, 0, EPI_RESIDUAL, Ahead<WARPS, N_MASKS>::dense>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down);
+    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down, pd);
     grid_sync(cx);
   }
   // final norm and logits
   stage_input<T>(cx, x, nullptr, final_norm, d, gd * 64);
   const FusedLayer none = {};
-  product_phase<T, 0, EPI_LOGITS, Ahead<WARPS, N_MASKS>::dense>(cx, none, head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head);
+  prefetch_phase(pd, head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head);
+  product_phase<T, 0, EPI_LOGITS, AD>(cx, none, head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head, pd);
   // the last block to finish chooses the tokens and moves the position on
   __syncthreads();
   trace_event(cx, 1 + 2 * (cx.target / gridDim.x));

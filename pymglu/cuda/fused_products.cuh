@@ -126,44 +126,105 @@ __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer
   }
 }
 
-// One product of the staged input (xs) with `strips` strips of `groups` 64-column groups, and its epilogue.
-// Team `team` of this block takes strips first, first + stride, ... (stride = grid * teams); warp twarp of
-// the team takes groups twarp, twarp + team_warps, ... of each. The warp's loads run AHEAD groups ahead
-// of its products along that whole sequence, across strip boundaries, so that the strip reductions do
-// not drain them. NM = 0: dense (epilogue EPI on row pairs); NM > 0: MGLU with n <= NM masks.
+// A warp's place in a product phase of `groups` 64-column groups per strip and `teams` teams per block:
+// team `team` of this block takes strips first, first + stride, ... (stride = grid * teams); warp twarp
+// of the team takes groups twarp, twarp + team_warps, ... of each (per_strip of them).
+struct PhaseShape {
+  int team_warps, team, twarp, tt, per_strip, stride, first;
+};
+
+__device__ __forceinline__ PhaseShape phase_shape(int groups, int teams) {
+  PhaseShape ps;
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  ps.team_warps = warps / teams;
+  ps.team = warp / ps.team_warps;
+  ps.twarp = warp % ps.team_warps;
+  ps.tt = threadIdx.x - ps.team * ps.team_warps * 32;
+  ps.per_strip = ps.twarp < groups ? (groups - ps.twarp + ps.team_warps - 1) / ps.team_warps : 0;
+  ps.stride = gridDim.x * teams;
+  ps.first = blockIdx.x * teams + ps.team;
+  return ps;
+}
+
+// The weight loads a warp keeps in flight in a product phase: the W tiles and mask words of its next
+// AHEAD groups, and where the next load goes (strip, index among the warp's groups of that strip).
+template <int NM, int AHEAD>
+struct PhaseLoads {
+  static constexpr int NMS = NM > 0 ? NM : 1;
+  uint4 wq[AHEAD][4];
+  uint32_t mq[AHEAD][NMS];
+  int ld_strip, ld_i;
+};
+
+// Loads the warp's next group of the phase into w, m (nothing past the last strip) and moves on.
+template <int NM, int AHEAD>
+__device__ __forceinline__ void load_next_group(PhaseLoads<NM, AHEAD>& pl, const PhaseShape& ps,
+                                                const uint4* __restrict__ tiles, const uint32_t* __restrict__ masks,
+                                                int n, int strips, int groups, uint4 (&w)[4],
+                                                uint32_t (&m)[PhaseLoads<NM, AHEAD>::NMS]) {
+  if (ps.per_strip == 0 || pl.ld_strip >= strips) return;
+  const int lane = threadIdx.x & 31;
+  const size_t tile = (size_t)pl.ld_strip * groups + ps.twarp + pl.ld_i * ps.team_warps;
+  const uint4* wp = tiles + tile * 128 + lane;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) w[q] = load_stream(wp + q * 32);
+  if (NM > 0) {
+    const uint32_t* mp = masks + tile * n * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < PhaseLoads<NM, AHEAD>::NMS; ++i)
+      m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off
+  }
+  if (++pl.ld_i == ps.per_strip) {
+    pl.ld_i = 0;
+    pl.ld_strip += ps.stride;
+  }
+}
+
+// Issues the warp's first AHEAD groups of loads of a product phase. The weights do not depend on the
+// phases before, so for the o, up and down products the decode step calls this before the grid barrier
+// that precedes the phase (and the staging of its input), and the loads' latency passes while the block
+// waits there; the q k v and logits products load after their staging (held across the RMSNorm of
+// stage_input, the loads made the 16-warp MGLU instance spill).
+template <int NM, int AHEAD>
+__device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const uint4* __restrict__ tiles,
+                                               const uint32_t* __restrict__ masks, int n, int strips, int groups,
+                                               int teams) {
+  const PhaseShape ps = phase_shape(groups, teams);
+  pl.ld_strip = ps.first;
+  pl.ld_i = 0;
+  // Every slot is written here, loaded or not, so that nothing of the previous phase stays live.
+#pragma unroll
+  for (int a = 0; a < AHEAD; ++a) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) pl.wq[a][q] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < PhaseLoads<NM, AHEAD>::NMS; ++i) pl.mq[a][i] = 0u;
+  }
+#pragma unroll
+  for (int a = 0; a < AHEAD; ++a) load_next_group(pl, ps, tiles, masks, n, strips, groups, pl.wq[a], pl.mq[a]);
+}
+
+// One product of the staged input (xs) with `strips` strips of `groups` 64-column groups, and its epilogue,
+// with the warp's first loads already issued by prefetch_phase into `pl` (same arguments). The warp's
+// loads run AHEAD groups ahead of its products along its whole sequence of groups (phase_shape), across
+// strip boundaries, so that the strip reductions do not drain them. NM = 0: dense (epilogue EPI on row
+// pairs); NM > 0: MGLU with n <= NM masks.
 template <typename T, int NM, int EPI, int AHEAD>
-__device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4* __restrict__ tiles,
-                              const uint32_t* __restrict__ masks, int n, int strips, int groups, int teams) {
-  constexpr int NMS = NM > 0 ? NM : 1;
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int team_warps = warps / teams, team = warp / team_warps, twarp = warp % team_warps;
-  const int tt = threadIdx.x - team * team_warps * 32;
-  const int per_strip = twarp < groups ? (groups - twarp + team_warps - 1) / team_warps : 0;
-  const int stride = gridDim.x * teams, first = blockIdx.x * teams + team;
+__device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4* __restrict__ tiles,
+                                              const uint32_t* __restrict__ masks, int n, int strips, int groups,
+                                              int teams, PhaseLoads<NM, AHEAD>& pl) {
+  constexpr int NMS = PhaseLoads<NM, AHEAD>::NMS;
+  const PhaseShape ps = phase_shape(groups, teams);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int team_warps = ps.team_warps, team = ps.team, twarp = ps.twarp, tt = ps.tt;
+  const int per_strip = ps.per_strip, stride = ps.stride, first = ps.first;
   const int g = lane >> 2, tg = lane & 3;
   const bool tok_ok = g < cx.B;
   const uint32_t* xrow = reinterpret_cast<const uint32_t*>(cx.xs + (tok_ok ? g : 0) * cx.xs_stride) + tg;
   // MGLU: the lane's x quads (elements 4 tg .. 4 tg + 3 of each tile; rows are 8-byte aligned)
   const T* xquad = cx.xs + (tok_ok ? g : 0) * cx.xs_stride + 4 * tg;
-
-  uint4 wq[AHEAD][4];
-  uint32_t mq[AHEAD][NMS];
-  int ld_strip = first, ld_i = 0;
-  auto load_next = [&](uint4 (&w)[4], uint32_t (&m)[NMS]) {
-    if (per_strip == 0 || ld_strip >= strips) return;
-    const size_t tile = (size_t)ld_strip * groups + twarp + ld_i * team_warps;
-    const uint4* wp = tiles + tile * 128 + lane;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) w[q] = load_stream(wp + q * 32);
-    if (NM > 0) {
-      const uint32_t* mp = masks + tile * n * 32 + lane;
-#pragma unroll
-      for (int i = 0; i < NMS; ++i) m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off
-    }
-    if (++ld_i == per_strip) { ld_i = 0; ld_strip += stride; }
-  };
-#pragma unroll
-  for (int a = 0; a < AHEAD; ++a) load_next(wq[a], mq[a]);
+  auto& wq = pl.wq;
+  auto& mq = pl.mq;
 
   for (int strip = first; strip < strips; strip += stride) {
     float acc_t[4], acc_s[NMS][4];
@@ -188,7 +249,7 @@ __device__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4*
 #pragma unroll
         for (int i = 0; i < NMS; ++i) mq[a][i] = mq[a + 1][i];
       }
-      load_next(wq[AHEAD - 1], mq[AHEAD - 1]);
+      load_next_group(pl, ps, tiles, masks, n, strips, groups, wq[AHEAD - 1], mq[AHEAD - 1]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if constexpr (NM == 0) {
