@@ -8,7 +8,7 @@ from pymglu.cuda import flash_mglu as fm
 
 rng = np.random.default_rng(0)
 for dtype in (dtypes.bfloat16, dtypes.float16, dtypes.float32):
-    for tokens, n, d, h in [(1, 1, 33, 17), (3, 5, 1000, 77), (8, 8, 256, 64), (16, 16, 130, 40), (9, 2, 4095, 33)]:
+    for tokens, n, d, h in [(1, 1, 33, 17), (3, 5, 1000, 77), (8, 8, 256, 64), (16, 16, 130, 40), (9, 2, 4095, 33), (4, 8, 4100, 20)]:
         x = cp.asarray(rng.standard_normal((tokens, d)).astype(dtype))
         W = cp.asarray(rng.standard_normal((h, d)).astype(dtype))
         planes = masks.pack_masks(cp.asarray(rng.standard_normal((n, h, d)) > 0))

@@ -75,13 +75,22 @@ def _simt_name(dtype: np.dtype, n: int) -> str:
     return f"pymglu::flash_mglu_simt<{_CUDA_TYPES[np.dtype(dtype)]}, {n}>"
 
 
-def mma_config(n_masks: int, d: int) -> tuple[int, int]:
+def mma_config(n_masks: int, d: int, n_tokens: int = 1) -> tuple[int, int]:
     """``(warps per 16-row strip, groups each warp keeps in flight)`` of the tensor-core instance the
-    library launches, from the H200 sweep of docs/flash_mglu.md ("Launch configuration"): four warps
-    everywhere; two groups in flight for one or two masks on inputs up to 4096 wide (little mask
-    arithmetic per byte, so the loads set the pace), one otherwise (more registers per thread would
-    leave fewer blocks resident)."""
-    return (4, 2) if n_masks <= 2 and d <= 4096 else (4, 1)
+    library launches for ``n_tokens`` tokens, from the H200 sweeps of docs/flash_mglu.md ("Launch
+    configuration"):
+
+    * one or two masks on inputs up to 4096 wide: four warps, two groups in flight (little mask
+      arithmetic per byte, so the loads set the pace);
+    * four to eight masks on wider inputs, up to 8 tokens: eight warps, one group (the long strips
+      have groups enough for eight warps, which overlap the ``n + 1`` products of each tile);
+    * otherwise four warps, one group (more registers per thread would leave fewer blocks resident).
+    """
+    if n_masks <= 2 and d <= 4096:
+        return 4, 2
+    if 4 <= n_masks <= 8 and d > 4096 and n_tokens <= 8:
+        return 8, 1
+    return 4, 1
 
 
 def compile_options() -> tuple[str, ...]:
@@ -94,9 +103,10 @@ def compile_options() -> tuple[str, ...]:
 
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
-    configs = {n: sorted({mma_config(n, 64), mma_config(n, 1 << 20)}) for n in range(1, MAX_MASKS + 1)}
+    configs = {(n, nt): sorted({mma_config(n, d, 8 * nt) for d in (64, 1 << 20)})
+               for n in range(1, MAX_MASKS + 1) for nt in (1, 2)}
     names = [_mma_name(dt, n, nt, warps, ahead) for dt in (bfloat16, float16)
-             for n in range(1, MAX_MASKS + 1) for nt in (1, 2) for warps, ahead in configs[n]]
+             for (n, nt), pairs in configs.items() for warps, ahead in pairs]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
 
@@ -311,7 +321,7 @@ def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act
     i32 = np.int32
     if wts.uses_tensor_cores:
         nt = 1 if n_tokens <= 8 else 2
-        lib_warps, lib_ahead = mma_config(wts.n_masks, wts.d)
+        lib_warps, lib_ahead = mma_config(wts.n_masks, wts.d, n_tokens)
         warps = MMA_WARPS or lib_warps
         name = _mma_name(wts.dtype, wts.n_masks, nt, warps, MMA_AHEAD or lib_ahead)
         strips, groups = wts.w_tiles.shape[:2]

@@ -67,7 +67,20 @@ def test_large_ragged_shapes(d, h, dtype, tokens, n):
     assert _rel_err(y, _reference(x, W, planes, "silu")) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("warps,ahead", [(1, 1), (2, 1), (4, 1), (2, 2), (4, 3)])
+@pytest.mark.parametrize("d,h", [(4100, 95), (8192 + 40, 33)])
+@pytest.mark.parametrize("dtype", [dtypes.bfloat16, dtypes.float16], ids=lambda d: d.name)
+@pytest.mark.parametrize("tokens,n", [(1, 4), (8, 8), (5, 6), (9, 4), (2, 2)])
+def test_wide_inputs_with_the_libraries_configuration(d, h, dtype, tokens, n):
+    """d > 4096 selects eight warps per strip for 4 to 8 masks up to 8 tokens (``mma_config``), four
+    otherwise: both against the reference on ragged wide inputs."""
+    rng = np.random.default_rng(d + 7 * n + tokens)
+    x, W, planes = _inputs(rng, tokens, d, h, n, dtype)
+    assert fm.mma_config(n, d, tokens)[0] == (8 if 4 <= n <= 8 and tokens <= 8 else 4)
+    y = _run_checked(x, fm.pack_weights(W, planes), "silu", dtype, (tokens, h))
+    assert _rel_err(y, _reference(x, W, planes, "silu")) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("warps,ahead", [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 3)])
 @pytest.mark.parametrize("tokens,n", [(1, 8), (3, 1), (8, 4), (16, 16)])
 def test_kernel_configurations_agree(warps, ahead, tokens, n, monkeypatch):
     """Every warps / groups-ahead configuration the benchmarks sweep gives the reference result, with
