@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine: gpu tests, compute-sanitizer, benchmarks; logs under $OUT, a short table last.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
-# MODE: quick (decode --quick), full (decode sweep), pdl-sweep (the next FlashMGLU measurement of
-# docs/flash_mglu.md: four warps or two groups ahead under PDL at 4096 x 14336), fused-probe
+# MODE: quick (decode --quick), full (decode sweep), pdl-sweep (the stop-17 FlashMGLU sweep of
+# docs/flash_mglu.md, "Launch configuration": four warps or two groups ahead under PDL at 4096 x 14336), fused-probe
 # (probe_fused_stages.py --quick), train-quick (train_layer --quick), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
