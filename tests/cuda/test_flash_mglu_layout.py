@@ -130,3 +130,20 @@ def test_pdl_must_be_a_bool_and_is_checked_first():
 
     with pytest.raises(TypeError, match="pdl: expected a bool, got str"):
         fm_.flash_mglu(np_.ones((1, 64), np_.float32), np_.ones((32, 64), np_.float32), None, pdl="yes")
+
+
+def test_every_instance_the_launcher_picks_is_compile_checked():
+    """The CI compile test builds kernel_names(); every (dtype, n, T, d) the launcher can meet must map
+    to one of them through mma_config, and the configurations must be ones the kernel template takes."""
+    from pymglu.cuda import flash_mglu as fm
+    from pymglu.dtypes import bfloat16, float16
+
+    listed = set(fm.kernel_names())
+    for dtype in (bfloat16, float16):
+        for n in range(1, fm.MAX_MASKS + 1):
+            for tokens in range(1, fm.MAX_TOKENS + 1):
+                for d in (1, 64, 4095, 4096, 4097, 8192, 1 << 16):
+                    warps, ahead = fm.mma_config(n, d, tokens)
+                    assert warps in (1, 2, 4, 8) and 1 <= ahead <= 3
+                    nt = 1 if tokens <= 8 else 2
+                    assert fm._mma_name(dtype, n, nt, warps, ahead) in listed, (dtype, n, tokens, d)
