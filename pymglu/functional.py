@@ -200,15 +200,15 @@ def mglu_backward(
         bits = _packed_bits(masks, W)
         xf, Wc = _rows(x, W.shape[1], x.dtype), xp.ascontiguousarray(W)
         dyf = _rows(dy, h, x.dtype)
-        if cache is None or cache.t.dtype != x.dtype:
-            dx, dW, dlogits = _gpu.mglu_backward_recompute(dyf, xf, Wc, bits, activation, chunk_tokens)
-            if cache is not None and consume_cache:
-                cache.take()
-        else:
+        if cache is not None and cache.t.dtype == x.dtype:
             # The list is emptied by the GPU path, which then holds the only references to t and s.
             arrays = cache.take() if consume_cache else [cache.t, cache.s]
             dx, dW, dlogits = _gpu.mglu_backward(dyf, xf, Wc, bits, activation, arrays,
                                                  consume_cache=consume_cache)
+        else:
+            if cache is not None and consume_cache:
+                cache.take()  # a cache of another dtype (the reference path's) is not used: free it first
+            dx, dW, dlogits = _gpu.mglu_backward_recompute(dyf, xf, Wc, bits, activation, chunk_tokens)
         return dx.reshape(x.shape), dW, dlogits
     masks = _bool_masks(masks, W)
     if cache is None:
