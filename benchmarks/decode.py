@@ -180,6 +180,7 @@ def n_sets(bytes_per_set: int) -> int:
 def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     rows = []
     default_warps, default_ahead, default_trigger = fm.MMA_WARPS, fm.MMA_AHEAD, fm.PDL_TRIGGER
+    default_paired, default_bound = fm.PAIRED_COLUMNS, fm.MIN_BLOCKS_BOUND
     stream = cp.cuda.Stream(non_blocking=True)
     elem = 2
     calls_per_graph = args.calls
@@ -254,18 +255,21 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
             del dense
         xs = {T: cp.asarray(rng.standard_normal((T, d), dtype=np.float32).astype(dtype)) for T in tokens_list}
         outs = {T: cp.empty((T, h), dtype=dtype) for T in tokens_list}
-        # (warps, groups ahead, PDL); None: the library's choice
-        configs = list(itertools.product(args.warps, args.ahead, args.pdl))
+        # (warps, groups ahead, PDL, paired columns, register bound); None: the library's choice
+        configs = list(itertools.product(args.warps, args.ahead, args.pdl, args.paired, args.bound))
         flash_rounds = {(T, c): [] for T in tokens_list for c in configs}
         for _ in range(args.rounds):  # every (T, configuration) once per round, so slow spells hit them alike
             for T in tokens_list:
                 for config in configs:
                     fm.MMA_WARPS, fm.MMA_AHEAD = config[:2]
                     fm.PDL_TRIGGER = config[2] or default_trigger  # launched normally: the library's own build
+                    fm.PAIRED_COLUMNS = default_paired if config[3] is None else config[3]
+                    fm.MIN_BLOCKS_BOUND = default_bound if config[4] is None else config[4]
                     flash_rounds[T, config].append(time_graph(
                         [lambda k=k, x=xs[T], out=outs[T], pdl=bool(config[2]): fm.flash_mglu(x, packed[k % n_w], out=out, pdl=pdl)
                          for k in range(calls_per_graph)], args.replays, stream))
             fm.MMA_WARPS, fm.MMA_AHEAD, fm.PDL_TRIGGER = default_warps, default_ahead, default_trigger
+            fm.PAIRED_COLUMNS, fm.MIN_BLOCKS_BOUND = default_paired, default_bound
         for T in tokens_list:
             by_warps = {c: min(flash_rounds[T, c]) for c in configs}
             t = min(by_warps.values())
@@ -292,12 +296,14 @@ def bench_shape(dtype, d, h, tokens_list, n_list, args, rng, have_torch):
     return rows
 
 
-def _config_label(warps, ahead, pdl=None):
+def _config_label(warps, ahead, pdl=None, paired=None, bound=None):
     """'lib', '4' (warps), 'a2' (groups ahead), '4a2', each with '+pdl-start' ('+pdl-end') when launched
     with programmatic dependent launch triggered at the blocks' start (after their last loads, the
-    library's default); 'pdl-start' or 'pdl-end' alone for the library's configuration: the kernel
-    configuration of a timing."""
+    library's default); 'pdl-start' or 'pdl-end' alone for the library's configuration; 'p1' / 'p0' when
+    the paired-column instance for T <= 4 is forced on / off; 'b1' / 'b0' with the register bound
+    (pymglu.cuda.flash_mglu.MIN_BLOCKS_BOUND) forced on / off: the kernel configuration of a timing."""
     label = ("" if warps is None else str(warps)) + ("" if ahead is None else f"a{ahead}")
+    label += ("" if paired is None else f"p{int(paired)}") + ("" if bound is None else f"b{int(bound)}")
     if pdl:
         tag = f"pdl-{pdl}"
         return label + "+" + tag if label else tag
@@ -360,6 +366,12 @@ def main(argv=None):
                    help="comma list of launch modes timed as separate configurations in the same rounds: off (normal "
                         "launch), start (flash_mglu(pdl=True), the next call may start once every block has started), "
                         "end (pdl=True with PDL_TRIGGER = 'end': once every block has issued its last loads)")
+    p.add_argument("--paired", type=lambda s: [{"lib": None, "on": True, "off": False}[v] for v in s.split(",")],
+                   default=[None], help="comma list of lib, on, off: the paired-column instance for T <= 4 "
+                                        "(pymglu.cuda.flash_mglu.PAIRED_COLUMNS), timed as separate configurations")
+    p.add_argument("--bound", type=lambda s: [{"lib": None, "on": True, "off": False}[v] for v in s.split(",")],
+                   default=[None], help="comma list of lib, on, off: the tensor-core instances built with or without "
+                                        "the 16-warps-per-SM register bound (pymglu.cuda.flash_mglu.MIN_BLOCKS_BOUND)")
     p.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="token counts (default: the issue's, or 1, 8, 16 with --quick)")
     p.add_argument("--masks", type=lambda s: [int(v) for v in s.split(",")], default=None,

@@ -4,7 +4,8 @@ Usage (GPU machine): python benchmarks/probe_flash_stages.py [--shapes 4096x1433
 
 Each variant is ``flash_mglu.cu`` with a few lines replaced before compiling (the library's source is not
 changed; a replacement that no longer matches fails loudly). The variants compute wrong results on
-purpose and are only timed, T = 1, bf16, same launch configuration as the library:
+purpose and are only timed, T = 1, bf16, same launch configuration as the library, on the one-column
+instance (``TOKENS = 8``; the library serves T = 1 with the paired one since stop 18):
 
 - ``library``: the kernel as it is;
 - ``no x loads``: the B fragments come from the address arithmetic instead of loads of ``x``;
@@ -35,7 +36,7 @@ from pymglu import dtypes, masks  # noqa: E402
 from pymglu.cuda import flash_mglu as fm  # noqa: E402
 
 MMA_LOOP = "        for (int i = 0; i < N_MASKS; ++i) masked_mma<T>(acc_s[i][nt], w[q], bq, m[i], q);"
-T_MMA = "        masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);"
+T_MMA = "        if (!PAIRED) masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);"
 FOLDED_WORD = "uint32_t mm = 0u; for (int i = 0; i < N_MASKS; ++i) mm ^= m[i];"
 
 VARIANTS = {
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
             x = cp.asarray(np.random.default_rng(0).standard_normal((1, d), dtype=np.float32).astype(dtype))
             out = cp.empty((1, h), dtype=dtype)
             warps, ahead = fm.mma_config(n, d)
-            name = fm._mma_name(dtype, n, 1, warps, ahead)
+            name = fm._mma_name(dtype, n, 8, warps, ahead)  # the one-column instance the probe was written for
             strips, groups = packed[0].w_tiles.shape[:2]
             kernels = [cp.RawModule(code=variant_source(replacements),
                                     options=(*pymglu_cuda.BASE_OPTIONS, f"-I{pymglu_cuda.source_dir()}"),

@@ -23,7 +23,7 @@ def main():
     print("| n | strips | waves (at the kernel's occupancy) | us | ns per strip |\n|---|---|---|---|---|")
     for n in (4, 8):
         warps, ahead = fm.mma_config(n, d)
-        name = fm._mma_name(dtypes.bfloat16, n, 1, warps, ahead)
+        name = fm._mma_name(dtypes.bfloat16, n, fm.token_block(1), warps, ahead)
         regs = fm._cuda.load_module(fm._SOURCE, (name,)).get_function(name).attributes["num_regs"]
         regs = -(-regs // 8) * 8  # allocation granularity
         per_sm = min(65536 // (regs * 32 * warps), 32)  # resident blocks per SM (64K registers)

@@ -2,15 +2,19 @@
 // for T <= 16 tokens, reading W and the mask bits once. Layouts are documented in flash_mglu.py
 // (pymglu.cuda.flash_mglu.pack_weights builds them); this file only consumes them.
 //
-// flash_mglu_mma<T, N_MASKS, NT, WARPS, AHEAD>  (T = __nv_bfloat16 or __half)
+// flash_mglu_mma<T, N_MASKS, TOKENS, WARPS, AHEAD>  (T = __nv_bfloat16 or __half)
 //   Tensor-core path. One block per 16-row strip of W; its WARPS warps split the strip's K groups
 //   (64 columns each) and are reduced through shared memory in a fixed order (deterministic).
 //   Per 16x16 tile a lane holds one A fragment (four 32-bit registers, loaded as one 16-byte word).
 //   The masks are applied by the sparse tensor cores (tensor_core.cuh): mma.sp m16n8k32 with the tile
 //   as its compressed A, x at every other position of B, and the mask bits as the metadata that picks
 //   x or zero for each weight; two logic operations per tile and mask make the metadata from the
-//   lane's mask word. One mma.sp for the full product t and one per mask, per 8 tokens.
-//   NT = 1 covers tokens 0..7 (mma N = 8), NT = 2 covers 0..15.
+//   lane's mask word. TOKENS (the largest token count of the instance) sets the B columns:
+//   - 8 or 16: column j is token j; one mma.sp for the full product t and one per mask, per 8 tokens;
+//   - 4 (paired columns): columns 0..3 are tokens 0..3 with x at the odd positions of every chunk and
+//     columns 4..7 the same tokens with x at the even ones, so that one mma.sp per mask gives s_i in
+//     columns 0..3 and t - s_i (the elements the mask leaves off) in columns 4..7: n products per
+//     tile instead of n + 1, and no accumulator for t.
 //
 // flash_mglu_simt<T, N_MASKS>  (any T incl. float)
 //   CUDA-core path over the canonical bit-planes (n, h, ceil(d/32)): one warp per row, lane L reads
@@ -52,8 +56,8 @@ __device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, 
 // Loads this lane's x values of group `grp` (the sources of its B fragments; from L1/L2).
 template <typename T, int NT>
 __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* __restrict__ x16,
-                                       const int (&x_offset)[NT], const bool (&tok_ok)[NT], bool d_quads,
-                                       int n_tokens, int d, int g, int tg, int grp, uint2 (&b)[4][NT]) {
+                                       const int (&x_offset)[NT], const bool (&tok_ok)[NT], const int (&tok)[NT],
+                                       bool d_quads, int n_tokens, int d, int tg, int grp, uint2 (&b)[4][NT]) {
   if (d_quads && grp * 64 + 64 <= d) {  // whole group inside x, 8-byte aligned quads: plain loads
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -66,18 +70,37 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
     for (int q = 0; q < 4; ++q) {
       const int k0 = grp * 64 + q * 16 + 4 * tg;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) b[q][nt] = load_x_quad<T>(x, nt * 8 + g, n_tokens, k0, d);
+      for (int nt = 0; nt < NT; ++nt) b[q][nt] = load_x_quad<T>(x, tok[nt], n_tokens, k0, d);
     }
   }
 }
 
+// Blocks per SM the compiler must leave room for (__launch_bounds__' second argument; 0: no bound, the
+// same code as leaving it out, where 1 would let the compiler take up to 255 registers). The instances
+// of 5 to 8 masks and up to 8 tokens sit near 128 registers, and their loads need the 16 warps per SM
+// that 128 registers allow: NVRTC 12.x on the H200 gave the paired n = 8 instance 142 registers without
+// the bound, three blocks per SM instead of four, and 17% more time. The smaller instances ran 0.1-0.6 us
+// faster without it (the compiler schedules them differently under a bound); the 16-token ones would
+// spill. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops it: flash_mglu.py, MIN_BLOCKS_BOUND, for benchmarks.)
+template <int N_MASKS, int TOKENS, int WARPS>
+struct MmaMinBlocks {
+#ifdef PYMGLU_MMA_NO_MIN_BLOCKS
+  static constexpr int value = 0;
+#else
+  static constexpr int value = N_MASKS >= 5 && N_MASKS <= 8 && TOKENS <= 8 && WARPS <= 16 ? 16 / WARPS : 0;
+#endif
+};
+
 // Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
 // AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
 // (flash_mglu.py, mma_config).
-template <typename T, int N_MASKS, int NT, int WARPS, int AHEAD>
-__global__ void __launch_bounds__(WARPS * 32)
+template <typename T, int N_MASKS, int TOKENS, int WARPS, int AHEAD>
+__global__ void __launch_bounds__(WARPS * 32, (MmaMinBlocks<N_MASKS, TOKENS, WARPS>::value))
 flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, const T* __restrict__ x,
                T* __restrict__ y, int n_tokens, int d, int h, int groups, int act) {
+  static_assert(TOKENS == 4 || TOKENS == 8 || TOKENS == 16, "TOKENS: 4 (paired columns), 8 or 16");
+  constexpr int NT = TOKENS == 16 ? 2 : 1;  // mma products per tile and mask (8 columns each)
+  constexpr bool PAIRED = TOKENS == 4;
   const int strip = blockIdx.x;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -112,12 +135,18 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
   int x_offset[NT];  // element offset of this lane's first x quad; tokens < 16 and d < 2^26 keep it in int
   bool tok_ok[NT];
+  int tok[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const int tok = nt * 8 + g;
-    tok_ok[nt] = tok < n_tokens;
-    x_offset[nt] = (tok_ok[nt] ? tok : 0) * d + 4 * tg;
+    tok[nt] = PAIRED ? (g & 3) : nt * 8 + g;
+    tok_ok[nt] = tok[nt] < n_tokens;
+    x_offset[nt] = (tok_ok[nt] ? tok[nt] : 0) * d + 4 * tg;
   }
+  // Byte selectors of sparse_b_fragment: x in the high halves (odd chunk positions), or, for the
+  // complement columns of a paired instance, in the low halves (even positions).
+  const bool complement = PAIRED && g >= 4;
+  const uint32_t sel_even = complement ? B_LOW_EVEN : B_HIGH_EVEN;
+  const uint32_t sel_odd = complement ? B_LOW_ODD : B_HIGH_ODD;
   // With PDL (flash_mglu.py, pdl=True) the next kernel may start once every block has passed
   // pdl_launch_dependents (here, or after its last loads with PYMGLU_PDL_TRIGGER_AT_END); this one's
   // first weight loads go out before it waits for the kernel before it: only x and y are shared with
@@ -130,7 +159,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int a = 0; a < AHEAD; ++a)
     if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
   pdl_wait();
-  if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b_next);
+  if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp, b_next);
   for (; grp < groups; grp += WARPS) {
     uint4 w[4];
     uint32_t m[N_MASKS];
@@ -154,14 +183,14 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     if (grp + AHEAD * WARPS < groups)
       load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
     if (X_AHEAD && grp + WARPS < groups)
-      load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp + WARPS, b_next);
-    if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, d_quads, n_tokens, d, g, tg, grp, b);
+      load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp + WARPS, b_next);
+    if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp, b);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {  // token block outermost: one expanded B fragment live at a time
-        const uint4 bq = sparse_b_fragment(b[q][nt]);
-        masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);
+        const uint4 bq = sparse_b_fragment(b[q][nt], sel_even, sel_odd);
+        if (!PAIRED) masked_mma_metadata<T>(acc_t[nt], w[q], bq, ALL_ON_METADATA, q);
 #pragma unroll
         for (int i = 0; i < N_MASKS; ++i) masked_mma<T>(acc_s[i][nt], w[q], bq, m[i], q);
       }
@@ -171,9 +200,11 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
 #ifdef PYMGLU_PDL_TRIGGER_AT_END
   pdl_launch_dependents();
 #endif
-  // Cross-warp reduction in a fixed order, one product (t, then each s_i) per pass, fused epilogue.
+  // Cross-warp reduction in a fixed order, one product (t, then each s_i; paired: each s_i with its
+  // complement) per pass, fused epilogue.
   constexpr int COLS = 8 * NT;
-  constexpr int ELEMS = 16 * COLS;
+  constexpr int OUT_COLS = PAIRED ? 4 : COLS;  // tokens per row of the output tile
+  constexpr int ELEMS = 16 * OUT_COLS;
   constexpr int PER_THREAD = (ELEMS + WARPS * 32 - 1) / (WARPS * 32);
   __shared__ float red[WARPS][16][COLS];
   float t_val[PER_THREAD];
@@ -182,7 +213,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int e = 0; e < PER_THREAD; ++e) { t_val[e] = 0.0f; y_val[e] = 0.0f; }
 
 #pragma unroll
-  for (int p = 0; p <= N_MASKS; ++p) {
+  for (int p = PAIRED ? 1 : 0; p <= N_MASKS; ++p) {  // p = 0: t; p = i + 1: s_i
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       float v[4];
@@ -204,12 +235,20 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     for (int e = 0; e < PER_THREAD; ++e) {
       const int idx = threadIdx.x + e * WARPS * 32;
       if (idx < ELEMS) {
-        const int row = idx / COLS, col = idx % COLS;
+        const int row = idx / OUT_COLS, col = idx % OUT_COLS;
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += red[w][row][col];
-        if (p == 0) t_val[e] = sum;
-        else y_val[e] += gate_fn(sum, act) * (t_val[e] - sum);
+        if (PAIRED) {
+          float off = 0.0f;  // t - s_i: the elements mask i leaves off
+#pragma unroll
+          for (int w = 0; w < WARPS; ++w) off += red[w][row][col + 4];
+          y_val[e] += gate_fn(sum, act) * off;
+        } else if (p == 0) {
+          t_val[e] = sum;
+        } else {
+          y_val[e] += gate_fn(sum, act) * (t_val[e] - sum);
+        }
       }
     }
     __syncthreads();
@@ -218,7 +257,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   for (int e = 0; e < PER_THREAD; ++e) {
     const int idx = threadIdx.x + e * WARPS * 32;
     if (idx < ELEMS) {
-      const int row = idx / COLS, col = idx % COLS;
+      const int row = idx / OUT_COLS, col = idx % OUT_COLS;
       const int out_row = strip * 16 + row;
       if (col < n_tokens && out_row < h) y[(size_t)col * h + out_row] = from_float<T>(y_val[e]);
     }

@@ -47,7 +47,7 @@ from pymglu.dtypes import bfloat16, float16, float32
 
 __all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_config", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
            "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names",
-           "compile_options", "PDL_TRIGGER"]
+           "compile_options", "PDL_TRIGGER", "PAIRED_COLUMNS", "MIN_BLOCKS_BOUND", "token_block"]
 
 MAX_MASKS = 16
 MAX_TOKENS = 16
@@ -60,6 +60,12 @@ MMA_AHEAD: int | None = None
 #: where the tensor-core kernel lets the next kernel start when launched with ``pdl=True``: ``"start"``
 #: (every block at its start) or ``"end"`` (every block after its last loads). Benchmarks set it to sweep.
 PDL_TRIGGER = "end"
+#: serve 1 to 4 tokens with the paired-column instance (:func:`token_block`); benchmarks set it to
+#: ``False`` to time the one-column-per-token instance against it.
+PAIRED_COLUMNS = True
+#: build the tensor-core instances of 5 to 8 masks and up to 8 tokens for 16 resident warps per SM (at most
+#: 128 registers; flash_mglu.cu, ``MmaMinBlocks``); benchmarks set it to ``False`` to time without the bound.
+MIN_BLOCKS_BOUND = True
 SIMT_ROWS_PER_BLOCK = 4
 
 _SOURCE = "flash_mglu.cu"
@@ -67,8 +73,22 @@ _ACTIVATION_CODES = _cuda.ACTIVATION_CODES
 _CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
 
 
-def _mma_name(dtype: np.dtype, n: int, nt: int, warps: int, ahead: int) -> str:
-    return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {nt}, {warps}, {ahead}>"
+def _mma_name(dtype: np.dtype, n: int, tokens: int, warps: int, ahead: int) -> str:
+    return f"pymglu::flash_mglu_mma<{_CUDA_TYPES[np.dtype(dtype)]}, {n}, {tokens}, {warps}, {ahead}>"
+
+
+def token_block(n_tokens: int) -> int:
+    """The ``TOKENS`` template argument (4, 8 or 16) of the tensor-core instance serving ``n_tokens``:
+
+    * 4 (1 to 4 tokens, when :data:`PAIRED_COLUMNS` is on): the mma's eight columns hold each token
+      twice, once for the elements a mask keeps and once for those it leaves off, so one ``mma.sp`` per
+      mask and tile gives both ``s_i`` and ``t - s_i`` (``n`` products per tile instead of ``n + 1``);
+    * 8 (up to 8 tokens): one column per token, one ``mma.sp`` for ``t`` and one per mask;
+    * 16 (9 to 16 tokens): the same with two ``mma.sp`` per product.
+    """
+    if n_tokens <= 4 and PAIRED_COLUMNS:
+        return 4
+    return 8 if n_tokens <= 8 else 16
 
 
 def _simt_name(dtype: np.dtype, n: int) -> str:
@@ -95,18 +115,20 @@ def mma_config(n_masks: int, d: int, n_tokens: int = 1) -> tuple[int, int]:
 
 def compile_options() -> tuple[str, ...]:
     """NVRTC options the tensor-core instances are built with: ``-DPYMGLU_PDL_TRIGGER_AT_END`` for
-    ``PDL_TRIGGER = "end"`` (the default), none for ``"start"``."""
+    ``PDL_TRIGGER = "end"`` (the default), none for ``"start"``; ``-DPYMGLU_MMA_NO_MIN_BLOCKS`` when
+    :data:`MIN_BLOCKS_BOUND` is off."""
     if PDL_TRIGGER not in ("start", "end"):
         raise ValueError(f"PDL_TRIGGER: expected 'start' or 'end', got {PDL_TRIGGER!r}")
-    return ("-DPYMGLU_PDL_TRIGGER_AT_END",) if PDL_TRIGGER == "end" else ()
+    options = ("-DPYMGLU_PDL_TRIGGER_AT_END",) if PDL_TRIGGER == "end" else ()
+    return options if MIN_BLOCKS_BOUND else options + ("-DPYMGLU_MMA_NO_MIN_BLOCKS",)
 
 
 def kernel_names() -> list[str]:
     """Every template instance the library can launch (for compile checks): name expressions."""
-    configs = {(n, nt): sorted({mma_config(n, d, 8 * nt) for d in (64, 1 << 20)})
-               for n in range(1, MAX_MASKS + 1) for nt in (1, 2)}
-    names = [_mma_name(dt, n, nt, warps, ahead) for dt in (bfloat16, float16)
-             for (n, nt), pairs in configs.items() for warps, ahead in pairs]
+    configs = {(n, tokens): sorted({mma_config(n, d, tokens) for d in (64, 1 << 20)})
+               for n in range(1, MAX_MASKS + 1) for tokens in (4, 8, 16)}
+    names = [_mma_name(dt, n, tokens, warps, ahead) for dt in (bfloat16, float16)
+             for (n, tokens), pairs in configs.items() for warps, ahead in pairs]
     names += [_simt_name(float32, n) for n in range(1, MAX_MASKS + 1)]
     return names
 
@@ -320,10 +342,9 @@ def flash_mglu(
 def _launch(cp: Any, wts: FlashMGLUWeights, x: Any, out: Any, n_tokens: int, act: int, pdl: bool) -> None:
     i32 = np.int32
     if wts.uses_tensor_cores:
-        nt = 1 if n_tokens <= 8 else 2
         lib_warps, lib_ahead = mma_config(wts.n_masks, wts.d, n_tokens)
         warps = MMA_WARPS or lib_warps
-        name = _mma_name(wts.dtype, wts.n_masks, nt, warps, MMA_AHEAD or lib_ahead)
+        name = _mma_name(wts.dtype, wts.n_masks, token_block(n_tokens), warps, MMA_AHEAD or lib_ahead)
         strips, groups = wts.w_tiles.shape[:2]
         grid, block = (strips,), (warps * 32,)
         args = (wts.w_tiles, wts.mask_words, x, out, i32(n_tokens), i32(wts.d), i32(wts.h), i32(groups), i32(act))

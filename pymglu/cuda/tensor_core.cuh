@@ -64,9 +64,21 @@ __device__ __forceinline__ uint32_t mask_metadata(uint32_t word, int q) {
 }
 
 // The lane's B fragment from its four x values x[4 tg + j] of a tile (one 8-byte load, low element
-// first): value j in the high half of register j, zeros in the low halves.
+// first): value j in the high half of register j (odd chunk positions, picked by a mask bit of 1),
+// zeros in the low halves.
 __device__ __forceinline__ uint4 sparse_b_fragment(uint2 v) {
   return make_uint4(v.x << 16, v.x & 0xFFFF0000u, v.y << 16, v.y & 0xFFFF0000u);
+}
+
+// __byte_perm selectors for sparse_b_fragment with a per-lane choice of half (byte 4 of the pair is 0):
+// the even / odd value of a 32-bit word to the high half, or to the low half (even chunk positions,
+// picked by a mask bit of 0: the product over the elements a mask leaves off).
+constexpr uint32_t B_HIGH_EVEN = 0x1044u, B_HIGH_ODD = 0x3244u;
+constexpr uint32_t B_LOW_EVEN = 0x4410u, B_LOW_ODD = 0x4432u;
+
+__device__ __forceinline__ uint4 sparse_b_fragment(uint2 v, uint32_t sel_even, uint32_t sel_odd) {
+  return make_uint4(__byte_perm(v.x, 0u, sel_even), __byte_perm(v.x, 0u, sel_odd),
+                    __byte_perm(v.y, 0u, sel_even), __byte_perm(v.y, 0u, sel_odd));
 }
 
 // acc += (M ⊙ W_tile) x for tile q of a group, M given by the lane's mask word (all on: ALL_ON_METADATA

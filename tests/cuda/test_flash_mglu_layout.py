@@ -21,8 +21,12 @@ def _metadata(word: int, q: int) -> int:
     return (((word >> 1) if q & 1 else word) & 0x55555555) | 0x88888888  # tensor_core.cuh: mask_metadata
 
 
-def _tile_product(tile, x_cols, meta_of_lane, q):
-    """(16, T) product of one tile (lane registers, (32, 8)) with x columns (16, T), by the mma.sp rules."""
+def _tile_product(tile, x_cols, meta_of_lane, q, even_cols=None):
+    """(16, T) product of one tile (lane registers, (32, 8)) with x columns (16, T), by the mma.sp rules.
+
+    ``even_cols``: further x columns (16, T') placed in the low halves of B's registers (even chunk
+    positions), as the complement columns of the paired instance (flash_mglu.cu, TOKENS = 4) do; their
+    products follow the first T columns."""
     compressed = np.zeros((16, 16))
     for lane in range(32):
         g, tg = divmod(lane, 4)
@@ -31,10 +35,13 @@ def _tile_product(tile, x_cols, meta_of_lane, q):
         compressed[g + 8, 2 * tg:2 * tg + 2] = v[2:4]
         compressed[g, 2 * tg + 8:2 * tg + 10] = v[4:6]
         compressed[g + 8, 2 * tg + 8:2 * tg + 10] = v[6:8]
-    B = np.zeros((32, x_cols.shape[1]))
+    T = x_cols.shape[1]
+    even = np.zeros((16, 0)) if even_cols is None else even_cols
+    B = np.zeros((32, T + even.shape[1]))
     for tg in range(4):
         for j in range(4):  # sparse_b_fragment: x[4 tg + j] in the high half (e = 1) of register j
-            B[2 * tg + 8 * j + 1] = x_cols[4 * tg + j]
+            B[2 * tg + 8 * j + 1, :T] = x_cols[4 * tg + j]
+            B[2 * tg + 8 * j, T:] = even[4 * tg + j]  # complement columns: the low half (e = 0)
     A = np.zeros((16, 32))
     sel = q >> 1
     for lane in range(32):
@@ -74,6 +81,31 @@ def emulate(tiles, words, x):
     return t, s
 
 
+def emulate_paired(tiles, words, x):
+    """(s, off) (n, T, S*16) each, T <= 4, as the paired instance computes them: one mma.sp per mask and
+    tile, x in the high halves of B for columns 0..T-1 and in the low halves for columns 4..4+T-1."""
+    S, G = tiles.shape[:2]
+    n = words.shape[2]
+    T, d = x.shape
+    assert T <= 4
+    xp = np.zeros((T, G * 64))
+    xp[:, :d] = x
+    s = np.zeros((n, T, S * 16))
+    off = np.zeros((n, T, S * 16))
+    tiles = tiles.astype(np.float64)
+    for strip in range(S):
+        for grp in range(G):
+            for q in range(4):
+                cols = xp[:, 64 * grp + 16 * q:64 * grp + 16 * q + 16].T
+                rows = slice(16 * strip, 16 * strip + 16)
+                for i in range(n):
+                    meta = lambda lane: _metadata(int(words[strip, grp, i, lane]), q)
+                    both = _tile_product(tiles[strip, grp, q], cols, meta, q, even_cols=cols)
+                    s[i, :, rows] += both[:, :T].T
+                    off[i, :, rows] += both[:, T:].T
+    return s, off
+
+
 def _check_packed_format(h, d, n, seed):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((h, d)).astype(bfloat16)
@@ -89,6 +121,10 @@ def _check_packed_format(h, d, n, seed):
     assert not t[:, h:].any()  # padding rows are zero
     for i in range(n):
         np.testing.assert_allclose(s[i, :, :h], x @ (masks[i] * W64).T, rtol=1e-12, atol=1e-12)
+    s_paired, off = emulate_paired(tiles, words, x)
+    for i in range(n):
+        np.testing.assert_allclose(s_paired[i, :, :h], x @ (masks[i] * W64).T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(off[i, :, :h], x @ (~masks[i] * W64).T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2)])
@@ -112,12 +148,14 @@ def test_tile_column_order_is_a_permutation_matching_the_b_fragment():
             assert order[2 * c + e] == 4 * (2 * (c & 1) + e) + (c >> 1)
 
 
-def test_compile_options_follow_the_pdl_trigger(monkeypatch):
+def test_compile_options_follow_the_pdl_trigger_and_the_register_bound(monkeypatch):
     from pymglu.cuda import flash_mglu as fm_
 
     assert fm_.PDL_TRIGGER == "end" and fm_.compile_options() == ("-DPYMGLU_PDL_TRIGGER_AT_END",)
     monkeypatch.setattr(fm_, "PDL_TRIGGER", "start")
     assert fm_.compile_options() == ()
+    monkeypatch.setattr(fm_, "MIN_BLOCKS_BOUND", False)
+    assert fm_.compile_options() == ("-DPYMGLU_MMA_NO_MIN_BLOCKS",)
     monkeypatch.setattr(fm_, "PDL_TRIGGER", "middle")
     with pytest.raises(ValueError, match="PDL_TRIGGER: expected 'start' or 'end'"):
         fm_.compile_options()
@@ -132,7 +170,7 @@ def test_pdl_must_be_a_bool_and_is_checked_first():
         fm_.flash_mglu(np_.ones((1, 64), np_.float32), np_.ones((32, 64), np_.float32), None, pdl="yes")
 
 
-def test_every_instance_the_launcher_picks_is_compile_checked():
+def test_every_instance_the_launcher_picks_is_compile_checked(monkeypatch):
     """The CI compile test builds kernel_names(); every (dtype, n, T, d) the launcher can meet must map
     to one of them through mma_config, and the configurations must be ones the kernel template takes."""
     from pymglu.cuda import flash_mglu as fm
@@ -145,5 +183,8 @@ def test_every_instance_the_launcher_picks_is_compile_checked():
                 for d in (1, 64, 4095, 4096, 4097, 8192, 1 << 16):
                     warps, ahead = fm.mma_config(n, d, tokens)
                     assert warps in (1, 2, 4, 8) and 1 <= ahead <= 3
-                    nt = 1 if tokens <= 8 else 2
-                    assert fm._mma_name(dtype, n, nt, warps, ahead) in listed, (dtype, n, tokens, d)
+                    for paired in (True, False):
+                        monkeypatch.setattr(fm, "PAIRED_COLUMNS", paired)
+                        block = fm.token_block(tokens)
+                        assert block == (4 if paired and tokens <= 4 else 8 if tokens <= 8 else 16)
+                        assert fm._mma_name(dtype, n, block, warps, ahead) in listed, (dtype, n, tokens, d)
