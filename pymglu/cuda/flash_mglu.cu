@@ -76,18 +76,22 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 }
 
 // Blocks per SM the compiler must leave room for (__launch_bounds__' second argument; 0: no bound, the
-// same code as leaving it out, where 1 would let the compiler take up to 255 registers). The instances
-// of 5 to 8 masks and up to 8 tokens sit near 128 registers, and their loads need the 16 warps per SM
-// that 128 registers allow: NVRTC 12.x on the H200 gave the paired n = 8 instance 142 registers without
-// the bound, three blocks per SM instead of four, and 17% more time. The smaller instances ran 0.1-0.6 us
-// faster without it (the compiler schedules them differently under a bound); the 16-token ones would
-// spill. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops it: flash_mglu.py, MIN_BLOCKS_BOUND, for benchmarks.)
+// same code as leaving it out, where 1 would let the compiler take up to 255 registers). Instances of 5
+// to 8 masks sit near 128 registers, and their loads need the 16 warps per SM that 128 registers allow.
+// Measured on the H200 (docs/flash_mglu.md, "Paired columns"), the bound is kept where it helped:
+// - the paired instances: NVRTC 12.x gave the paired n = 8 instance 142 registers without it, three
+//   blocks per SM instead of four, and 17% more time;
+// - the eight-warp instances (one-column n = 8 at 8192 x 28672: 1-2% faster with it).
+// Elsewhere it cost 0.1-1.2 us (the compiler schedules the loop differently under a bound), and the
+// 16-token instances would spill. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops it: flash_mglu.py,
+// MIN_BLOCKS_BOUND, for benchmarks.)
 template <int N_MASKS, int TOKENS, int WARPS>
 struct MmaMinBlocks {
 #ifdef PYMGLU_MMA_NO_MIN_BLOCKS
   static constexpr int value = 0;
 #else
-  static constexpr int value = N_MASKS >= 5 && N_MASKS <= 8 && TOKENS <= 8 && WARPS <= 16 ? 16 / WARPS : 0;
+  static constexpr bool near_128 = N_MASKS >= 5 && N_MASKS <= 8 && TOKENS <= 8;
+  static constexpr int value = near_128 && (TOKENS == 4 || WARPS == 8) ? 16 / WARPS : 0;
 #endif
 };
 

@@ -63,8 +63,9 @@ PDL_TRIGGER = "end"
 #: serve 1 to 4 tokens with the paired-column instance (:func:`token_block`); benchmarks set it to
 #: ``False`` to time the one-column-per-token instance against it.
 PAIRED_COLUMNS = True
-#: build the tensor-core instances of 5 to 8 masks and up to 8 tokens for 16 resident warps per SM (at most
-#: 128 registers; flash_mglu.cu, ``MmaMinBlocks``); benchmarks set it to ``False`` to time without the bound.
+#: build the paired and the eight-warp tensor-core instances of 5 to 8 masks for 16 resident warps per SM
+#: (at most 128 registers; flash_mglu.cu, ``MmaMinBlocks``); benchmarks set it to ``False`` to time
+#: without the bound.
 MIN_BLOCKS_BOUND = True
 SIMT_ROWS_PER_BLOCK = 4
 
