@@ -76,11 +76,11 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 }
 
 // Blocks per SM the compiler must leave room for (__launch_bounds__' second argument; 0: no bound, the
-// same code as leaving it out, where 1 would let the compiler take up to 255 registers). Instances of 5
+// same code as leaving it out; 1 is not, and made one instance 25% slower on the H200). Instances of 5
 // to 8 masks sit near 128 registers, and their loads need the 16 warps per SM that 128 registers allow.
 // Measured on the H200 (docs/flash_mglu.md, "Paired columns"), the bound is kept where it helped:
-// - the paired instances: NVRTC 12.x gave the paired n = 8 instance 142 registers without it, three
-//   blocks per SM instead of four, and 17% more time;
+// - the paired instances: without it the H200 machine's NVRTC gave the paired n = 8 instance 142
+//   registers, three blocks per SM instead of four, and 17% more time;
 // - the eight-warp instances (one-column n = 8 at 8192 x 28672: 1-2% faster with it).
 // Elsewhere it cost 0.1-1.2 us (the compiler schedules the loop differently under a bound), and the
 // 16-token instances would spill. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops it: flash_mglu.py,
