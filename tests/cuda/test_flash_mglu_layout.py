@@ -59,50 +59,49 @@ def _tile_product(tile, x_cols, meta_of_lane, q, even_cols=None):
     return A @ B
 
 
-def emulate(tiles, words, x):
-    """t (T, S*16) and s (n, T, S*16) from the packed format, as the kernel's mma.sp calls compute them."""
+def _each_tile(tiles, x):
+    """(row slice of the output, strip, group, q, tile as float64 lane registers, x columns (16, T)) for
+    every tile of the packed format, x zero-padded to whole groups."""
     S, G = tiles.shape[:2]
-    n = words.shape[2]
     T, d = x.shape
     xp = np.zeros((T, G * 64))
     xp[:, :d] = x
-    t = np.zeros((T, S * 16))
-    s = np.zeros((n, T, S * 16))
     tiles = tiles.astype(np.float64)
     for strip in range(S):
         for grp in range(G):
             for q in range(4):
                 cols = xp[:, 64 * grp + 16 * q:64 * grp + 16 * q + 16].T
-                rows = slice(16 * strip, 16 * strip + 16)
-                t[:, rows] += _tile_product(tiles[strip, grp, q], cols, lambda lane: 0xDDDDDDDD, q).T
-                for i in range(n):
-                    meta = lambda lane: _metadata(int(words[strip, grp, i, lane]), q)
-                    s[i, :, rows] += _tile_product(tiles[strip, grp, q], cols, meta, q).T
+                yield slice(16 * strip, 16 * strip + 16), strip, grp, q, tiles[strip, grp, q], cols
+
+
+def _mask_metadata(words, strip, grp, i, q):
+    return lambda lane: _metadata(int(words[strip, grp, i, lane]), q)
+
+
+def emulate(tiles, words, x):
+    """t (T, S*16) and s (n, T, S*16) from the packed format, as the kernel's mma.sp calls compute them."""
+    n, (T, _) = words.shape[2], x.shape
+    t = np.zeros((T, tiles.shape[0] * 16))
+    s = np.zeros((n, T, tiles.shape[0] * 16))
+    for rows, strip, grp, q, tile, cols in _each_tile(tiles, x):
+        t[:, rows] += _tile_product(tile, cols, lambda lane: 0xDDDDDDDD, q).T
+        for i in range(n):
+            s[i, :, rows] += _tile_product(tile, cols, _mask_metadata(words, strip, grp, i, q), q).T
     return t, s
 
 
 def emulate_paired(tiles, words, x):
     """(s, off) (n, T, S*16) each, T <= 4, as the paired instance computes them: one mma.sp per mask and
     tile, x in the high halves of B for columns 0..T-1 and in the low halves for columns 4..4+T-1."""
-    S, G = tiles.shape[:2]
-    n = words.shape[2]
-    T, d = x.shape
+    n, (T, _) = words.shape[2], x.shape
     assert T <= 4
-    xp = np.zeros((T, G * 64))
-    xp[:, :d] = x
-    s = np.zeros((n, T, S * 16))
-    off = np.zeros((n, T, S * 16))
-    tiles = tiles.astype(np.float64)
-    for strip in range(S):
-        for grp in range(G):
-            for q in range(4):
-                cols = xp[:, 64 * grp + 16 * q:64 * grp + 16 * q + 16].T
-                rows = slice(16 * strip, 16 * strip + 16)
-                for i in range(n):
-                    meta = lambda lane: _metadata(int(words[strip, grp, i, lane]), q)
-                    both = _tile_product(tiles[strip, grp, q], cols, meta, q, even_cols=cols)
-                    s[i, :, rows] += both[:, :T].T
-                    off[i, :, rows] += both[:, T:].T
+    s = np.zeros((n, T, tiles.shape[0] * 16))
+    off = np.zeros((n, T, tiles.shape[0] * 16))
+    for rows, strip, grp, q, tile, cols in _each_tile(tiles, x):
+        for i in range(n):
+            both = _tile_product(tile, cols, _mask_metadata(words, strip, grp, i, q), q, even_cols=cols)
+            s[i, :, rows] += both[:, :T].T
+            off[i, :, rows] += both[:, T:].T
     return s, off
 
 
