@@ -43,14 +43,26 @@ __device__ __forceinline__ uint2 load_x_quad(const T* __restrict__ x, int tok, i
   return make_uint2(v[0] | (v[1] << 16), v[2] | (v[3] << 16));
 }
 
-// Loads group `grp` of a strip from HBM: its 4 W tiles and the mask words.
+// Loads group `grp` of a strip from HBM: its 4 W tiles and the lane's mask words, four masks at a time
+// with one 16-byte load, then one 4-byte load for each of the last n % 4 (flash_mglu.py,
+// lane_major_words). 8-byte loads for a last pair cost registers: n = 7, T = 16 went from 168 to 185.
 template <int N_MASKS>
 __device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, const uint32_t* __restrict__ m_strip,
-                                             int grp, uint4 (&w)[4], uint32_t (&m)[N_MASKS]) {
+                                             int grp, int lane, uint4 (&w)[4], uint32_t (&m)[N_MASKS]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) w[q] = load_stream(w_strip + ((size_t)grp * 4 + q) * 32);
+  const uint32_t* words = m_strip + (size_t)grp * N_MASKS * 32;
+  constexpr int FOURS = N_MASKS / 4;
 #pragma unroll
-  for (int i = 0; i < N_MASKS; ++i) m[i] = load_stream(m_strip + ((size_t)grp * N_MASKS + i) * 32);
+  for (int j = 0; j < FOURS; ++j) {
+    const uint4 v = load_stream(reinterpret_cast<const uint4*>(words + 128 * j) + lane);
+    m[4 * j] = v.x;
+    m[4 * j + 1] = v.y;
+    m[4 * j + 2] = v.z;
+    m[4 * j + 3] = v.w;
+  }
+#pragma unroll
+  for (int i = 4 * FOURS; i < N_MASKS; ++i) m[i] = load_stream(words + 32 * i + lane);
 }
 
 // Loads this lane's x values of group `grp` (the sources of its B fragments; from L1/L2).
@@ -83,7 +95,9 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 //   registers, three blocks per SM instead of four, and 17% more time;
 // - the eight-warp instances (one-column n = 8 at 8192 x 28672: 1-2% faster with it).
 // Elsewhere it cost 0.1-1.2 us (the compiler schedules the loop differently under a bound), and the
-// 16-token instances would spill. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops it: flash_mglu.py,
+// 16-token instances would spill under it. The 16-token n = 7 one sits near 168 registers, three
+// blocks of four warps: with the 16-byte mask loads (stop 19) it went from 166 to 184 registers (two
+// blocks, 18% slower on the H200) without a bound of 3. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops the bounds: flash_mglu.py,
 // MIN_BLOCKS_BOUND, for benchmarks.)
 template <int N_MASKS, int TOKENS, int WARPS>
 struct MmaMinBlocks {
@@ -91,11 +105,12 @@ struct MmaMinBlocks {
   static constexpr int value = 0;
 #else
   static constexpr bool near_128 = N_MASKS >= 5 && N_MASKS <= 8 && TOKENS <= 8;
-  static constexpr int value = near_128 && (TOKENS == 4 || WARPS == 8) ? 16 / WARPS : 0;
+  static constexpr bool near_168 = N_MASKS == 7 && TOKENS == 16 && WARPS == 4;
+  static constexpr int value = near_128 && (TOKENS == 4 || WARPS == 8) ? 16 / WARPS : (near_168 ? 3 : 0);
 #endif
 };
 
-// Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, N_MASKS, 32 lanes) uint32.
+// Wp: (strips, groups, 4 tiles, 32 lanes) uint4;  Mp: (strips, groups, 32 N_MASKS) uint32, lane-major chunks.
 // AHEAD: groups of W tiles and mask words each warp keeps in flight beyond the one it multiplies
 // (flash_mglu.py, mma_config).
 template <typename T, int N_MASKS, int TOKENS, int WARPS, int AHEAD>
@@ -123,7 +138,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
     }
 
   const uint4* w_strip = Wp + (size_t)strip * groups * 4 * 32 + lane;
-  const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32 + lane;
+  const uint32_t* m_strip = Mp + (size_t)strip * groups * N_MASKS * 32;
 
   // Software pipeline: the W tiles and mask words of the next AHEAD groups of the warp are in flight
   // while the current group is multiplied, and so are the x values of the next group, except in the
@@ -161,7 +176,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
   int grp = warp;
 #pragma unroll
   for (int a = 0; a < AHEAD; ++a)
-    if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, w_ahead[a], m_ahead[a]);
+    if (grp + a * WARPS < groups) load_weights<N_MASKS>(w_strip, m_strip, grp + a * WARPS, lane, w_ahead[a], m_ahead[a]);
   pdl_wait();
   if (X_AHEAD && grp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp, b_next);
   for (; grp < groups; grp += WARPS) {
@@ -185,7 +200,7 @@ flash_mglu_mma(const uint4* __restrict__ Wp, const uint32_t* __restrict__ Mp, co
       for (int i = 0; i < N_MASKS; ++i) m_ahead[a][i] = m_ahead[a + 1][i];
     }
     if (grp + AHEAD * WARPS < groups)
-      load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
+      load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, lane, w_ahead[AHEAD - 1], m_ahead[AHEAD - 1]);
     if (X_AHEAD && grp + WARPS < groups)
       load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp + WARPS, b_next);
     if (!X_AHEAD) load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp, b);

@@ -18,11 +18,15 @@ Two kernels (``flash_mglu.cu``), chosen by the dtype of ``W``:
     4 tiles of 16x16 per group, 32 lanes, 8 elements): the tile format of :func:`tile_matrix` applied
     to ``W`` with the columns of every tile reordered, stored column ``2c + e`` = original column
     ``perm(c, e)`` (zero-padded past ``h`` and ``d``);
-  - ``mask_words`` ``(S, G, n, 32)`` uint32: word ``(s, G, i, L)`` (lane ``L = 4 g + tg``) holds mask
-    ``i`` for 16 elements of each of two tiles, ``q = 2 (tg >> 1) + o`` for ``o`` in 0..1: bit
-    ``4 j + o + 2 e`` (``j`` in 0..7) is the mask of ``W[16 s + g + 8 (j >> 2), k0 + perm(c, e)]`` with
-    ``c = 4 (tg & 1) + (j & 3)`` and ``k0 = 64 G + 16 q`` (the metadata layout of ``mma.sp`` as measured
-    by ``benchmarks/probe_sparse_mma.py``).
+  - ``mask_words`` ``(S, G, 32 n)`` uint32, the lane's words of a group in chunks (:func:`lane_major_words`
+    of the ``(S, G, n, 32)`` words below): the masks are split into chunks of 4 (then one chunk per
+    remaining mask, :func:`mask_chunks`), and a chunk of ``c`` masks is ``32 c`` words, lane ``L``'s ``c``
+    words next to each other, so that a lane loads its words of a chunk with one 16- or 4-byte load and a
+    warp's load is contiguous. Word ``(s, G, i, L)`` (lane ``L = 4 g + tg``) holds mask ``i`` for 16
+    elements of each of two tiles, ``q = 2 (tg >> 1) + o`` for ``o`` in 0..1: bit ``4 j + o + 2 e`` (``j``
+    in 0..7) is the mask of ``W[16 s + g + 8 (j >> 2), k0 + perm(c, e)]`` with ``c = 4 (tg & 1) + (j & 3)``
+    and ``k0 = 64 G + 16 q`` (the metadata layout of ``mma.sp`` as measured by
+    ``benchmarks/probe_sparse_mma.py``).
 
   Bytes read per call: ``2 h d + n h d / 8`` (plus padding to multiples of 16 rows and 64 columns).
 * float32: a CUDA-core kernel over ``W`` and the canonical bit-planes as they are (no packing);
@@ -46,7 +50,8 @@ from pymglu.cuda import launch as _launching
 from pymglu.dtypes import bfloat16, float16, float32
 
 __all__ = ["MAX_MASKS", "MAX_TOKENS", "mma_config", "TILE_COLUMN_ORDER", "FlashMGLUWeights",
-           "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "flash_mglu", "kernel_names",
+           "pack_weights", "tile_matrix", "sparse_tiles", "mask_words", "mask_chunks", "lane_major_words",
+           "warp_major_words", "flash_mglu", "kernel_names",
            "compile_options", "PDL_TRIGGER", "PAIRED_COLUMNS", "MIN_BLOCKS_BOUND", "token_block"]
 
 MAX_MASKS = 16
@@ -197,6 +202,7 @@ def pack_weights(W: Any, packed_masks: Any) -> FlashMGLUWeights:
             return FlashMGLUWeights(cp.ascontiguousarray(W), cp.ascontiguousarray(packed_masks), h, d, n, dtype)
         w_tiles = sparse_tiles(cp, W)
         words = cp.stack([mask_words(cp, _masks.unpack_masks(packed_masks[i], d)) for i in range(n)], axis=2)
+        words = lane_major_words(cp, words)
     return FlashMGLUWeights(w_tiles, words, h, d, n, dtype)
 
 
@@ -259,6 +265,42 @@ def mask_words(xp: Any, mask: Any) -> Any:
     for b in range(32):
         words |= by_group[:, :, rows[:, b], cols[:, b]].astype(xp.uint32) << xp.uint32(b)
     return words
+
+
+def mask_chunks(n: int) -> tuple[int, ...]:
+    """The chunks in which the kernel loads a lane's ``n`` mask words of a group: 4 masks per chunk (one
+    16-byte load), then one chunk per remaining mask (a 4-byte load); e.g. 7 -> (4, 1, 1, 1). (8-byte
+    loads of a remaining pair cost registers: flash_mglu.cu, ``load_weights``.)"""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a mask count >= 1, got {n!r}")
+    return (4,) * (n // 4) + (1,) * (n % 4)
+
+
+def lane_major_words(xp: Any, words: Any) -> Any:
+    """Mask words ``(S, G, n, 32)`` (mask-major: :func:`mask_words` planes stacked on axis 2) as the
+    kernel's ``mask_words`` ``(S, G, 32 n)``: per group, the chunks of :func:`mask_chunks` in mask order,
+    chunk ``(i0, c)`` holding word ``(i0 + k, L)`` at ``32 i0 + c L + k``."""
+    strips, groups, n, lanes = (int(v) for v in words.shape)
+    if lanes != 32:
+        raise ValueError(f"words: expected shape (S, G, n, 32), got {tuple(words.shape)}")
+    parts, i0 = [], 0
+    for c in mask_chunks(n):
+        parts.append(words[:, :, i0:i0 + c, :].transpose(0, 1, 3, 2).reshape(strips, groups, 32 * c))
+        i0 += c
+    return xp.ascontiguousarray(xp.concatenate(parts, axis=2))
+
+
+def warp_major_words(xp: Any, words: Any, n: int) -> Any:
+    """The inverse of :func:`lane_major_words`: ``(S, G, 32 n)`` -> ``(S, G, n, 32)`` (the layout the fused
+    decode step reads, ``pymglu.cuda.decode_fused``)."""
+    strips, groups, total = (int(v) for v in words.shape)
+    if total != 32 * n:
+        raise ValueError(f"words: expected shape (S, G, {32 * n}) for n = {n}, got {tuple(words.shape)}")
+    parts, i0 = [], 0
+    for c in mask_chunks(n):
+        parts.append(words[:, :, 32 * i0:32 * (i0 + c)].reshape(strips, groups, 32, c).transpose(0, 1, 3, 2))
+        i0 += c
+    return xp.ascontiguousarray(xp.concatenate(parts, axis=2))
 
 
 def flash_mglu(

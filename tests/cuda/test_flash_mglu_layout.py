@@ -105,15 +105,50 @@ def emulate_paired(tiles, words, x):
     return s, off
 
 
+def _words_as_the_kernel_loads_them(packed, n):
+    """Word ``(s, G, i, L)`` of the packed ``(S, G, 32 n)`` mask words, read at the offsets
+    ``load_weights`` in flash_mglu.cu reads them: lane ``L`` loads masks ``4j .. 4j + 3`` as one uint4 at
+    word ``128 j + 4 L``, and each of the last ``n % 4`` masks ``i`` with a 4-byte load at ``32 i + L``."""
+    fours = n // 4
+    words = np.zeros(packed.shape[:2] + (n, 32), dtype=packed.dtype)
+    for lane in range(32):
+        for i in range(n):
+            offset = 128 * (i // 4) + 4 * lane + i % 4 if i < 4 * fours else 32 * i + lane
+            words[:, :, i, lane] = packed[:, :, offset]
+    return words
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_mask_words_in_lane_major_chunks(n):
+    chunks = fm.mask_chunks(n)
+    assert chunks == (4,) * (n // 4) + (1,) * (n % 4)
+    rng = np.random.default_rng(n)
+    words = rng.integers(0, 2**32, size=(3, 2, n, 32), dtype=np.uint64).astype(np.uint32)
+    packed = fm.lane_major_words(np, words)
+    assert packed.shape == (3, 2, 32 * n) and packed.flags.c_contiguous
+    np.testing.assert_array_equal(_words_as_the_kernel_loads_them(packed, n), words)
+    np.testing.assert_array_equal(fm.warp_major_words(np, packed, n), words)
+
+
+def test_mask_word_layout_errors():
+    with pytest.raises(ValueError, match="n: expected a mask count"):
+        fm.mask_chunks(0)
+    with pytest.raises(ValueError, match=r"words: expected shape \(S, G, n, 32\)"):
+        fm.lane_major_words(np, np.zeros((1, 1, 2, 16), np.uint32))
+    with pytest.raises(ValueError, match=r"words: expected shape \(S, G, 96\) for n = 3"):
+        fm.warp_major_words(np, np.zeros((1, 1, 64), np.uint32), 3)
+
+
 def _check_packed_format(h, d, n, seed):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((h, d)).astype(bfloat16)
     masks = rng.random((n, h, d)) < 0.5
     x = rng.standard_normal((3, d)).astype(bfloat16).astype(np.float64)
     tiles = fm.sparse_tiles(np, W)
-    words = np.stack([fm.mask_words(np, m) for m in masks], axis=2)
+    packed = fm.lane_major_words(np, np.stack([fm.mask_words(np, m) for m in masks], axis=2))
     assert tiles.shape == (-(-h // 16), -(-d // 64), 4, 32, 8) and tiles.dtype == W.dtype
-    assert words.shape == (-(-h // 16), -(-d // 64), n, 32) and words.dtype == np.uint32
+    assert packed.shape == (-(-h // 16), -(-d // 64), 32 * n) and packed.dtype == np.uint32
+    words = _words_as_the_kernel_loads_them(packed, n)
     t, s = emulate(tiles, words, x)
     W64 = W.astype(np.float64)
     np.testing.assert_allclose(t[:, :h], x @ W64.T, rtol=1e-12, atol=1e-12)
@@ -126,13 +161,13 @@ def _check_packed_format(h, d, n, seed):
         np.testing.assert_allclose(off[i, :, :h], x @ (~masks[i] * W64).T, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2)])
+@pytest.mark.parametrize("h, d, n", [(16, 64, 1), (37, 100, 3), (5, 130, 2), (20, 70, 7), (9, 64, 8)])
 def test_packed_format_gives_the_masked_products(h, d, n):
     _check_packed_format(h, d, n, seed=h * d + n)
 
 
 @settings(max_examples=12, deadline=None)
-@given(h=st.integers(1, 40), d=st.integers(1, 140), n=st.integers(1, 3), seed=st.integers(0, 2**31))
+@given(h=st.integers(1, 40), d=st.integers(1, 140), n=st.integers(1, 7), seed=st.integers(0, 2**31))
 def test_packed_format_on_ragged_shapes(h, d, n, seed):
     _check_packed_format(h, d, n, seed)
 
