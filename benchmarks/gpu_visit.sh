@@ -3,7 +3,9 @@
 # Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_visit.sh [MODE] [pytest -k expr]
 # MODE: quick (decode --quick), full (decode sweep), pdl-sweep (the stop-17 FlashMGLU sweep of
 # docs/flash_mglu.md, "Launch configuration": four warps or two groups ahead under PDL at 4096 x 14336), paired-sweep
-# (the stop-18 sweep: the paired-column instance on and off for T <= 4, PDL launch; SHAPES, MASKS override), fused-probe
+# (the stop-18 sweep: the paired-column instance on and off for T <= 4, PDL launch; SHAPES, MASKS override), flash-probe
+# (the stop-19 probe_flash_stages.py comparison: the library against the stop-18 mask loads, with the loads-only and
+# one-product variants, n = 8, 4, 2 at T = 1, 8, 16; SHAPES, MASKS override), fused-probe
 # (probe_fused_stages.py --quick), train-quick (train_layer --quick), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
@@ -48,6 +50,12 @@ case "$mode" in
        --warps lib,4 --ahead lib,2 --pdl end --rounds 3 --replays 10 --no-naive --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   paired-sweep) python3 benchmarks/decode.py --dtypes bfloat16,float16 --shapes ${SHAPES:-4096x14336,8192x28672} --tokens 1,2,4 \
        --masks ${MASKS:-1,2,4,8} --paired on,off --pdl end --rounds 3 --replays 10 --no-naive --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  flash-probe)
+    : > "$OUT/bench.log"
+    for shape in ${SHAPES:-4096x14336 8192x28672}; do
+      python3 benchmarks/probe_flash_stages.py --shapes "$shape" --masks ${MASKS:-8,4,2} --tokens 1,8,16 --rounds 4 \
+        --variants "library,warp-major masks,loads only,t + 1 mask" >> "$OUT/bench.log" 2>&1 || status=1
+    done ;;
   fused-probe) python3 benchmarks/probe_fused_stages.py --quick --rounds 3 > "$OUT/bench.log" 2>&1 || status=1 ;;
   scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   experiment)
