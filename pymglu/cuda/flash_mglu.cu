@@ -44,8 +44,10 @@ __device__ __forceinline__ uint2 load_x_quad(const T* __restrict__ x, int tok, i
 }
 
 // Loads group `grp` of a strip from HBM: its 4 W tiles and the lane's mask words, four masks at a time
-// with one 16-byte load, then one 4-byte load for each of the last n % 4 (flash_mglu.py,
-// lane_major_words). 8-byte loads for a last pair cost registers: n = 7, T = 16 went from 168 to 185.
+// with one 16-byte load, then one 4-byte load for each of the last n % 4, which keep the stop-18 order
+// (flash_mglu.py, lane_major_words; n <= 3 reads exactly as before). A version with one 8-byte load for
+// a leftover pair was tried first; its register counts were within a few of these, and this is the
+// version the H200 tests and timings ran.
 template <int N_MASKS>
 __device__ __forceinline__ void load_weights(const uint4* __restrict__ w_strip, const uint32_t* __restrict__ m_strip,
                                              int grp, int lane, uint4 (&w)[4], uint32_t (&m)[N_MASKS]) {
@@ -97,7 +99,7 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, const uint16_t* 
 // Elsewhere it cost 0.1-1.2 us (the compiler schedules the loop differently under a bound), and the
 // 16-token instances would spill under it. The 16-token n = 7 one sits near 168 registers, three
 // blocks of four warps: with the 16-byte mask loads (stop 19) it went from 166 to 184 registers (two
-// blocks, 18% slower on the H200) without a bound of 3. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops the bounds: flash_mglu.py,
+// blocks) without a bound of 3, and the first version of that change ran 18% slower there on the H200. (-DPYMGLU_MMA_NO_MIN_BLOCKS drops the bounds: flash_mglu.py,
 // MIN_BLOCKS_BOUND, for benchmarks.)
 template <int N_MASKS, int TOKENS, int WARPS>
 struct MmaMinBlocks {

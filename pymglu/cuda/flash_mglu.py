@@ -269,8 +269,8 @@ def mask_words(xp: Any, mask: Any) -> Any:
 
 def mask_chunks(n: int) -> tuple[int, ...]:
     """The chunks in which the kernel loads a lane's ``n`` mask words of a group: 4 masks per chunk (one
-    16-byte load), then one chunk per remaining mask (a 4-byte load); e.g. 7 -> (4, 1, 1, 1). (8-byte
-    loads of a remaining pair cost registers: flash_mglu.cu, ``load_weights``.)"""
+    16-byte load), then one chunk per remaining mask (a 4-byte load, the stop-18 order, so that n <= 3
+    is read as before); e.g. 7 -> (4, 1, 1, 1)."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n: expected a mask count >= 1, got {n!r}")
     return (4,) * (n // 4) + (1,) * (n % 4)
