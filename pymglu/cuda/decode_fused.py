@@ -20,8 +20,8 @@ then; the decoder rebuilds itself when they change):
   of a 16-row strip are a rotary pair ``(j, j + Dh/2)`` of one head;
 * GLU up layer: ``[W_gate; W_value]`` reordered by :func:`glu_row_order`: strip ``s`` holds gate rows
   ``8s .. 8s+7`` then the value rows of the same units;
-* MGLU up layer: FlashMGLU's own format (:func:`pymglu.cuda.flash_mglu.pack_weights`), with the mask
-  words mask-major, ``(S, G, n, 32)`` (:func:`pymglu.cuda.flash_mglu.warp_major_words`);
+* MGLU up layer: FlashMGLU's own arrays (:func:`pymglu.cuda.flash_mglu.pack_weights`: the tiles of ``W``
+  and the lane-major mask words ``(S, G, 32 n)``), the ones the layer's FlashMGLU path reads, not a copy;
 * ``W_o``, ``W_down`` and the output table: the tile format in natural row order.
 """
 from __future__ import annotations
@@ -149,9 +149,8 @@ def pack_layer(xp: Any, wq: Any, wk: Any, wv: Any, wo: Any, up: Any, w_down: Any
         from pymglu.cuda import flash_mglu
 
         weights = up._flash_weights(flash_mglu.pack_weights, up._current_packed())
-        # the fused step reads the mask words mask-major, (S, G, n, 32): one 4-byte load per mask and lane
         packed["wup"] = weights.w_tiles
-        packed["mup"] = flash_mglu.warp_major_words(xp, weights.mask_words, weights.n_masks)
+        packed["mup"] = weights.mask_words
     else:
         packed["wup"] = _tiles(xp, xp.concatenate([up.W_gate.data, up.W_value.data], axis=0),
                                glu_row_order(int(up.W_gate.shape[0])))

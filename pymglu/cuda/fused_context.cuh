@@ -29,7 +29,7 @@ struct FusedLayer {
   const uint4* wqkv;       // (3 d / 16 strips, d / 64 groups) tiles, rows permuted (rotary pairs)
   const uint4* wo;         // (d / 16, d / 64)
   const uint4* wup;        // MGLU: FlashMGLU tiles of W (ceil(h/16) strips); GLU: gate/value pairs (ceil(h/8))
-  const uint32_t* mup;     // MGLU mask words (strips, groups, N_MASKS, 32); unused for GLU
+  const uint32_t* mup;     // MGLU: FlashMGLU's lane-major mask words (strips, groups, 32 n); unused for GLU
   const uint4* wdown;      // (d / 16, ceil(h / 64))
   const void* attn_norm;   // (d,) T
   const void* ffn_norm;    // (d,) T

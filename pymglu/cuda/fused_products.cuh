@@ -169,10 +169,25 @@ __device__ __forceinline__ void load_next_group(PhaseLoads<NM, AHEAD>& pl, const
 #pragma unroll
   for (int q = 0; q < 4; ++q) w[q] = load_stream(wp + q * 32);
   if (NM > 0) {
-    const uint32_t* mp = masks + tile * n * 32 + lane;
+    // FlashMGLU's lane-major words (flash_mglu.py): masks 4j .. 4j + 3 of lane L at word 128 j + 4 L, one
+    // 16-byte load; each leftover mask i (past the last whole chunk of four) at word 32 i + L
+    const uint32_t* mp = masks + tile * n * 32;
 #pragma unroll
-    for (int i = 0; i < PhaseLoads<NM, AHEAD>::NMS; ++i)
-      m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off
+    for (int j = 0; j < NM / 4; ++j) {
+      if (4 * j + 4 <= n) {
+        const uint4 v = load_stream(reinterpret_cast<const uint4*>(mp + 128 * j) + lane);
+        m[4 * j] = v.x;
+        m[4 * j + 1] = v.y;
+        m[4 * j + 2] = v.z;
+        m[4 * j + 3] = v.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * j + e;
+          m[i] = i < n ? load_stream(mp + 32 * i + lane) : 0u;  // 0: every element off
+        }
+      }
+    }
   }
   if (++pl.ld_i == ps.per_strip) {
     pl.ld_i = 0;

@@ -190,6 +190,18 @@ def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch):
         assert rel_err(cp.asnumpy(mine[:, :, :36]), cp.asnumpy(ref[:, :, :36])) < 2e-3
 
 
+def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
+    """The MGLU up layer's tiles and lane-major mask words are the arrays FlashMGLU uses, not copies."""
+    model = make_model("swimglu", 5, "bfloat16", 4, d_model=128, n_heads=4, d_ff=256, max_seq_len=16)
+    decoder = GraphDecoder(model, 1, fused=True)
+    for i, block in enumerate(model.layers):
+        up = block.ffn.up
+        flash = up._flash_weights(None, up._current_packed())  # cached by the decoder's packing
+        row = decoder.fused_step.layers.get()[i]
+        assert int(row[2]) == flash.w_tiles.data.ptr and int(row[3]) == flash.mask_words.data.ptr
+        assert flash.mask_words.shape[-1] == 32 * 5
+
+
 def test_fused_greedy_tokens_follow_their_own_logits():
     """Greedy replays back to back (no host sync between them) choose the argmax of each step's logits:
     the same tokens as one-step calls that return the logits; the counters of the grid barrier are
