@@ -291,8 +291,8 @@ def lane_major_words(xp: Any, words: Any) -> Any:
 
 
 def warp_major_words(xp: Any, words: Any, n: int) -> Any:
-    """The inverse of :func:`lane_major_words`: ``(S, G, 32 n)`` -> ``(S, G, n, 32)`` (the layout the fused
-    decode step reads, ``pymglu.cuda.decode_fused``)."""
+    """The inverse of :func:`lane_major_words`: ``(S, G, 32 n)`` -> ``(S, G, n, 32)`` (the mask-major layout
+    the kernels read before the chunks of four; ``benchmarks/probe_flash_stages.py`` times it)."""
     strips, groups, total = (int(v) for v in words.shape)
     if total != 32 * n:
         raise ValueError(f"words: expected shape (S, G, {32 * n}) for n = {n}, got {tuple(words.shape)}")
