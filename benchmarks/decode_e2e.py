@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="fused,launches", help="step kinds to time, comma-separated")
     p.add_argument("--fused-warps", type=int, default=None, choices=[8, 16],
                    help="warps per block of the fused step (default: the library's choice)")
+    p.add_argument("--staged-merge", type=int, default=None,
+                   help="the fused step's STAGED_MERGE_CHUNKS (0: the attention chunks always merged in the attention "
+                        "phase; default: the library's)")
     p.add_argument("--quick", action="store_true", help="4 layers, 5 repeats")
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(args.repeats)
     models = {name: build(cfg, seed) for seed, (name, cfg) in enumerate(variants)}
     decode_fused.WARPS_OVERRIDE = args.fused_warps
+    if args.staged_merge is not None:
+        decode_fused.STAGED_MERGE_CHUNKS = args.staged_merge
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - {"fused", "launches"}:
         p.error(f"--kinds: expected 'fused' and/or 'launches', got {args.kinds!r}")

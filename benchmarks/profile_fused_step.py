@@ -61,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="4 layers")
     ap.add_argument("--fused-warps", type=int, default=None, choices=[8, 16])
+    ap.add_argument("--staged-merge", type=int, default=None, help="the fused step's STAGED_MERGE_CHUNKS")
     ap.add_argument("--teams", default="", help="teams per product to force, e.g. up=2,qkv=4")
     args = ap.parse_args(argv)
     from pymglu.cuda import decode_fused
 
     decode_fused.WARPS_OVERRIDE = args.fused_warps
+    if args.staged_merge is not None:
+        decode_fused.STAGED_MERGE_CHUNKS = args.staged_merge
     decode_fused.TEAMS_OVERRIDE = {k: int(v) for k, v in (kv.split("=") for kv in args.teams.split(",") if kv)}
     common = dict(vocab_size=256, d_model=2048, n_layers=4 if args.quick else 16, n_heads=16, d_ff=8192,
                   max_seq_len=args.position + 8, tie_embeddings=True, dtype="bfloat16")

@@ -9,7 +9,12 @@ import sys
 
 import numpy as np
 
+from pymglu.cuda import decode_fused
 from pymglu.models import GraphDecoder, Transformer, TransformerConfig
+
+# the fused step merges the attention chunks in the o product's staging up to 2 chunks (the greedy steps at
+# positions 4 to 10) and in the attention phase after (the step at position 67): both paths run
+decode_fused.STAGED_MERGE_CHUNKS = 2
 
 CASES = (("bfloat16", False), ("float16", False), ("float32", False), ("bfloat16", True), ("float16", True))
 for dtype, fused in [c for c in CASES if c[1] or sys.argv[1:] != ["fused"]]:

@@ -8,7 +8,8 @@
 //     1. q k v:    RMSNorm of x into shared memory, the stacked q/k/v product, rotary embedding of q and
 //                  k, the new key and value stored in the cache at position state[0];
 //     2. attention over positions 0 .. state[0], split into chunks of FUSED_CHUNK positions; the last
-//                  chunk of a head to finish merges the head's chunks (a per-head arrival counter);
+//                  chunk of a head to finish merges the head's chunks (a per-head arrival counter), or,
+//                  when a head has at most staged_merge chunks, phase 3's staging does;
 //     3. o:        x += attn W_o^T;
 //     4. up:       RMSNorm of x, then the MGLU epilogue sum_i g(s_i) (t - s_i) (FlashMGLU's strip
 //                  computation) or, for GLU, g(gate) * value;
@@ -69,6 +70,8 @@ __device__ void argmax_rows(FusedCtx<T>& cx, int* ids, int* history, int history
 // n_masks: masks of the MGLU kinds, 1 <= n_masks <= N_MASKS (0 with N_MASKS = 0: GLU).
 // teams: 3 bits per phase, q k v | o << 3 | up << 6 | down << 9 | logits << 12.
 // sync: [0] grid barrier arrivals, [1] blocks done; both 0 between launches.
+// staged_merge: 0 .. FUSED_STAGED_CHUNKS, the most attention chunks per head that the o product's staging
+// merges itself (0: the last chunk of each head always merges them).
 template <typename T, int N_MASKS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __restrict__ embed,
@@ -76,7 +79,7 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
              T* logits, float* part_max, float* part_sum, float* part_acc, unsigned* head_count,
              const float2* __restrict__ rope, int* ids, int* history, int history_stride, int* state, unsigned* sync,
              int n_masks, int B, int d, int h, int H, int Dh, int V, int capacity, int act, int teams, int xs_stride,
-             int union_floats,
+             int union_floats, int staged_merge,
              float eps, float scale, int greedy, unsigned long long* trace) {
   extern __shared__ float4 fused_smem[];
   FusedCtx<T> cx;
@@ -102,6 +105,14 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   const int up_strips = N_MASKS > 0 ? (h + 15) / 16 : (h + 7) / 8;
   __shared__ int token_rows[FUSED_MAX_TOKENS];
   if (threadIdx.x < B) token_rows[threadIdx.x] = ids[threadIdx.x];
+  // The attention chunks in use per head when the o product's staging merges them, else 0 (the same for
+  // every block). Kept in shared memory and read where it is needed: held in a register across the
+  // phases, it made the 16-warp MGLU instance spill.
+  __shared__ int staged_chunks;
+  if (threadIdx.x == 0) {
+    const int used = (cx.pos + FUSED_CHUNK) / FUSED_CHUNK;
+    staged_chunks = used <= staged_merge && 3 * B * H * used <= WARPS * (N_MASKS + 1) * 128 ? used : 0;
+  }
   __syncthreads();
 
   // The first weight loads of the o, up and down products are issued before the grid barrier (and the
@@ -121,12 +132,18 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
     prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
     product_phase<T, 0, EPI_QKV, AD>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv, pd);
     grid_sync(cx);
-    // 2. attention
-    attention_phase<T>(cx, L, union_area);
-    prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
+    // 2. attention (merged by the last chunk of each head, or, with at most staged_merge chunks per head,
+    // by every block in the o product's staging)
+    attention_phase<T>(cx, L, union_area, *static_cast<volatile int*>(&staged_chunks) == 0);
+    if (*static_cast<volatile int*>(&staged_chunks) == 0) prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
     grid_sync(cx);
-    // 3. o
-    stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);
+    // 3. o (the staged merge leaves no registers for the first loads across it: they follow it)
+    if (const int staged = *static_cast<volatile int*>(&staged_chunks)) {
+      stage_attention<T>(cx, staged, gd * 64);
+      prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
+    } else {
+      stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);
+    }
     product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o, pd);
     if constexpr (N_MASKS > 0) {
       PhaseLoads<N_MASKS, AM> pu;  // the MGLU up product's loads

@@ -51,6 +51,12 @@ _CAPACITIES = (4, 8, 16)
 _SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
 #: cached positions per attention work item (decode_fused.cu FUSED_CHUNK; decode_step.ATTENTION_CHUNK).
 CHUNK = 32
+#: most attention chunks per head that the o product's staging merges itself, every block for itself,
+#: instead of the last chunk of each head behind a fence and a counter (decode_fused.cu
+#: FUSED_STAGED_CHUNKS is the ceiling; 0 turns it off). Up to 256 cached positions the staging reads at
+#: most 8 partials per head (8 d floats per block), less than the merge chain costs.
+STAGED_MERGE_CHUNKS = 8
+_MAX_STAGED_CHUNKS = 8
 #: largest head width (8 values per lane).
 MAX_HEAD_DIM = 256
 _DTYPES = (bfloat16, float16)
@@ -225,6 +231,9 @@ class FusedDecodeStep:
             each block's global timestamps in ns: row 0 its start, ``1 + 2k`` its arrival at barrier ``k``,
             ``2 + 2k`` its release, the last row its end (``benchmarks/profile_fused_step.py``).
         teams: teams per block of each product (``qkv``, ``o``, ``up``, ``down``, ``logits``).
+        staged_merge: the most attention chunks per head that the o product's staging merges itself
+            (:data:`STAGED_MERGE_CHUNKS` when the step was built); longer contexts merge in the attention
+            phase.
         weight_bytes: bytes of packed weights and masks one step reads.
     """
 
@@ -288,6 +297,9 @@ class FusedDecodeStep:
             if phase not in self.teams or teams not in (1, 2, 4) or self.warps // teams < 4:
                 raise ValueError(f"TEAMS_OVERRIDE: {phase}={teams} is not a product and team count this step runs")
             self.teams[phase] = teams
+        if not 0 <= STAGED_MERGE_CHUNKS <= _MAX_STAGED_CHUNKS:
+            raise ValueError(f"STAGED_MERGE_CHUNKS: expected 0 to {_MAX_STAGED_CHUNKS}, got {STAGED_MERGE_CHUNKS}")
+        self.staged_merge = STAGED_MERGE_CHUNKS
         self.barriers = 5 * c.n_layers
         self.trace = None
         self._activation = _cuda.ACTIVATION_CODES[model.layers[0].ffn.up.activation]
@@ -316,6 +328,7 @@ class FusedDecodeStep:
              i32(dec.history.shape[1]), dec.state, self.sync, i32(self.n_masks), i32(dec.batch), i32(c.d_model),
              i32(c.d_ff), i32(c.n_heads), i32(c.head_dim), i32(c.vocab_size), i32(c.max_seq_len),
              i32(self._activation), i32(teams), i32(self.xs_stride), i32(self._union_floats),
+             i32(self.staged_merge),
              np.float32(c.norm_eps), np.float32(self._scale), i32(1 if greedy else 0),
              self.trace if self.trace is not None else np.uintp(0)),
             shared_mem=self.smem)

@@ -76,11 +76,15 @@ def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype, fused):
 
 
 @pytest.mark.parametrize("dtype, fused", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
-def test_long_context_spans_several_attention_chunks(dtype, fused):
-    """150 positions: the attention runs over five chunks of 32, a partial one last; heads of width 64."""
+def test_long_context_spans_several_attention_chunks(dtype, fused, monkeypatch):
+    """150 positions: the attention runs over five chunks of 32, a partial one last; heads of width 64. The
+    fused step merges the chunks in the o product's staging up to 3 chunks, in the attention phase after."""
     import cupy as cp
 
     from pymglu import no_grad
+    from pymglu.cuda import decode_fused
+
+    monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", 3)
 
     model = make_model("swimglu", 2, dtype, 21, d_model=128, n_heads=2, max_seq_len=150)
     rng = np.random.default_rng(21)
@@ -169,11 +173,22 @@ def test_models_the_decoder_does_not_serve():
 
 
 # ---------------------------------------------------------------------------------------------- fused step
+#: the fused step's STAGED_MERGE_CHUNKS: 0 (the last chunk of each head merges), 1 (the o staging merges up to
+#: position 31, the attention phase after), the default
+STAGED = [0, 1, None]
+
+
+@pytest.mark.parametrize("staged", STAGED, ids=["merge-last", "staged-1", "staged-default"])
 @pytest.mark.parametrize("kind, n_masks, batch", [("swiglu", None, 1), ("swimglu", 4, 8), ("swimglu", 5, 2),
                                                   ("remglu", 8, 1), ("geglu", None, 5)])
-def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch):
+def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch, staged, monkeypatch):
     """Both steps on one model (float16: finer than bfloat16, so the two roundings orders stay close),
-    ragged widths (d 160, h 200, vocab 97), heads of 32; every step's logits, and the caches."""
+    ragged widths (d 160, h 200, vocab 97), heads of 32; every step's logits, and the caches; positions 6 to
+    35 (one and two attention chunks), with the chunks merged in each of the fused step's two places."""
+    from pymglu.cuda import decode_fused
+
+    if staged is not None:
+        monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", staged)
     model = make_model(kind, n_masks, "float16", 31, d_model=160, n_heads=5, d_ff=200, max_seq_len=40)
     rng = np.random.default_rng(31)
     prompt, steps = rng.integers(0, 97, size=(batch, 6)), rng.integers(0, 97, size=(batch, 30))
@@ -200,6 +215,20 @@ def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
         row = decoder.fused_step.layers.get()[i]
         assert int(row[2]) == flash.w_tiles.data.ptr and int(row[3]) == flash.mask_words.data.ptr
         assert flash.mask_words.shape[-1] == 32 * 5
+
+
+def test_fused_instances_do_not_spill_with_this_devices_compiler():
+    """The CI compile test checks spills with the CI machine's NVRTC; the GPU's own toolkit allocates
+    registers differently, and the 16-warp instances sit at the 128-register bound. Every instance the
+    library launches here must keep its local memory to the 8-byte frame of the barrier's timeout printf."""
+    from pymglu import cuda as pymglu_cuda
+    from pymglu.cuda import decode_fused
+
+    names = decode_fused.kernel_names(decode_fused._device_arch())
+    module = pymglu_cuda.load_module(decode_fused._SOURCE, tuple(names))
+    local = {name: (module.get_function(name).attributes["num_regs"],
+                    module.get_function(name).attributes["local_size_bytes"]) for name in names}
+    assert all(size <= 8 for _, size in local.values()), f"local memory (registers, bytes): {local}"
 
 
 def test_fused_greedy_tokens_follow_their_own_logits():
