@@ -53,8 +53,9 @@ _SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
 CHUNK = 32
 #: most attention chunks per head that the o product's staging merges itself, every block for itself,
 #: instead of the last chunk of each head behind a fence and a counter (decode_fused.cu
-#: FUSED_STAGED_CHUNKS is the ceiling; 0 turns it off). Up to 256 cached positions the staging reads at
-#: most 8 partials per head (8 d floats per block), less than the merge chain costs.
+#: FUSED_STAGED_CHUNKS is the ceiling; 0 turns it off). Up to 256 cached positions each block reads at
+#: most 8 partials per head (8 d floats). The end-to-end benchmark's positions 16 to 271 (1 to 9 chunks)
+#: gained 3-4% per token at 8 (docs/benchmarks.md, stop 20); larger values were not measured.
 STAGED_MERGE_CHUNKS = 8
 _MAX_STAGED_CHUNKS = 8
 #: largest head width (8 values per lane).
