@@ -6,7 +6,8 @@
 # (the stop-18 sweep: the paired-column instance on and off for T <= 4, PDL launch; SHAPES, MASKS override), flash-probe
 # (the stop-19 probe_flash_stages.py comparison: the library against the stop-18 mask loads, with the loads-only and
 # one-product variants, n = 8, 4, 2 at T = 1, 8, 16; SHAPES, MASKS override), fused-probe
-# (probe_fused_stages.py --quick), train-quick (train_layer --quick), train (train_layer
+# (probe_fused_stages.py --quick), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
+# model, stall summary), train-quick (train_layer --quick), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
@@ -57,6 +58,7 @@ case "$mode" in
         --variants "library,warp-major masks,loads only,t + 1 mask" >> "$OUT/bench.log" 2>&1 || status=1
     done ;;
   fused-probe) python3 benchmarks/probe_fused_stages.py --quick --rounds 3 > "$OUT/bench.log" 2>&1 || status=1 ;;
+  ncu-fused) OUT="$OUT" bash benchmarks/ncu_fused.sh > "$OUT/bench.log" 2>&1 || status=1 ;;
   scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   experiment)
     compare=${COMPARE_DIR:-$OUT/compare}
