@@ -52,11 +52,14 @@ _SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
 #: cached positions per attention work item (decode_fused.cu FUSED_CHUNK; decode_step.ATTENTION_CHUNK).
 CHUNK = 32
 #: most attention chunks per head that the o product's staging merges itself, every block for itself,
-#: instead of the last chunk of each head behind a fence and a counter (decode_fused.cu
-#: FUSED_STAGED_CHUNKS is the ceiling; 0 turns it off). Up to 256 cached positions each block reads at
-#: most 8 partials per head (8 d floats). The end-to-end benchmark's positions 16 to 271 (1 to 9 chunks)
-#: gained 3-4% per token at 8 (docs/benchmarks.md, stop 20); larger values were not measured.
+#: instead of the last chunk of each head behind a fence and a counter (0 turns it off). The kernel also
+#: falls back to the last-chunk merge when the staging's chunk weights, 3 B H chunks floats, do not fit its
+#: reduction area (warps x (mask capacity + 1) x 128 floats). Up to 256 cached positions each block reads
+#: at most 8 partials per head (8 d floats). The end-to-end benchmark's positions 16 to 271 (1 to 9
+#: chunks) gained 3-4% per token at 8 (docs/benchmarks.md, stop 20); larger values were not measured.
 STAGED_MERGE_CHUNKS = 8
+#: the largest STAGED_MERGE_CHUNKS the step accepts (the largest measured and tested; the kernel's merge
+#: itself takes any count, four chunks' loads at a time).
 _MAX_STAGED_CHUNKS = 8
 #: largest head width (8 values per lane).
 MAX_HEAD_DIM = 256
@@ -233,8 +236,8 @@ class FusedDecodeStep:
             ``2 + 2k`` its release, the last row its end (``benchmarks/profile_fused_step.py``).
         teams: teams per block of each product (``qkv``, ``o``, ``up``, ``down``, ``logits``).
         staged_merge: the most attention chunks per head that the o product's staging merges itself
-            (:data:`STAGED_MERGE_CHUNKS` when the step was built); longer contexts merge in the attention
-            phase.
+            (:data:`STAGED_MERGE_CHUNKS` when the step was built); longer contexts, and batches whose chunk
+            weights do not fit the kernel's reduction area, merge in the attention phase.
         weight_bytes: bytes of packed weights and masks one step reads.
     """
 
