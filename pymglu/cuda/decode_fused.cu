@@ -70,8 +70,8 @@ __device__ void argmax_rows(FusedCtx<T>& cx, int* ids, int* history, int history
 // n_masks: masks of the MGLU kinds, 1 <= n_masks <= N_MASKS (0 with N_MASKS = 0: GLU).
 // teams: 3 bits per phase, q k v | o << 3 | up << 6 | down << 9 | logits << 12.
 // sync: [0] grid barrier arrivals, [1] blocks done; both 0 between launches.
-// staged_merge: 0 .. FUSED_STAGED_CHUNKS, the most attention chunks per head that the o product's staging
-// merges itself (0: the last chunk of each head always merges them).
+// staged_merge: the most attention chunks per head that the o product's staging merges itself (0: the
+// last chunk of each head always merges them; decode_fused.py bounds it, the merge takes any count).
 template <typename T, int N_MASKS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __restrict__ embed,

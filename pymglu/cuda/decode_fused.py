@@ -248,6 +248,9 @@ class FusedDecodeStep:
         reason = unsupported_reason(c, B)
         if reason is not None:
             raise ValueError(f"model: the fused decode step cannot serve it: {reason}")
+        if not (isinstance(STAGED_MERGE_CHUNKS, int) and 0 <= STAGED_MERGE_CHUNKS <= _MAX_STAGED_CHUNKS):
+            raise ValueError(f"STAGED_MERGE_CHUNKS: expected an integer from 0 to {_MAX_STAGED_CHUNKS}, "
+                             f"got {STAGED_MERGE_CHUNKS!r}")
         self.decoder = decoder
         d, h, H, Dh, V = c.d_model, c.d_ff, c.n_heads, c.head_dim, c.vocab_size
         self.n_masks = c.n_masks if c.is_mglu else 0
@@ -301,8 +304,6 @@ class FusedDecodeStep:
             if phase not in self.teams or teams not in (1, 2, 4) or self.warps // teams < 4:
                 raise ValueError(f"TEAMS_OVERRIDE: {phase}={teams} is not a product and team count this step runs")
             self.teams[phase] = teams
-        if not 0 <= STAGED_MERGE_CHUNKS <= _MAX_STAGED_CHUNKS:
-            raise ValueError(f"STAGED_MERGE_CHUNKS: expected 0 to {_MAX_STAGED_CHUNKS}, got {STAGED_MERGE_CHUNKS}")
         self.staged_merge = STAGED_MERGE_CHUNKS
         self.barriers = 5 * c.n_layers
         self.trace = None

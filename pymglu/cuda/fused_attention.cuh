@@ -136,7 +136,7 @@ __device__ void attention_phase(FusedCtx<T>& cx, const FusedLayer& L, float* sme
 }
 
 // The o product's input merged straight from the attention partials, when each head has at most
-// FUSED_STAGED_CHUNKS chunks in use: every block merges every head's `used` chunks itself (the formula of
+// staged_merge chunks in use: every block merges every head's `used` chunks itself (the formula of
 // attention_phase's last-chunk merge: weights exp(m_c - max m), weighted values over the weighted sums),
 // so that the attention phase ends without the cross-block merge behind a fence and a counter. xs[b, k]
 // for k < d, 0 up to KP. The partials were written by other blocks before the grid barrier: read from L2.

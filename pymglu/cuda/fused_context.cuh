@@ -10,8 +10,6 @@ namespace pymglu {
 constexpr int FUSED_MAX_TOKENS = 8;
 constexpr int FUSED_CHUNK = 32;
 constexpr int FUSED_MAX_LANE_ELEMS = 8;  // head_dim <= 256
-// Most attention chunks per head that the o product's staging merges itself (stage_attention).
-constexpr int FUSED_STAGED_CHUNKS = 8;
 // Groups each warp loads ahead of its products (dense products, MGLU products), by warps per block:
 // fewer warps, more registers per thread, deeper lookahead.
 // (sm_100+: one group, the deeper lookahead spilled on sm_120.)

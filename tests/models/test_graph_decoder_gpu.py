@@ -75,6 +75,16 @@ def test_step_logits_match_eager_cached_steps(kind, n_masks, dtype, fused):
         assert rel_err(cp.asnumpy(mine[:, :, :19]), cp.asnumpy(ref[:, :, :19])) < TOL[dtype]
 
 
+@pytest.mark.parametrize("staged", [-1, 9, 2.0])
+def test_fused_step_refuses_a_staged_merge_bound_out_of_range(staged, monkeypatch):
+    from pymglu.cuda import decode_fused
+
+    monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", staged)
+    model = make_model("swimglu", 1, "bfloat16", 3, d_model=128, n_heads=2, max_seq_len=32)
+    with pytest.raises(ValueError, match=r"STAGED_MERGE_CHUNKS: expected an integer from 0 to 8, got"):
+        GraphDecoder(model, 1, fused=True)
+
+
 @pytest.mark.parametrize("dtype, fused", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
 def test_long_context_spans_several_attention_chunks(dtype, fused, monkeypatch):
     """150 positions: the attention runs over five chunks of 32, a partial one last; heads of width 64. The
