@@ -1,0 +1,166 @@
+"""Probe for issue 4: the mask applied inside a tensor-core GEMM (probe_masked_gemm.cu) against cuBLAS.
+
+The fused training step builds each masked weight ``M_i * W`` with ``apply_mask`` and hands it to cuBLAS
+(pymglu.cuda.training). This probe times, on an sm_90 GPU, one masked product ``X (M * W)^T`` (bfloat16,
+float32 accumulation, bfloat16 out) done four ways in the same run:
+
+* ``cublas dense``: cuBLAS on ``W`` without a mask (the ceiling);
+* ``apply_mask + cublas``: what the training path does now;
+* ``rs dense`` / ``rs masked``: the hand-written kernel (TMA, warp-specialised, ``W`` as wgmma's register
+  operand, the mask an AND on its fragments), without and with the mask;
+* ``rs mask arithmetic only`` / ``rs mask loads only``: the two halves of the mask's cost.
+
+Every variant's result is checked first: against a float64 NumPy product at small shapes, against cuBLAS
+with a float32 output at the timed ones (outputs poisoned with NaN before each check). Timing: three weight
+sets rotated (each larger than L2 at the default shapes), 30 back-to-back calls between CUDA events,
+median of ``--rounds`` rounds that interleave the variants.
+
+Usage on an H100/H200: ``python benchmarks/probe_masked_gemm.py [--shapes 4096x14336x4096,...]``
+(T x H x K). Needs CuPy, ``cuda.core`` (to compile for sm_90a) and the driver's ``cuTensorMapEncodeTiled``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import tempfile
+
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_masked_gemm.cu")
+KERNELS = {"rs dense": "rs_dense", "rs masked": "rs_masked", "rs mask arithmetic only": "rs_alu_only",
+           "rs mask loads only": "rs_loads_only"}
+#: dynamic shared memory: 4 stages of a 128 x 64 W tile and a 256 x 64 X tile, the mask words, alignment
+SMEM = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 4 * 128 * 8 + 1024
+
+
+def compile_kernels(cp):
+    from cuda import core
+    import cuda.pathfinder
+
+    include = cuda.pathfinder.find_nvidia_header_directory("cudart")
+    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[include])
+    cubin = core.Program(open(SOURCE).read(), "c++", options=options).compile("cubin")
+    path = os.path.join(tempfile.mkdtemp(), "probe_masked_gemm.cubin")
+    with open(path, "wb") as f:
+        f.write(bytes(cubin.code))
+    module = cp.RawModule(path=path)
+    kernels = {}
+    for label, name in KERNELS.items():
+        fn = module.get_function(name)
+        fn.max_dynamic_shared_size_bytes = SMEM
+        kernels[label] = fn
+    return kernels
+
+
+def tensor_map(array, box_rows: int) -> np.ndarray:
+    """The 128-byte CUtensorMap of a row-major bfloat16 ``(rows, K)`` CuPy array: boxes of 64 x ``box_rows``,
+    128-byte swizzle (cuTensorMapEncodeTiled through ctypes)."""
+    rows, K = array.shape
+    encode = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    encode.restype = ctypes.c_int
+    buf = np.zeros(256, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64  # CUtensorMap is 64-byte aligned
+    status = encode(ctypes.c_void_p(buf.ctypes.data + off), 9, 2, ctypes.c_void_p(array.data.ptr),
+                    (ctypes.c_uint64 * 2)(K, rows), (ctypes.c_uint64 * 1)(K * 2),
+                    (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1), 0, 3, 3, 0)
+    if status != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with status {status}")
+    return buf[off:off + 128].copy()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="4096x14336x4096,4096x8192x2048", help="T x H x K, comma separated")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    import cupy as cp
+
+    from pymglu import masks as mask_ops
+    from pymglu.cuda import training
+    from pymglu.cuda.gemm import gemm
+    from pymglu.dtypes import bfloat16
+
+    kernels = compile_kernels(cp)
+    rng = np.random.default_rng(0)
+
+    def maps(X, W):
+        return cp.asarray(np.concatenate([tensor_map(W, 128), tensor_map(X, 256)]))
+
+    def run(label, tmaps, bits, out):
+        T, H = out.shape
+        K = bits.shape[1] * 32
+        kernels[label]((H // 128, T // 256), (384,), (tmaps, bits, out, np.int32(T), np.int32(H), np.int32(K)),
+                       shared_mem=SMEM)
+
+    def case(T, H, K):
+        X = rng.standard_normal((T, K), dtype=np.float32).astype(bfloat16)
+        W = (rng.standard_normal((H, K), dtype=np.float32) * K ** -0.5).astype(bfloat16)
+        logits = rng.standard_normal((H, K), dtype=np.float32)
+        return X, W, logits
+
+    def rel(got, want):
+        got = cp.asarray(got, dtype=cp.float64)
+        want = cp.asarray(want, dtype=cp.float64)
+        assert bool(cp.isfinite(got).all()), "non-finite output"
+        return float(cp.linalg.norm(got - want) / cp.linalg.norm(want))
+
+    # correctness at small and ragged-K shapes, against float64
+    for T, H, K in [(256, 128, 64), (512, 384, 320)]:
+        X, W, logits = case(T, H, K)
+        mask = logits > 0
+        Xg, Wg = cp.asarray(X), cp.asarray(W)
+        bits = mask_ops.pack_masks(cp.asarray(logits))
+        W64 = W.astype(np.float64)
+        for label, Wref in (("rs dense", W64), ("rs masked", W64 * mask)):
+            out = cp.full((T, H), np.nan, dtype=bfloat16)
+            run(label, maps(Xg, Wg), bits, out)
+            err = rel(out, X.astype(np.float64) @ Wref.T)
+            assert err < 4e-3, (label, T, H, K, err)
+            print(f"check {label} {T}x{H}x{K}: relative error {err:.2e} against float64")
+
+    print("| T x H x K | variant | ms | TFLOP/s | x apply_mask + cublas |")
+    print("|---|---|---:|---:|---:|")
+    for shape in args.shapes.split(","):
+        T, H, K = (int(v) for v in shape.split("x"))
+        sets = []
+        for _ in range(3):
+            X, W, logits = case(T, H, K)
+            Xg, Wg = cp.asarray(X), cp.asarray(W)
+            sets.append((Xg, Wg, mask_ops.pack_masks(cp.asarray(logits)), maps(Xg, Wg)))
+        out = cp.empty((T, H), dtype=bfloat16)
+        masked = cp.empty((H, K), dtype=bfloat16)
+        Xg, Wg, bits, tmaps = sets[0]
+        for label in ("rs dense", "rs masked"):  # against cuBLAS at this shape
+            ref_w = Wg if label == "rs dense" else training.apply_mask(Wg, bits, masked)
+            want = gemm(Xg, ref_w, cp.empty((T, H), dtype=np.float32), trans_b=True)
+            out.fill(np.nan)
+            run(label, tmaps, bits, out)
+            err = rel(out, want)
+            assert err < 4e-3, (label, shape, err)
+        variants = {
+            "cublas dense": lambda s: gemm(s[0], s[1], out, trans_b=True),
+            "apply_mask + cublas": lambda s: gemm(s[0], training.apply_mask(s[1], s[2], masked), out, trans_b=True),
+        }
+        for label in KERNELS:
+            variants[label] = lambda s, label=label: run(label, s[3], s[2], out)
+        times = {k: [] for k in variants}
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        for _ in range(args.rounds):
+            for label, fn in variants.items():
+                for s in sets:
+                    fn(s)
+                start.record()
+                for r in range(30):
+                    fn(sets[r % 3])
+                stop.record()
+                stop.synchronize()
+                times[label].append(cp.cuda.get_elapsed_time(start, stop) / 30)
+        base = float(np.median(times["apply_mask + cublas"]))
+        for label, ts in times.items():
+            ms = float(np.median(ts))
+            print(f"| {shape} | {label} | {ms:.3f} | {2.0 * T * H * K / ms / 1e9:.0f} | {ms / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
