@@ -9,9 +9,10 @@
 //     STAGES stages; with a mask, each of its 128 threads copies its W row's two mask words of the stage
 //     into shared memory and arrives on the stage's mbarrier too;
 //   * warpgroups 1 and 2 consume, 64 rows of W each: ldmatrix the A fragments of stage kt + 1, AND them
-//     with the mask (two bits per register, spread to 16-bit lanes), while the wgmma group of stage kt runs
-//     (m64n256k16, B = the X tile from shared memory); the accumulators (128 floats per thread) are staged
-//     transposed in shared memory and written as 16-byte rows of C.
+//     with the mask (two bits per register, spread to 16-bit lanes) and issue their wgmma group
+//     (m64n256k16, B = the X tile from shared memory) while the group of stage kt still runs; the
+//     accumulators (128 floats per thread) are staged transposed in shared memory and written as 16-byte
+//     rows of C.
 // MODE: 0 dense (no mask), 1 masked, 2 the masking arithmetic on fixed words (no mask loads), 3 the mask
 // loads without the arithmetic; 2 and 3 compute nothing meaningful and exist to time the two halves.
 // Requires T % 256 == 0, H % 128 == 0, K % 64 == 0 (the probe's shapes).
@@ -188,21 +189,32 @@ __device__ void gemm(const void* tmaps, const u32* __restrict__ bits, __nv_bfloa
   auto release = [&](int kt) {
     if ((ct & 127) == 0) mbar_arrive(smem_addr(&empty[kt % STAGES]));
   };
-  // The fragments of stage kt + 1 are loaded (and masked) while the wgmma group of stage kt runs.
+  // Two wgmma groups in flight: the fragments of stage kt + 1 are loaded (and masked) and their group
+  // issued while stage kt's runs; waiting for all but the newest group then frees stage kt, and the
+  // fragment buffer of stage kt is reused for stage kt + 2.
   u32 a0[4][4], a1[4][4];
   load_a(0, a0);
-  for (int kt = 0; kt < KT; kt += 2) {
-    mma(kt, a0);
-    if (kt + 1 < KT) load_a(kt + 1, a1);
-    wgmma_wait<0>();
+  mma(0, a0);
+  int kt = 0;
+  for (; kt + 2 < KT; kt += 2) {
+    load_a(kt + 1, a1);
+    mma(kt + 1, a1);
+    wgmma_wait<1>();
     release(kt);
-    if (kt + 1 < KT) {
-      mma(kt + 1, a1);
-      if (kt + 2 < KT) load_a(kt + 2, a0);
-      wgmma_wait<0>();
-      release(kt + 1);
-    }
+    load_a(kt + 2, a0);
+    mma(kt + 2, a0);
+    wgmma_wait<1>();
+    release(kt + 1);
   }
+  if (kt + 1 < KT) {
+    load_a(kt + 1, a1);
+    mma(kt + 1, a1);
+    wgmma_wait<1>();
+    release(kt);
+    kt += 1;
+  }
+  wgmma_wait<0>();
+  release(kt);
 
   // d: rows (of W) frow, frow + 8; columns (rows of X) 8 j + q2 (+1). Staged transposed in shared memory
   // (the stage buffers are free: every load has been consumed), then written as 16-byte rows of C (T, H).
