@@ -15,7 +15,7 @@
 //     rows of C.
 // MODE: 0 dense (no mask), 1 masked, 2 the masking arithmetic on fixed words (no mask loads), 3 the mask
 // loads without the arithmetic; 2 and 3 compute nothing meaningful and exist to time the two halves.
-// Requires T % 256 == 0, H % 128 == 0, K % 64 == 0 (the probe's shapes).
+// Requires T % 256 == 0, H % 128 == 0, K % 64 == 0 (the probe's shapes). Grid: (H / 128) (T / 256) blocks.
 #include <cuda_bf16.h>
 
 typedef unsigned int u32;
@@ -98,7 +98,13 @@ __device__ void gemm(const void* tmaps, const u32* __restrict__ bits, __nv_bfloa
   const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const u32 sA = base, sB = base + STAGES * A_STAGE, sM = sB + STAGES * B_STAGE;  // sM: 8 bytes per W row and stage
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int h0 = blockIdx.x * BM, t0 = blockIdx.y * BN;
+  // grouped raster order (1-d grid): GROUP W tiles at a time sweep every X tile, so that the group's W
+  // rows stay in L2 while X streams, and X is read once per group instead of once per W tile
+  constexpr int GROUP = 8;
+  const int h_tiles = H / BM, t_tiles = T / BN;
+  const int group = blockIdx.x / (GROUP * t_tiles), first = group * GROUP;
+  const int in_group = min(h_tiles - first, GROUP), local = blockIdx.x % (GROUP * t_tiles);
+  const int h0 = (first + local % in_group) * BM, t0 = (local / in_group) * BN;
   const int KT = K / BK;
   const unsigned char* tm = static_cast<const unsigned char*>(tmaps);
   if (tid == 0) {

@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     def run(label, tmaps, bits, out):
         T, H = out.shape
         K = bits.shape[1] * 32
-        kernels[label]((H // 128, T // 256), (384,), (tmaps, bits, out, np.int32(T), np.int32(H), np.int32(K)),
+        kernels[label](((H // 128) * (T // 256),), (384,), (tmaps, bits, out, np.int32(T), np.int32(H), np.int32(K)),
                        shared_mem=SMEM)
 
     def case(T, H, K):
