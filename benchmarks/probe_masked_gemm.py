@@ -11,9 +11,9 @@ float32 accumulation, bfloat16 out) done four ways in the same run:
 * ``rs mask arithmetic only`` / ``rs mask loads only``: the two halves of the mask's cost.
 
 Every variant's result is checked first: against a float64 NumPy product at small shapes, against cuBLAS
-with a float32 output at the timed ones (outputs poisoned with NaN before each check). Timing: three weight
-sets rotated (each larger than L2 at the default shapes), 30 back-to-back calls between CUDA events,
-median of ``--rounds`` rounds that interleave the variants.
+with a float32 output at the timed ones (outputs poisoned with NaN before each check). Timing: three sets
+of inputs rotated (together about three times the 50 MB L2 or more at the default shapes), 30 back-to-back
+calls between CUDA events, median of ``--rounds`` rounds that interleave the variants.
 
 Usage on an H100/H200: ``python benchmarks/probe_masked_gemm.py [--shapes 4096x14336x4096,...]``
 (T x H x K). Needs CuPy, ``cuda.core`` (to compile for sm_90a) and the driver's ``cuTensorMapEncodeTiled``.
