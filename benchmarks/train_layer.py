@@ -11,6 +11,8 @@ for MGLU, the float32 mask-logit gradients; MGLU also packs its logits into bit-
 training does). Variants, all in the same run:
 
 * ``mglu``: :mod:`pymglu.functional` on CuPy, i.e. the fused path of :mod:`pymglu.cuda.training`;
+* ``mglu-bits-given``: the same step without the pack, the bit-planes made once outside: what a training
+  loop runs when the optimizer's update writes them (:mod:`pymglu.cuda.optimizers`);
 * ``mglu-recompute`` (at the n of ``--recompute-n``): the same with ``keep_cache=False``, the backward
   recomputing ``t`` and ``s_i`` in chunks of tokens (``4 (n + 1)`` products per step);
 * ``swiglu``: pymglu's GLU on the same path (two cuBLAS products per pass + fused epilogues);
@@ -230,6 +232,18 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
         add({**base, "variant": "mglu", "n": n, "ms": t * 1e3, "tflops": 3 * (n + 1) * flop_unit / t / 1e12,
                      "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
                      "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
+        if args.bits_given:
+            given = mask_ops.pack_masks(logits)
+
+            def bits_given_step():
+                _, cache = functional.mglu_forward(x, W, given, "silu")
+                return functional.mglu_backward(dy, x, W, given, "silu", cache, consume_cache=True)
+
+            t = time_steps(bits_given_step, args.warmup, args.reps, args.steps)
+            peak = peak_bytes(bits_given_step, tracker, xdy_bytes + W.nbytes + logits.nbytes + given.nbytes)
+            add({**base, "variant": "mglu-bits-given", "n": n, "ms": t * 1e3,
+                 "tflops": 3 * (n + 1) * flop_unit / t / 1e12, "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
+                 "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
         if n in args.recompute_n:
             def recompute_step():
                 bits = mask_ops.pack_masks(logits)
@@ -348,6 +362,8 @@ def main(argv=None):
     p.add_argument("--naive-max-n", type=int, default=4)
     p.add_argument("--no-naive", dest="naive", action="store_false")
     p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--no-bits-given", dest="bits_given", action="store_false",
+                   help="skip the mglu-bits-given variant (the step without the pack)")
     p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
     p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
     p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")

@@ -76,6 +76,7 @@ class MGLU(Module):
         gen = _init.resolve_rng(rng)
         self.W = Parameter(_init.normal(gen, (self.h, self.d), self.d ** -0.5, self.dtype))
         self.mask_logits = Parameter(_init.normal(gen, (self.n_masks, self.h, self.d), 0.01, float32), decay=False)
+        self.mask_logits.wants_sign_bits = True  # optimizers with a fused update write the bit-planes
         self.register_buffer("packed_masks", None, persistent=False)
         self._packed_key: tuple[Any, int] | None = None
         self.inference_only = False
@@ -90,18 +91,23 @@ class MGLU(Module):
         if self.inference_only:
             return self.packed_masks
         logits = self.mask_logits
-        self.packed_masks = _masks.pack_masks(logits.data > 0)
+        self.packed_masks = _masks.pack_masks(logits.data)  # float logits are thresholded at 0
         self._packed_key = (logits.data, logits.version)
         return self.packed_masks
 
     def _current_packed(self) -> Any:
-        """The bit-planes for the current logits, re-packed only when the logits changed."""
+        """The bit-planes for the current logits: the cached ones while the logits are unchanged, else
+        those the optimizer's update wrote for the new logits (:meth:`Parameter.sign_bits`), else packed."""
         if self.inference_only:
             return self.packed_masks
         key = self._packed_key
         logits = self.mask_logits
         if key is None or key[0] is not logits.data or key[1] != logits.version or self.packed_masks is None:
-            return self.pack()
+            offered = logits.sign_bits()
+            if offered is None:
+                return self.pack()
+            self.packed_masks = offered
+            self._packed_key = (logits.data, logits.version)
         return self.packed_masks
 
     def drop_logits(self) -> "MGLU":
@@ -148,7 +154,9 @@ class MGLU(Module):
                 f"{type(self).__name__} is in inference form (drop_logits() removed mask_logits) and cannot "
                 "run in training mode; call .eval() to run it"
             )
-        return ops.mglu(x, self.W, self.mask_logits, activation=self.activation, recompute=self.recompute)
+        packed = self._current_packed() if is_cupy_array(self.mask_logits.data) else None
+        return ops.mglu(x, self.W, self.mask_logits, activation=self.activation, recompute=self.recompute,
+                        packed=packed)
 
     def _inference_forward(self, x: Tensor) -> Tensor:
         """Eval-mode forward on the packed bit-planes: the FlashMGLU kernel when :meth:`_flash_module`

@@ -55,6 +55,11 @@ class Parameter(Tensor):
     ``decay`` says whether the optimizers' weight decay applies to this parameter. Layers create mask
     logits and norm weights with ``decay=False`` (DESIGN.md: no decay on logits by default); set the
     attribute to ``True`` to decay them too.
+
+    ``wants_sign_bits`` (set by the MGLU layers on their mask logits) asks an optimizer whose update
+    kernel can write the bit-planes of ``data > 0`` in the same pass (:mod:`pymglu.cuda.optimizers`) to
+    do so; it hands them over with :meth:`offer_sign_bits` and the layer takes them with
+    :meth:`sign_bits` instead of packing the logits itself.
     """
 
     def __init__(self, data: Any, requires_grad: bool = True, decay: bool = True) -> None:
@@ -63,6 +68,8 @@ class Parameter(Tensor):
             raise TypeError(f"Parameter: expected a float array, got {_checks.describe(data)}")
         self._version = 0
         self.decay = bool(decay)
+        self.wants_sign_bits = False
+        self._sign_bits: tuple[Any, Any, int] | None = None
         super().__init__(data, requires_grad=requires_grad)
 
     @property
@@ -85,6 +92,19 @@ class Parameter(Tensor):
     def mark_modified(self) -> None:
         """Record an in-place change of ``.data``."""
         self._version += 1
+
+    def offer_sign_bits(self, bits: Any) -> None:
+        """Record ``bits``, uint32 ``(..., ceil(d/32))``, as the bit-planes of ``data > 0`` for the current
+        data and version (layout of :func:`pymglu.masks.pack_masks`)."""
+        self._sign_bits = (bits, self._data, self._version)
+
+    def sign_bits(self) -> Any:
+        """The bit-planes of :meth:`offer_sign_bits` while ``.data`` is the same array at the same version,
+        else ``None``."""
+        held = self._sign_bits
+        if held is None or held[1] is not self._data or held[2] != self._version:
+            return None
+        return held[0]
 
     def __repr__(self) -> str:
         return f"Parameter({_checks.describe(self.data)}, requires_grad={self.requires_grad})"

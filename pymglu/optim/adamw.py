@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 from pymglu import _checks
 from pymglu.backend import get_array_module
+from pymglu.cuda import optimizers as _fused
 from pymglu.optim.optimizer import Optimizer, ParamsLike, _check_unit_interval, _state_dtype, _weight_decay
 
 
@@ -42,7 +43,7 @@ class AdamW(Optimizer):
             out["weight_decay"] = _checks.check_finite("weight_decay", hp["weight_decay"], minimum=0.0)
         return out
 
-    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:
+    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:
         xp = get_array_module(p.data)
         ct = _state_dtype(p.dtype)
         st = self._state_for(p)
@@ -50,6 +51,12 @@ class AdamW(Optimizer):
         t = st["step"]
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], _weight_decay(p, group)
+        master = st.get("master")
+        if _fused.supports(p.data, grad, master, st["exp_avg"], st["exp_avg_sq"]):
+            bits = _fused.new_sign_bits(p.data) if getattr(p, "wants_sign_bits", False) else None
+            _fused.adamw_step(p.data, grad, master, st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=b1, beta2=b2,
+                              eps=eps, weight_decay=wd, step=t, sign_bits=bits)
+            return bits
         g = grad.astype(ct, copy=False)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m *= b1
@@ -60,16 +67,16 @@ class AdamW(Optimizer):
         bc2 = 1.0 - b2 ** t
         denom = xp.sqrt(v / bc2)
         denom += eps
-        master = st.get("master")
         if master is not None:
             if wd:
                 master *= 1.0 - lr * wd
             master -= (lr / bc1) * (m / denom)
             self._write(p, master)
-            return
+            return None
         value = p.data.astype(ct, copy=True) if p.dtype != ct else p.data
         if wd:
             value = value * (1.0 - lr * wd)
         self._write(p, value - (lr / bc1) * (m / denom))
+        return None
 
 

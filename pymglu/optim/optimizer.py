@@ -236,14 +236,18 @@ class Optimizer:
                 for p in g["params"]:
                     if p.grad is None:
                         continue
-                    self._update(p, unwrap(p.grad), g)
+                    sign_bits = self._update(p, unwrap(p.grad), g)
                     if hasattr(p, "mark_modified"):
                         p.mark_modified()
+                    if sign_bits is not None:
+                        p.offer_sign_bits(sign_bits)
                     st = self.state.get(id(p))
                     if st is not None and "master" in st:
                         self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
 
-    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:  # pragma: no cover - abstract
+        """Update ``p`` in place from ``grad``. Returns the sign bit-planes of the new values when the
+        update wrote them in the same pass (for a parameter that :attr:`wants_sign_bits`), else ``None``."""
         raise NotImplementedError
 
     def _uses_master(self, p: Any) -> bool:

@@ -6,6 +6,8 @@ from typing import Any
 import numpy as np
 
 from pymglu import _checks
+from pymglu.backend import get_array_module
+from pymglu.cuda import optimizers as _fused
 from pymglu.optim.optimizer import Optimizer, ParamsLike, _check_unit_interval, _state_dtype, _weight_decay
 
 
@@ -43,11 +45,14 @@ class SGD(Optimizer):
         if hp["nesterov"] and hp["momentum"] == 0.0:
             raise ValueError(f"{where}: nesterov=True needs momentum > 0")
 
-    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> None:
+    def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:
         ct = _state_dtype(p.dtype)
         momentum = group["momentum"]
         st = self._state_for(p) if momentum or self._uses_master(p) else None
         master = None if st is None else st.get("master")
+        buf = None if st is None else st.get("momentum_buffer")
+        if _fused.supports(p.data, grad, master, buf):
+            return self._fused_update(p, grad, group, st, master, buf)
         g = grad.astype(ct, copy=True)
         value = p.data.astype(ct, copy=False) if master is None else master
         wd = _weight_decay(p, group)
@@ -71,5 +76,23 @@ class SGD(Optimizer):
         else:
             master -= group["lr"] * g
             self._write(p, master)
+        return None
+
+    def _fused_update(self, p: Any, grad: Any, group: dict[str, Any], st: dict[str, Any] | None, master: Any,
+                      buf: Any) -> Any:
+        """The same update in one kernel (:mod:`pymglu.cuda.optimizers`); returns the sign bit-planes of
+        the new values when ``p`` wants them, else ``None``."""
+        momentum = group["momentum"]
+        first_step = False
+        if momentum and buf is None:
+            buf = st["momentum_buffer"] = get_array_module(p.data).empty(p.shape, dtype=_state_dtype(p.dtype))
+            first_step = True
+        if st is not None:
+            st["step"] += 1
+        bits = _fused.new_sign_bits(p.data) if getattr(p, "wants_sign_bits", False) else None
+        _fused.sgd_step(p.data, grad, master, buf if momentum else None, lr=group["lr"], momentum=momentum,
+                        weight_decay=_weight_decay(p, group), nesterov=group["nesterov"], first_step=first_step,
+                        sign_bits=bits)
+        return bits
 
 

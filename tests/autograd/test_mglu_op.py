@@ -210,3 +210,26 @@ def test_consumed_cache_is_emptied_and_refused_a_second_time():
         functional.mglu_backward(dy, x, W, masks, "silu", cache)
     with pytest.raises(ValueError, match="already consumed"):
         cache.take()
+
+
+def test_packed_bits_passed_with_the_logits_give_the_same_values_and_gradients():
+    rng = np.random.default_rng(11)
+    x, W, logits = random_inputs(rng, (5,), 37, 6, 3)
+    outs = []
+    for packed in (None, pack_masks(logits)):
+        tx, tW, tl = Tensor(x, requires_grad=True), Tensor(W, requires_grad=True), Tensor(logits, requires_grad=True)
+        y = ops.mglu(tx, tW, tl, activation="silu", packed=packed)
+        (y * y).sum().backward()
+        outs.append((y.data, tx.grad, tW.grad, tl.grad))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(outs[0][3]).max() > 0
+
+
+@pytest.mark.parametrize("bad", [np.zeros((3, 6, 1), dtype=np.uint32), np.zeros((3, 6, 2), dtype=np.int32),
+                                 np.zeros((2, 6, 2), dtype=np.uint32)])
+def test_packed_bits_of_another_shape_or_dtype_are_refused(bad):
+    rng = np.random.default_rng(12)
+    x, W, logits = random_inputs(rng, (4,), 37, 6, 3)
+    with pytest.raises(ValueError, match=r"packed: expected uint32 bit-planes of shape \(3, 6, 2\)"):
+        ops.mglu(Tensor(x), Tensor(W), Tensor(logits), packed=bad)

@@ -56,6 +56,19 @@ def test_parameter_defaults_and_versions():
         p.data = np.arange(3)
 
 
+def test_sign_bits_offered_hold_only_for_the_same_data_and_version():
+    p = Parameter(np.array([0.5, -1.0, 2.0], dtype=np.float32))
+    assert not p.wants_sign_bits and p.sign_bits() is None
+    bits = np.array([5], dtype=np.uint32)
+    p.offer_sign_bits(bits)
+    assert p.sign_bits() is bits
+    p.mark_modified()
+    assert p.sign_bits() is None  # an in-place edit, recorded
+    p.offer_sign_bits(bits)
+    p.data = p.data.copy()
+    assert p.sign_bits() is None  # a new array
+
+
 def test_named_parameters_are_dotted_and_ordered():
     m = Model()
     names = [n for n, _ in m.named_parameters()]

@@ -5,9 +5,9 @@ from typing import Any
 
 import numpy as np
 
-from pymglu import functional, masks as _masks
+from pymglu import _checks, functional, masks as _masks
 from pymglu.autograd.function import Function
-from pymglu.backend import is_cupy_array
+from pymglu.backend import device_of, is_cupy_array
 
 
 class MGLU(Function):
@@ -19,13 +19,19 @@ class MGLU(Function):
     chunk of ``chunk_tokens`` rows at a time): ``n + 1`` more products for ``n + 1`` fewer stored
     activations per token (:func:`pymglu.functional.mglu_forward`).
     On CuPy, logits and bool masks are packed into bit-planes once per call (the fused GPU path reads
-    bits); on NumPy they are thresholded into bool masks.
+    bits), unless the caller passes the bit-planes of the logits as ``packed`` (an MGLU layer passes the
+    ones it keeps for its current logits); on NumPy they are thresholded into bool masks.
     """
 
     def forward(self, x: Any, W: Any, masks_or_logits: Any, activation: str = "silu", recompute: bool = False,
-                chunk_tokens: int | None = None) -> Any:
+                chunk_tokens: int | None = None, packed: Any = None) -> Any:
         self.is_logits = np.dtype(masks_or_logits.dtype).kind == "f" or masks_or_logits.dtype.name == "bfloat16"
-        if self.is_logits:
+        if packed is not None:
+            _check_packed(packed, masks_or_logits)
+            masks = packed
+            if self.is_logits:
+                self.logits_dtype = masks_or_logits.dtype
+        elif self.is_logits:
             self.logits_dtype = masks_or_logits.dtype
             masks = _masks.pack_masks(masks_or_logits) if is_cupy_array(masks_or_logits) else masks_or_logits > 0
         else:
@@ -57,14 +63,31 @@ class GLU(Function):
                                        consume_cache=not self.graph_retained)
 
 
+def _check_packed(packed: Any, masks_or_logits: Any) -> None:
+    """``packed`` must be the uint32 bit-planes ``(n, h, ceil(d/32))`` of ``masks_or_logits (n, h, d)``,
+    on the same device."""
+    shape = tuple(masks_or_logits.shape)
+    want = shape[:-1] + (-(-shape[-1] // 32),) if shape else ()
+    if (getattr(packed, "dtype", None) != np.uint32 or tuple(packed.shape) != want
+            or is_cupy_array(packed) != is_cupy_array(masks_or_logits)
+            or (is_cupy_array(packed) and packed.device.id != masks_or_logits.device.id)):
+        raise ValueError(
+            f"packed: expected uint32 bit-planes of shape {want} on the device of the mask logits "
+            f"({device_of(masks_or_logits)}), got {_checks.describe(packed)} on {device_of(packed)}"
+        )
+
+
 def mglu(x: Any, W: Any, masks_or_logits: Any, activation: str = "silu", recompute: bool = False,
-         chunk_tokens: int | None = None) -> Any:
+         chunk_tokens: int | None = None, packed: Any = None) -> Any:
     """MGLU on Tensors: ``x`` ``(..., d)``, ``W`` ``(h, d)``, mask logits ``(n, h, d)`` (or fixed masks).
 
     Returns a Tensor of shape ``(..., h)`` in ``x``'s dtype. See :func:`pymglu.functional.mglu`;
-    ``recompute`` and ``chunk_tokens``: see :class:`MGLU`.
+    ``recompute`` and ``chunk_tokens``: see :class:`MGLU`. ``packed``: the bit-planes
+    ``(n, h, ceil(d/32))`` uint32 of ``masks_or_logits > 0`` when the caller already has them (the
+    caller vouches that they match); the gradient still flows to the logits.
     """
-    return MGLU.apply(x, W, masks_or_logits, activation=activation, recompute=recompute, chunk_tokens=chunk_tokens)
+    return MGLU.apply(x, W, masks_or_logits, activation=activation, recompute=recompute, chunk_tokens=chunk_tokens,
+                      packed=packed)
 
 
 def glu(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> Any:

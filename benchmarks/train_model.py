@@ -1,0 +1,106 @@
+"""Whole training steps of a small language model on one GPU: the optimizer's kernels on and off.
+
+Usage (on a machine with a CUDA GPU and CuPy):
+
+    python benchmarks/train_model.py --out-dir bench_out
+
+Models (bfloat16, fp32 master weights, AdamW with warmup + cosine and gradient clipping, through
+:class:`pymglu.models.training.Trainer`, random bytes as data):
+
+* ``large``: d 1024, 8 layers, 8 heads, h 4096, 512 tokens x 16 windows per step;
+* ``compare_ffn``: the model of ``examples/compare_ffn.py`` (d 256, 4 layers, h 1024, 256 x 32).
+
+Each with SwiGLU and with SwiMGLU n = 4. Per model, ``--warmup`` steps, then ``--rounds`` rounds in
+which ``--steps`` steps run with :mod:`pymglu.cuda.optimizers` (one kernel per parameter; the mask
+logits' update also writes the bit-planes the next forward reads) and ``--steps`` with it disabled
+(CuPy array expressions, the forward packing the logits), alternating; wall clock between two device
+synchronisations, median over the rounds. Writes ``train_model.md`` and ``train_model.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = {
+    "large": dict(d_model=1024, n_layers=8, n_heads=8, d_ff=4096, max_seq_len=512, batch=16),
+    "compare_ffn": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256, batch=32),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="large,compare_ffn")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out-dir", default="bench_out")
+    args = p.parse_args(argv)
+    import cupy as cp
+
+    from pymglu.cuda import optimizers
+    from pymglu.models import Transformer, TransformerConfig
+    from pymglu.models.training import Trainer, TrainSettings
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(0).integers(0, 256, size=4_000_000, dtype=np.uint8)
+    rows = []
+    for model_name in args.models.split(","):
+        spec = dict(MODELS[model_name])
+        batch = spec.pop("batch")
+        for ffn in ("swiglu", "swimglu"):
+            config = TransformerConfig(ffn_kind=ffn, n_masks=4 if ffn == "swimglu" else None, dtype="bfloat16", **spec)
+            model = Transformer(config, rng=0).to("cuda")
+            total = args.warmup + 2 * args.rounds * args.steps
+            settings = TrainSettings(steps=total, batch_size=batch, lr=1e-3, warmup_steps=2, eval_every=0,
+                                     eval_batches=1, seed=0)
+            trainer = Trainer(model, settings, data[:3_900_000], data[3_900_000:])
+            for _ in range(args.warmup):
+                trainer.train_step(sync=False)
+            trainer.flush()
+            times: dict[str, list[float]] = {"kernels": [], "expressions": []}
+            for _ in range(args.rounds):
+                for label in times:
+                    cp.cuda.Device().synchronize()
+                    start = time.perf_counter()
+                    if label == "kernels":
+                        for _ in range(args.steps):
+                            trainer.train_step(sync=False)
+                    else:
+                        with optimizers.disabled():
+                            for _ in range(args.steps):
+                                trainer.train_step(sync=False)
+                    trainer.flush()
+                    cp.cuda.Device().synchronize()
+                    times[label].append((time.perf_counter() - start) / args.steps)
+            tokens = batch * config.max_seq_len
+            for label, ts in times.items():
+                ms = statistics.median(ts) * 1e3
+                rows.append({"model": model_name, "ffn": ffn, "optimizer": label, "step_ms": ms,
+                             "tokens_per_s": tokens / ms * 1e3, "final_loss": trainer.history.train_loss[-1]})
+                print(_row(rows[-1]), flush=True)
+            del trainer, model
+            cp.get_default_memory_pool().free_all_blocks()
+    table = HEADER + "\n" + "\n".join(_row(r) for r in rows) + "\n"
+    (out / "train_model.md").write_text(table)
+    (out / "train_model.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+
+
+HEADER = ("| model | FFN | optimizer update | ms/step | tokens/s | last loss |\n"
+          "|---|---|---|---:|---:|---:|")
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['model']} | {r['ffn']} | {r['optimizer']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['final_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

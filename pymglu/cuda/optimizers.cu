@@ -1,0 +1,98 @@
+// One-pass optimizer updates (pymglu/cuda/optimizers.py launches them from pymglu.optim):
+//
+//   adamw_step<P, G, BITS>   AdamW with decoupled weight decay, bias-corrected moments
+//   sgd_step<P, G, BITS>     SGD with L2 weight decay, optional (Nesterov) momentum
+//
+// P is the parameter's storage dtype (float, __half or __nv_bfloat16), G the gradient's (P or float).
+// The state (moments, momentum buffer, fp32 master of a 16-bit parameter) is float32. Each element is
+// read and written once, where the array-expression path of pymglu.optim runs a dozen passes.
+//
+// Every operation is rounded on its own (__fmul_rn, __fadd_rn, ...), in the order of that path, so
+// that no multiply-add is contracted: a float32 parameter gets the same bits either way.
+//
+// With BITS, the parameter is a stack of rows of row_len elements (mask logits (n, h, d): rows n * h,
+// row_len d) and the kernel also writes the sign bit-planes of the new values, words = ceil(d / 32)
+// uint32 per row, bit j of word w set when element 32 w + j is > 0 (the layout of pymglu.masks):
+// each warp handles the 32 elements of one word and votes.
+
+#include "common.cuh"
+
+namespace pymglu {
+
+// Runs update(i) -> the stored new value (as float) for every element; with BITS also writes the
+// bit-planes. The warp-uniform trip count of the BITS loop (slots is a multiple of 32 and so is the
+// stride) keeps every lane of a warp in the ballot.
+template <bool BITS, typename Update>
+__device__ __forceinline__ void for_each_element(long long size, int row_len, int words, uint32_t* bits,
+                                                 Update update) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  if constexpr (BITS) {
+    const long long padded = (long long)words * 32;
+    const long long slots = (size / row_len) * padded;
+    for (long long s = first; s < slots; s += stride) {
+      const long long row = s / padded;
+      const int col = (int)(s - row * padded);
+      bool positive = false;
+      if (col < row_len) positive = update(row * row_len + col) > 0.0f;
+      const uint32_t word = __ballot_sync(0xffffffffu, positive);
+      if ((threadIdx.x & 31) == 0) bits[row * words + (col >> 5)] = word;
+    }
+  } else {
+    for (long long i = first; i < size; i += stride) update(i);
+  }
+}
+
+// param (size) P; master (size) float or nullptr (then the parameter itself is the value updated);
+// m, v (size) float; grad (size) G.
+//   value *= decay_factor (when apply_decay); m = b1 m + one_minus_b1 g; v = b2 v + one_minus_b2 g^2;
+//   value -= step_size * (m / (sqrt(v / bias_correction2) + eps)); param = round(value).
+template <typename P, typename G, bool BITS>
+__global__ void adamw_step(P* __restrict__ param, float* __restrict__ master, float* __restrict__ m,
+                           float* __restrict__ v, const G* __restrict__ grad, uint32_t* __restrict__ bits,
+                           long long size, int row_len, int words, float beta1, float one_minus_beta1,
+                           float beta2, float one_minus_beta2, float bias_correction2, float eps,
+                           float step_size, float decay_factor, int apply_decay) {
+  for_each_element<BITS>(size, row_len, words, bits, [&](long long i) {
+    const float g = to_float<G>(grad[i]);
+    const float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(one_minus_beta1, g));
+    const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(one_minus_beta2, __fmul_rn(g, g)));
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = __fadd_rn(__fsqrt_rn(__fdiv_rn(vi, bias_correction2)), eps);
+    float value = master != nullptr ? master[i] : to_float<P>(param[i]);
+    if (apply_decay) value = __fmul_rn(value, decay_factor);
+    value = __fsub_rn(value, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
+    if (master != nullptr) master[i] = value;
+    const P stored = from_float<P>(value);
+    param[i] = stored;
+    return to_float<P>(stored);
+  });
+}
+
+// param (size) P; master (size) float or nullptr; buf (size) float or nullptr (no momentum); grad G.
+//   g += weight_decay * value (when apply_decay); buf = g on the first step, else momentum buf + g;
+//   g = g + momentum buf (nesterov) or buf; value -= lr g; param = round(value).
+template <typename P, typename G, bool BITS>
+__global__ void sgd_step(P* __restrict__ param, float* __restrict__ master, float* __restrict__ buf,
+                         const G* __restrict__ grad, uint32_t* __restrict__ bits, long long size, int row_len,
+                         int words, float lr, float momentum, float weight_decay, int apply_decay,
+                         int first_step, int nesterov) {
+  for_each_element<BITS>(size, row_len, words, bits, [&](long long i) {
+    float value = master != nullptr ? master[i] : to_float<P>(param[i]);
+    float g = to_float<G>(grad[i]);
+    if (apply_decay) g = __fadd_rn(g, __fmul_rn(weight_decay, value));
+    if (buf != nullptr) {
+      const float b = first_step ? g : __fadd_rn(__fmul_rn(buf[i], momentum), g);
+      buf[i] = b;
+      g = nesterov ? __fadd_rn(g, __fmul_rn(momentum, b)) : b;
+    }
+    value = __fsub_rn(value, __fmul_rn(lr, g));
+    if (master != nullptr) master[i] = value;
+    const P stored = from_float<P>(value);
+    param[i] = stored;
+    return to_float<P>(stored);
+  });
+}
+
+}  // namespace pymglu

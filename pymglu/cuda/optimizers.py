@@ -1,0 +1,162 @@
+"""One-kernel optimizer updates on CuPy arrays, and the mask bit-planes written in the same pass.
+
+:mod:`pymglu.optim`'s ``AdamW`` and ``SGD`` call these for a parameter whose data, gradient and state are
+CuPy arrays (when :data:`ENABLED` and :func:`supports` says so); they compute what the optimizers'
+array-expression path computes, rounding each operation alone in the same order, so that float32
+parameters get the same bits (``optimizers.cu``). The difference is the traffic: each element of the
+parameter, the gradient and the state is read and written once, where the expression path runs about a
+dozen passes over float32 arrays per parameter.
+
+For a parameter that asks for them (:attr:`pymglu.nn.Parameter.wants_sign_bits`, set by the MGLU layers
+on their mask logits), the same kernel writes the sign bit-planes of the new values, ``(..., ceil(d/32))``
+uint32 in the layout of :func:`pymglu.masks.pack_masks`, so that the next forward need not pack the
+logits again.
+
+Shapes: every array has the parameter's shape, C-contiguous; dtypes: parameter float32, float16 or
+bfloat16; gradient the parameter's dtype or float32; state float32.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from pymglu import cuda as _cuda
+from pymglu.backend import is_cupy_array
+from pymglu.dtypes import float32
+
+__all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_step", "sgd_step"]
+
+#: Whether :mod:`pymglu.optim` uses these kernels for CuPy parameters.
+ENABLED = True
+
+_SOURCE = "optimizers.cu"
+_CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
+_THREADS = 256
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, :mod:`pymglu.optim` runs its array-expression path on CuPy arrays too."""
+    global ENABLED
+    previous = ENABLED
+    ENABLED = False
+    try:
+        yield
+    finally:
+        ENABLED = previous
+
+
+def supports(param: Any, grad: Any, *state: Any) -> bool:
+    """True when the kernels serve this update: enabled; ``param``, ``grad`` and every non-``None``
+    state array CuPy and C-contiguous on one device; ``param`` float32/float16/bfloat16; ``grad`` of
+    the parameter's dtype or float32; the state float32; shapes equal."""
+    if not ENABLED:
+        return False
+    arrays = [param, grad, *(s for s in state if s is not None)]
+    if not all(is_cupy_array(a) and a.flags.c_contiguous for a in arrays):
+        return False
+    pdt = np.dtype(param.dtype)
+    if pdt not in _CUDA_TYPES or np.dtype(grad.dtype) not in (pdt, float32):
+        return False
+    if any(np.dtype(s.dtype) != float32 for s in arrays[2:]):
+        return False
+    device = param.device.id
+    return all(a.shape == param.shape and a.device.id == device for a in arrays)
+
+
+def _name(kernel: str, param_dtype: Any, grad_dtype: Any, bits: bool) -> str:
+    return (f"pymglu::{kernel}<{_CUDA_TYPES[np.dtype(param_dtype)]}, {_CUDA_TYPES[np.dtype(grad_dtype)]}, "
+            f"{'true' if bits else 'false'}>")
+
+
+def kernel_names() -> list[str]:
+    """Every template instance this module can launch (for compile checks)."""
+    names = []
+    for kernel in ("adamw_step", "sgd_step"):
+        for pdt in _CUDA_TYPES:
+            for gdt in sorted({pdt, float32}, key=str):
+                names += [_name(kernel, pdt, gdt, bits) for bits in (False, True)]
+    return names
+
+
+def new_sign_bits(param: Any) -> Any:
+    """An uninitialised uint32 array ``(..., ceil(d/32))`` for the sign bit-planes of ``param (..., d)``."""
+    import cupy as cp
+
+    if param.ndim < 1 or param.shape[-1] == 0:
+        raise ValueError(f"param: sign bit-planes need a last dimension of at least 1, got shape {param.shape}")
+    return cp.empty(param.shape[:-1] + (-(-param.shape[-1] // 32),), dtype=np.uint32)
+
+
+def _layout(param: Any, bits: Any) -> tuple[int, int]:
+    """``(row_len, words)`` of the bit-planes of ``param``; checks ``bits``."""
+    if bits is None:
+        return 1, 1
+    row_len = int(param.shape[-1])
+    words = -(-row_len // 32)
+    want = param.shape[:-1] + (words,)
+    if not is_cupy_array(bits) or bits.dtype != np.uint32 or bits.shape != want or not bits.flags.c_contiguous \
+            or bits.device.id != param.device.id:
+        raise ValueError(f"sign_bits: expected a C-contiguous uint32 CuPy array of shape {want} on device "
+                         f"{param.device.id}, got {type(bits).__name__} {getattr(bits, 'dtype', None)} "
+                         f"{getattr(bits, 'shape', None)}")
+    return row_len, words
+
+
+def _launch(kernel: str, param: Any, grad: Any, bits: Any, work_items: int, args: tuple) -> None:
+    import cupy as cp
+
+    if work_items == 0:
+        return
+    name = _name(kernel, param.dtype, grad.dtype, bits is not None)
+    fn = _cuda.load_module(_SOURCE, (name,)).get_function(name)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    blocks = min(-(-work_items // _THREADS), sms * 16)
+    fn((blocks,), (_THREADS,), args)
+
+
+def _ptr(a: Any) -> Any:
+    """The array, or a null pointer for ``None``."""
+    return np.uintp(0) if a is None else a
+
+
+def _work_items(param: Any, bits: Any, row_len: int, words: int) -> int:
+    if bits is None:
+        return int(param.size)
+    return (int(param.size) // row_len) * words * 32
+
+
+def adamw_step(param: Any, grad: Any, master: Any, exp_avg: Any, exp_avg_sq: Any, *, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+               sign_bits: Any = None) -> None:
+    """One AdamW update in place (the formula of :class:`pymglu.optim.AdamW`, step count ``step`` >= 1).
+
+    ``master`` is the float32 master of a 16-bit parameter or ``None`` (then ``param`` itself is
+    updated, in float32 arithmetic). ``sign_bits``: ``None`` or the array of :func:`new_sign_bits`,
+    filled with ``param > 0`` of the new values.
+    """
+    row_len, words = _layout(param, sign_bits)
+    f = np.float32
+    args = (param, _ptr(master), exp_avg, exp_avg_sq, grad, _ptr(sign_bits), np.int64(param.size),
+            np.int32(row_len), np.int32(words), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
+            f(1.0 - beta2 ** step), f(eps), f(lr / (1.0 - beta1 ** step)), f(1.0 - lr * weight_decay),
+            np.int32(1 if weight_decay else 0))
+    _launch("adamw_step", param, grad, sign_bits, _work_items(param, sign_bits, row_len, words), args)
+
+
+def sgd_step(param: Any, grad: Any, master: Any, momentum_buffer: Any, *, lr: float, momentum: float,
+             weight_decay: float, nesterov: bool, first_step: bool, sign_bits: Any = None) -> None:
+    """One SGD update in place (the formula of :class:`pymglu.optim.SGD`).
+
+    ``momentum_buffer`` is ``None`` without momentum; on the ``first_step`` it is written with the
+    (decayed) gradient and its old contents are not read. ``master``, ``sign_bits``: as in
+    :func:`adamw_step`.
+    """
+    row_len, words = _layout(param, sign_bits)
+    f = np.float32
+    args = (param, _ptr(master), _ptr(momentum_buffer), grad, _ptr(sign_bits), np.int64(param.size),
+            np.int32(row_len), np.int32(words), f(lr), f(momentum), f(weight_decay),
+            np.int32(1 if weight_decay else 0), np.int32(1 if first_step else 0), np.int32(1 if nesterov else 0))
+    _launch("sgd_step", param, grad, sign_bits, _work_items(param, sign_bits, row_len, words), args)
