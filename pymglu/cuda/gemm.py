@@ -9,17 +9,18 @@ the capturing stream before the capture began.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from pymglu import _checks
 from pymglu.dtypes import bfloat16, float16, float32
 
-__all__ = ["gemm"]
+__all__ = ["gemm", "gemm_batched"]
 
 _CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
 _CUBLAS_COMPUTE_32F = 68
@@ -73,23 +74,9 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
         return out
     alpha = np.ones((), dtype=np.float32)
     beta = np.full((), 1.0 if accumulate else 0.0, dtype=np.float32)
-    handle = cp.cuda.device.get_cublas_handle()
-    stream = cp.cuda.get_current_stream().ptr
-    if cublas.getStream(handle) != stream:
-        # CuPy refuses setStream while the stream captures a graph; a capture therefore sets the
-        # handle's stream before it begins (see pymglu.models.graph_decoder), and this call skips it.
-        try:
-            cublas.setStream(handle, stream)
-        except NotImplementedError as exc:
-            raise RuntimeError(
-                "gemm: the current stream is capturing a CUDA graph and the cuBLAS handle is bound to another "
-                "stream; set it (cublas.setStream) to the capturing stream before the capture begins"
-            ) from exc
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
+    with _host_pointer_handle("gemm") as handle:
         # Column-major cuBLAS sees each row-major buffer transposed: out^T = op(b)^T @ op(a)^T.
-        status = _cublas_gemm_ex()(
+        status = _cublas_fn("cublasGemmEx")(
             handle,
             _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
             _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
@@ -101,28 +88,112 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
             out.data.ptr, out_type, N,
             _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
         )
-    finally:
-        cublas.setPointerMode(handle, mode)
     if status != 0:
         raise RuntimeError(f"gemm: cublasGemmEx failed with status {status} for op(a) {(M, K)}, op(b) {(K, N)}, "
                            f"{_checks.describe(a)} -> {_checks.describe(out)}")
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _cublas_gemm_ex() -> Any:
-    """``cublasGemmEx`` of the cuBLAS library CuPy has loaded, called through ctypes.
+def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False) -> Any:
+    """``out[i] = op(a[i]) @ op(b[i])`` for every ``i`` of a batch, on cuBLAS (strided batched, float32
+    accumulation), all C-contiguous CuPy arrays of 3 dims.
 
-    CuPy's own wrapper sets the handle's stream on every call, which CuPy refuses while a stream captures
-    a graph; the C function itself is capturable. The library is the one mapped into this process (CuPy
-    loaded it for its handle), so both share one cuBLAS.
+    Args:
+        a: ``(batch, M, K)``, or ``(batch, K, M)`` with ``trans_a``; float32, float16 or bfloat16.
+        b: ``(batch, K, N)``, or ``(batch, N, K)`` with ``trans_b``; same dtype as ``a``.
+        out: ``(batch, M, N)`` C-contiguous, in ``a``'s dtype or float32.
+    Returns:
+        ``out``.
+    """
+    for name, m in (("a", a), ("b", b), ("out", out)):
+        _checks.check_ndim(name, m, 3)
+        if not m.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array, got {_checks.describe(m)} with strides {m.strides}")
+    _checks.check_same_dtype(("a", "b"), a, b)
+    in_type = _DATA_TYPES.get(np.dtype(a.dtype))
+    out_type = _DATA_TYPES.get(np.dtype(out.dtype))
+    if in_type is None:
+        raise TypeError(f"a: expected float32, float16 or bfloat16, got {_checks.describe(a)}")
+    if out_type is None or (out.dtype != a.dtype and np.dtype(out.dtype) != np.dtype(float32)):
+        raise TypeError(f"out: expected {_checks.describe(a)}'s dtype or float32, got {_checks.describe(out)}")
+    batch = a.shape[0]
+    M, K = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
+    K2, N = (b.shape[2], b.shape[1]) if trans_b else b.shape[1:]
+    if K2 != K or b.shape[0] != batch:
+        raise ValueError(f"b: expected {batch} matrices with {K} rows in op(b) to match op(a) of shape {(M, K)}, "
+                         f"got {_checks.describe(b)} (trans_b={trans_b})")
+    _checks.check_shape("out", out, (batch, M, N))
+    if batch == 0 or M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.fill(0)
+        return out
+    alpha = np.ones((), dtype=np.float32)
+    beta = np.zeros((), dtype=np.float32)
+    with _host_pointer_handle("gemm_batched") as handle:
+        status = _cublas_fn("cublasGemmStridedBatchedEx")(
+            handle,
+            _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
+            _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
+            N, M, K,
+            alpha.ctypes.data,
+            b.data.ptr, in_type, b.shape[2], b.shape[1] * b.shape[2],
+            a.data.ptr, in_type, a.shape[2], a.shape[1] * a.shape[2],
+            beta.ctypes.data,
+            out.data.ptr, out_type, N, M * N,
+            batch, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
+        )
+    if status != 0:
+        raise RuntimeError(f"gemm_batched: cublasGemmStridedBatchedEx failed with status {status} for {batch} x "
+                           f"op(a) {(M, K)}, op(b) {(K, N)}, {_checks.describe(a)} -> {_checks.describe(out)}")
+    return out
+
+
+@contextlib.contextmanager
+def _host_pointer_handle(caller: str) -> Iterator[int]:
+    """CuPy's cuBLAS handle, bound to the current stream, in host pointer mode for the block."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cp.cuda.device.get_cublas_handle()
+    stream = cp.cuda.get_current_stream().ptr
+    if cublas.getStream(handle) != stream:
+        # CuPy refuses setStream while the stream captures a graph; a capture therefore sets the
+        # handle's stream before it begins (see pymglu.models.graph_decoder), and this call skips it.
+        try:
+            cublas.setStream(handle, stream)
+        except NotImplementedError as exc:
+            raise RuntimeError(
+                f"{caller}: the current stream is capturing a CUDA graph and the cuBLAS handle is bound to another "
+                "stream; set it (cublas.setStream) to the capturing stream before the capture begins"
+            ) from exc
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        yield handle
+    finally:
+        cublas.setPointerMode(handle, mode)
+
+
+#: ctypes argument lists of the cuBLAS functions called here (i: int, p: pointer, q: long long)
+_SIGNATURES = {"cublasGemmEx": "piiiiippiipiippiiii",
+               "cublasGemmStridedBatchedEx": "piiiiippiiqpiiqppiiqiii"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_fn(name: str) -> Any:
+    """The function ``name`` of the cuBLAS library CuPy has loaded, called through ctypes.
+
+    CuPy's own wrappers set the handle's stream on every call, which CuPy refuses while a stream captures
+    a graph; the C functions themselves are capturable. The library is the one mapped into this process
+    (CuPy loaded it for its handle), so both share one cuBLAS.
     """
     path = None
     with open("/proc/self/maps", encoding="utf-8") as maps:
         for line in maps:
-            name = line.rsplit(maxsplit=1)[-1]
-            if os.path.basename(name).startswith("libcublas.so"):
-                path = name
+            mapped = line.rsplit(maxsplit=1)[-1]
+            if os.path.basename(mapped).startswith("libcublas.so"):
+                path = mapped
                 break
     lib = ctypes.CDLL(path) if path else None
     if lib is None:
@@ -134,8 +205,8 @@ def _cublas_gemm_ex() -> Any:
                 continue
     if lib is None:
         raise RuntimeError("gemm: cannot find the cuBLAS library CuPy uses (libcublas.so not loaded or found)")
-    fn = lib.cublasGemmEx
-    i, p = ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
-    fn.restype = i
+    fn = getattr(lib, name)
+    kinds = {"i": ctypes.c_int, "p": ctypes.c_void_p, "q": ctypes.c_longlong}
+    fn.argtypes = [kinds[c] for c in _SIGNATURES[name]]
+    fn.restype = ctypes.c_int
     return fn

@@ -42,7 +42,8 @@ __all__ = [
     "glu_forward", "glu_backward",
 ]
 
-#: Whether :mod:`pymglu.functional` uses this path for CuPy float32/float16/bfloat16 arrays.
+#: Whether :mod:`pymglu.functional` uses this path for CuPy float32/float16/bfloat16 arrays (and the
+#: ``MatMul`` tape op its cuBLAS products for float16/bfloat16 ones).
 ENABLED = True
 
 _SOURCE = "mglu_train.cu"
