@@ -8,6 +8,7 @@ from pymglu import _checks
 from pymglu.autograd.function import Function
 from pymglu.autograd.ops._util import real_number
 from pymglu.backend import get_array_module
+from pymglu.cuda import tape_ops
 from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
 
@@ -19,6 +20,10 @@ def causal_mask(xp: Any, t_q: int, t_k: int) -> Any:
 
 class CausalSelfAttention(Function):
     """``out = softmax(mask(q k^T * scale)) v`` per batch and head.
+
+    On CuPy with float16/bfloat16 inputs the products run on cuBLAS (batched, 16-bit operands, float32
+    accumulation) around one softmax kernel per pass, and the probabilities are kept in 16 bits
+    (:func:`pymglu.cuda.tape_ops.attention_forward`); elsewhere the expression path below, in float32.
 
     Backward, with ``P`` the attention probabilities and ``dO`` the upstream gradient::
 
@@ -43,6 +48,11 @@ class CausalSelfAttention(Function):
             )
         scale = 1.0 / math.sqrt(Dh) if scale is None else real_number("scale", scale)
         xp = get_array_module(q, k, v)
+        self.fused = tape_ops.attention_supports(q, k, v)
+        if self.fused:  # batched cuBLAS products and one softmax kernel per pass
+            out, self.p = tape_ops.attention_forward(q, k, v, scale)
+            self.q, self.k, self.v, self.scale, self.dtype = q, k, v, scale, q.dtype
+            return out
         ct = compute_dtype(q.dtype)
         qc, kc, vc = (a.astype(ct, copy=False) for a in (q, k, v))
         s = (qc @ kc.swapaxes(-1, -2)) * scale
@@ -54,6 +64,8 @@ class CausalSelfAttention(Function):
         return (p @ vc).astype(q.dtype, copy=False)
 
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
+        if self.fused:
+            return tape_ops.attention_backward(g, self.q, self.k, self.v, self.p, self.scale, self.needs_input_grad)
         p, dt = self.p, self.dtype
         gc = g.astype(p.dtype, copy=False)
         need_q, need_k, need_v = self.needs_input_grad

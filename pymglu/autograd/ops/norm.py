@@ -7,11 +7,14 @@ from pymglu import _checks
 from pymglu.autograd.function import Function
 from pymglu.autograd.ops._util import real_number
 from pymglu.backend import get_array_module
+from pymglu.cuda import tape_ops
 from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
 
 class RMSNorm(Function):
     """``y = x / sqrt(mean(x^2, -1) + eps) * weight``, computed in float32 (float64 for float64).
+
+    On CuPy (float32, float16, bfloat16) each pass is one kernel (:mod:`pymglu.cuda.tape_ops`).
 
     Backward, with ``r = (mean(x^2) + eps)^(-1/2)``, ``xhat = x r`` and ``gx = g * weight``::
 
@@ -26,6 +29,12 @@ class RMSNorm(Function):
         _checks.check_shape("weight", weight, (x.shape[-1],))
         _checks.check_same_dtype(("x", "weight"), x, weight)
         eps = real_number("eps", eps, minimum=0.0)
+        self.x_dtype, self.w_dtype, self.w_shape = x.dtype, weight.dtype, tuple(weight.shape)
+        self.fused = tape_ops.norm_supports(x, weight)
+        if self.fused:  # one kernel per pass; keeps x and r, not xhat
+            y, self.r = tape_ops.rms_norm_forward(x, weight, eps)
+            self.x, self.weight = x, weight
+            return y
         xp = get_array_module(x, weight)
         ct = compute_dtype(x.dtype)
         xc = x.astype(ct, copy=False)
@@ -33,10 +42,12 @@ class RMSNorm(Function):
         r = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
         xhat = xc * r
         self.r, self.xhat, self.wc = r, xhat, wc
-        self.x_dtype, self.w_dtype, self.w_shape = x.dtype, weight.dtype, tuple(weight.shape)
         return (xhat * wc).astype(x.dtype, copy=False)
 
     def backward(self, g: Any) -> tuple[Any, Any]:
+        if self.fused:
+            return tape_ops.rms_norm_backward(g.astype(self.x_dtype, copy=False), self.x, self.weight, self.r,
+                                              self.needs_input_grad[0], self.needs_input_grad[1])
         r, xhat = self.r, self.xhat
         gc = g.astype(r.dtype, copy=False)
         dx = dw = None

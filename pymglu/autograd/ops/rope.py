@@ -15,6 +15,7 @@ from pymglu import _checks
 from pymglu.autograd.function import Function
 from pymglu.autograd.ops._util import real_number
 from pymglu.backend import get_array_module, unwrap
+from pymglu.cuda import tape_ops
 from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
 
@@ -24,10 +25,13 @@ def rope_angles(xp: Any, positions: Any, head_dim: int, base: float, dtype: Any)
     The angles ``positions[t] * base ** (-2 j / head_dim)`` are formed in float64 before the cosine, so
     that large positions keep their precision in float32 models.
     """
-    half = head_dim // 2
-    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)
-    angles = positions.astype(np.float64)[:, None] * xp.asarray(inv_freq)[None, :]
+    angles = positions.astype(np.float64)[:, None] * xp.asarray(inverse_frequencies(head_dim, base))[None, :]
     return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
+
+
+def inverse_frequencies(head_dim: int, base: float) -> np.ndarray:
+    """``base ** (-2 j / head_dim)`` for ``j < head_dim / 2``, float64 (NumPy)."""
+    return base ** (-np.arange(head_dim // 2, dtype=np.float64) * 2.0 / head_dim)
 
 
 def _rotate(x: Any, cos: Any, sin: Any) -> Any:
@@ -54,12 +58,18 @@ class Rope(Function):
         _checks.check_shape("positions", positions, (T,))
         base = real_number("base", base, minimum=0.0, strict_min=True)
         xp = get_array_module(x, positions)
+        self.dtype = x.dtype
+        self.fused = tape_ops.supports(x, positions)
+        if self.fused:  # one kernel; the angles are formed per element, nothing is kept but them
+            self.positions, self.inv_freq = positions, inverse_frequencies(Dh, base)
+            return tape_ops.rope(x, positions, self.inv_freq, inverse=False)
         ct = compute_dtype(x.dtype)
         self.cos, self.sin = rope_angles(xp, positions, Dh, base, ct)
-        self.dtype = x.dtype
         return _rotate(x.astype(ct, copy=False), self.cos, self.sin).astype(x.dtype, copy=False)
 
     def backward(self, g: Any) -> tuple[Any, None]:
+        if self.fused:
+            return tape_ops.rope(g.astype(self.dtype, copy=False), self.positions, self.inv_freq, inverse=True), None
         gc = g.astype(self.cos.dtype, copy=False)
         return _rotate(gc, self.cos, -self.sin).astype(self.dtype, copy=False), None
 
