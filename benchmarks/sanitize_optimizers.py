@@ -32,4 +32,16 @@ for dtype in (dtypes.bfloat16, dtypes.float16, dtypes.float32):
                                     nesterov=False, first_step=True)
             cp.cuda.runtime.deviceSynchronize()
             assert bool(cp.isfinite(param.astype(cp.float32)).all())
+# gradient clipping over mixed dtypes, ragged sizes
+from pymglu.optim import clip_grad_norm  # noqa: E402
+from pymglu.nn import Parameter  # noqa: E402
+
+params = []
+for shape, dt in [((33, 70), dtypes.bfloat16), ((3, 5, 41), dtypes.float32), ((7,), dtypes.float16), ((1,), dtypes.float32)]:
+    p = Parameter(cp.zeros(shape, dtype=dt))
+    p.grad = cp.asarray(rng.standard_normal(shape).astype(dt))
+    params.append(p)
+norm = clip_grad_norm(params, 0.5)
+cp.cuda.runtime.deviceSynchronize()
+assert np.isfinite(float(norm))
 print("sanitize_optimizers: all launches done")

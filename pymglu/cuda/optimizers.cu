@@ -2,6 +2,8 @@
 //
 //   adamw_step<P, G, BITS>   AdamW with decoupled weight decay, bias-corrected moments
 //   sgd_step<P, G, BITS>     SGD with L2 weight decay, optional (Nesterov) momentum
+//   sum_squares<G>           per-block partial sums of g^2 over a list of gradients (gradient clipping)
+//   scaled_copies<G>         out_i = g_i * min(1, max_norm / (sqrt(total) + eps)) over a list of gradients
 //
 // P is the parameter's storage dtype (float, __half or __nv_bfloat16), G the gradient's (P or float).
 // The state (moments, momentum buffer, fp32 master of a 16-bit parameter) is float32. Each element is
@@ -16,6 +18,7 @@
 // each warp handles the 32 elements of one word and votes.
 
 #include "common.cuh"
+#include "block_reduce.cuh"
 
 namespace pymglu {
 
@@ -93,6 +96,38 @@ __global__ void sgd_step(P* __restrict__ param, float* __restrict__ master, floa
     param[i] = stored;
     return to_float<P>(stored);
   });
+}
+
+// Gradient clipping over `count` gradients of one dtype in one launch each: ptrs / sizes list them;
+// blockIdx.y picks the gradient, blockIdx.x with a stride of gridDim.x walks it. partial:
+// (count, gridDim.x) float, each block's sum of squares (then summed by the caller, in a fixed order).
+template <typename G>
+__global__ void sum_squares(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+                            float* __restrict__ partial) {
+  __shared__ float scratch[32];
+  const G* g = reinterpret_cast<const G*>(ptrs[blockIdx.y]);
+  const long long size = sizes[blockIdx.y];
+  float acc = 0.0f;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x) {
+    const float v = to_float<G>(g[i]);
+    acc += v * v;
+  }
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) partial[(long long)blockIdx.y * gridDim.x + blockIdx.x] = acc;
+}
+
+// out_i = g_i * scale with scale = min(1, max_norm / (sqrt(*total_sq) + eps)), computed by every block
+// from the device scalar (no host read).
+template <typename G>
+__global__ void scaled_copies(const unsigned long long* __restrict__ src, const unsigned long long* __restrict__ dst,
+                              const long long* __restrict__ sizes, const float* __restrict__ total_sq,
+                              float max_norm, float eps) {
+  const G* g = reinterpret_cast<const G*>(src[blockIdx.y]);
+  G* out = reinterpret_cast<G*>(dst[blockIdx.y]);
+  const long long size = sizes[blockIdx.y];
+  const float scale = fminf(1.0f, max_norm / (sqrtf(*total_sq) + eps));
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x)
+    out[i] = from_float<G>(to_float<G>(g[i]) * scale);
 }
 
 }  // namespace pymglu

@@ -26,7 +26,8 @@ from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
 from pymglu.dtypes import float32
 
-__all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_step", "sgd_step"]
+__all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_step", "sgd_step",
+           "clip_supports", "clip_grads"]
 
 #: Whether :mod:`pymglu.optim` uses these kernels for CuPy parameters.
 ENABLED = True
@@ -78,7 +79,59 @@ def kernel_names() -> list[str]:
         for pdt in _CUDA_TYPES:
             for gdt in sorted({pdt, float32}, key=str):
                 names += [_name(kernel, pdt, gdt, bits) for bits in (False, True)]
+    for kernel in ("sum_squares", "scaled_copies"):
+        names += [f"pymglu::{kernel}<{_CUDA_TYPES[dt]}>" for dt in _CUDA_TYPES]
     return names
+
+
+#: blocks per gradient of the clipping kernels (each walks its gradient with this stride)
+_CLIP_BLOCKS = 32
+
+
+def _by_dtype(grads: list) -> dict:
+    groups: dict = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(np.dtype(g.dtype), []).append(i)
+    return groups
+
+
+def clip_supports(grads: list) -> bool:
+    """True when :func:`clip_grads` serves these gradients: enabled, all CuPy and C-contiguous on one
+    device, float32/float16/bfloat16."""
+    if not ENABLED or not grads:
+        return False
+    if not all(is_cupy_array(g) and g.flags.c_contiguous and np.dtype(g.dtype) in _CUDA_TYPES for g in grads):
+        return False
+    return len({g.device.id for g in grads}) == 1
+
+
+def clip_grads(grads: list, max_norm: float, eps: float) -> tuple[list, Any]:
+    """Scaled copies of ``grads`` (each in its dtype) with global L2 norm at most ``max_norm``, and the
+    norm before clipping (0-d float32 CuPy array), in one launch per dtype and pass: per-block float32
+    sums of squares, their sum, then every copy multiplied by ``min(1, max_norm / (norm + eps))`` read
+    on the device."""
+    import cupy as cp
+
+    groups = _by_dtype(grads)
+    partials = []
+    tables = {}
+    for dt, idx in groups.items():
+        ptrs = cp.asarray(np.array([grads[i].data.ptr for i in idx], dtype=np.uint64))
+        sizes = cp.asarray(np.array([grads[i].size for i in idx], dtype=np.int64))
+        tables[dt] = (ptrs, sizes)
+        partial = cp.empty((len(idx), _CLIP_BLOCKS), dtype=np.float32)
+        name = f"pymglu::sum_squares<{_CUDA_TYPES[dt]}>"
+        _cuda.load_module(_SOURCE, (name,)).get_function(name)((_CLIP_BLOCKS, len(idx)), (256,), (ptrs, sizes, partial))
+        partials.append(partial.ravel())
+    total_sq = cp.concatenate(partials).sum() if len(partials) > 1 else partials[0].sum()
+    out = [cp.empty_like(g) for g in grads]
+    for dt, idx in groups.items():
+        ptrs, sizes = tables[dt]
+        dst = cp.asarray(np.array([out[i].data.ptr for i in idx], dtype=np.uint64))
+        name = f"pymglu::scaled_copies<{_CUDA_TYPES[dt]}>"
+        _cuda.load_module(_SOURCE, (name,)).get_function(name)(
+            (_CLIP_BLOCKS, len(idx)), (256,), (ptrs, dst, sizes, total_sq, np.float32(max_norm), np.float32(eps)))
+    return out, cp.sqrt(total_sq)
 
 
 def new_sign_bits(param: Any) -> Any:

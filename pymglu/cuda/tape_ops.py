@@ -122,11 +122,26 @@ def rms_norm_backward(g: Any, x: Any, weight: Any, r: Any, need_x: bool, need_we
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
-def rope(x: Any, positions: Any, inv_freq: np.ndarray, inverse: bool) -> Any:
+_inv_freq_cache: dict[tuple[int, int, float], Any] = {}
+
+
+def _device_inv_freq(inv_freq: np.ndarray, base: float) -> Any:
+    """``inv_freq`` on the current device, uploaded once per (device, length, base)."""
+    import cupy as cp
+
+    key = (cp.cuda.Device().id, len(inv_freq), float(base))
+    cached = _inv_freq_cache.get(key)
+    if cached is None:
+        cached = _inv_freq_cache[key] = cp.asarray(np.ascontiguousarray(inv_freq, dtype=np.float64))
+    return cached
+
+
+def rope(x: Any, positions: Any, inv_freq: np.ndarray, base: float, inverse: bool) -> Any:
     """``x`` ``(..., T, Dh)`` rotated pair by pair (``(j, j + Dh/2)``) by ``positions[t] * inv_freq[j]``
     (by its negative when ``inverse``), in ``x.dtype``. ``positions`` ``(T,)`` integer CuPy array,
-    ``inv_freq`` ``(Dh/2,)`` float64 NumPy. The angles are formed and their cosine and sine taken in
-    float64, as the op's expression path does, per element instead of once per position."""
+    ``inv_freq`` ``(Dh/2,)`` float64 NumPy, ``base ** (-2 j / Dh)`` (cached on the device under
+    ``base``). The angles are formed and their cosine and sine taken in float64, as the op's expression
+    path does, per element instead of once per position."""
     import cupy as cp
 
     x = _contiguous(x)
@@ -136,7 +151,7 @@ def rope(x: Any, positions: Any, inv_freq: np.ndarray, inverse: bool) -> Any:
     pairs = x.size // 2
     if pairs:
         pos = cp.ascontiguousarray(positions, dtype=np.int64)
-        freq = cp.asarray(np.ascontiguousarray(inv_freq, dtype=np.float64))
+        freq = _device_inv_freq(inv_freq, base)
         blocks = min(-(-pairs // 256), _sms() * 16)
         _function("rope", x.dtype)((blocks,), (256,), (x, out, pos, freq, np.int64(pairs), np.int32(T),
                                                       np.int32(half), np.int32(1 if inverse else 0)))

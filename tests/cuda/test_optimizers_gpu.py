@@ -274,3 +274,35 @@ def test_training_a_block_with_fused_and_unfused_steps_agrees():
         losses[fused] = out
     assert np.allclose(losses[True], losses[False], rtol=1e-2, atol=0)
     assert losses[True][-1] < losses[True][0]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clipped", "unclipped"])
+def test_clip_grad_norm_over_mixed_dtypes_matches_float64(max_norm, monkeypatch):
+    import cupy as cp
+
+    from pymglu.cuda import optimizers
+    from pymglu.optim import clip_grad_norm
+
+    calls = []
+    real = optimizers.clip_grads
+    monkeypatch.setattr(optimizers, "clip_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(8)
+    shapes_dtypes = [((33, 70), bfloat16), ((3, 5, 41), float32), ((7,), float16), ((4096, 3), bfloat16)]
+    params, originals = [], []
+    for shape, dt in shapes_dtypes:
+        p = Parameter(cp.zeros(shape, dtype=dt))
+        g = cp.asarray((rng.standard_normal(shape) * 0.1).astype(dt))
+        p.grad = g
+        params.append(p)
+        originals.append(g)
+    kept = [host(g) for g in originals]
+    total = clip_grad_norm(params, max_norm)
+    assert calls == [1]
+    want = np.sqrt(sum(float((k * k).sum()) for k in kept))
+    assert abs(float(total) - want) / want < 1e-5
+    scale = min(1.0, max_norm / (want + 1e-6))
+    for p, g, k, (_, dt) in zip(params, originals, kept, shapes_dtypes):
+        assert p.grad is not g and p.grad.dtype == dt
+        np.testing.assert_array_equal(host(g), k)  # the caller's arrays are not written through
+        err = np.abs(host(p.grad) - k * scale).max() / (np.abs(k).max() * scale)
+        assert err <= ULP[np.dtype(dt)]

@@ -61,15 +61,16 @@ class Rope(Function):
         self.dtype = x.dtype
         self.fused = tape_ops.supports(x, positions)
         if self.fused:  # one kernel; the angles are formed per element, nothing is kept but them
-            self.positions, self.inv_freq = positions, inverse_frequencies(Dh, base)
-            return tape_ops.rope(x, positions, self.inv_freq, inverse=False)
+            self.positions, self.inv_freq, self.base = positions, inverse_frequencies(Dh, base), base
+            return tape_ops.rope(x, positions, self.inv_freq, base, inverse=False)
         ct = compute_dtype(x.dtype)
         self.cos, self.sin = rope_angles(xp, positions, Dh, base, ct)
         return _rotate(x.astype(ct, copy=False), self.cos, self.sin).astype(x.dtype, copy=False)
 
     def backward(self, g: Any) -> tuple[Any, None]:
         if self.fused:
-            return tape_ops.rope(g.astype(self.dtype, copy=False), self.positions, self.inv_freq, inverse=True), None
+            return tape_ops.rope(g.astype(self.dtype, copy=False), self.positions, self.inv_freq, self.base,
+                                 inverse=True), None
         gc = g.astype(self.cos.dtype, copy=False)
         return _rotate(gc, self.cos, -self.sin).astype(self.dtype, copy=False), None
 
