@@ -29,9 +29,11 @@ __all__ = [
     "list_sources",
     "read_source",
     "load_module",
+    "get_function",
     "module_code",
     "headers_digest",
     "clear_module_cache",
+    "multiprocessor_count",
     "CUDA_TYPE_NAMES",
     "ACTIVATION_CODES",
 ]
@@ -127,6 +129,11 @@ def load_module(source_name: str, name_expressions: tuple[str, ...],
     """
     names = tuple(str(n) for n in name_expressions)
     opts = tuple(str(o) for o in options)
+    cp = cupy_or_none()
+    if cp is not None:  # the steady state: one dict lookup (launch paths call this for every kernel)
+        module = _modules.get((cp.cuda.Device().id, source_name, opts, names))
+        if module is not None:
+            return module
     if not names:
         raise ValueError(f"name_expressions: expected at least one kernel name for {source_name!r}, got ()")
     path = source_path(source_name)  # validate the name before asking for a GPU: clearer errors
@@ -148,6 +155,22 @@ def load_module(source_name: str, name_expressions: tuple[str, ...],
     return module
 
 
+_functions: dict[tuple[int, str, tuple[str, ...], str], Any] = {}
+
+
+def get_function(source_name: str, name: str, options: tuple[str, ...] = ()) -> Any:
+    """The kernel ``name`` (a name expression) of ``source_name`` for the current device: the module
+    of :func:`load_module` built with that one name, and the function fetched once and kept."""
+    cp = cupy_or_none()
+    if cp is not None:
+        fn = _functions.get((cp.cuda.Device().id, source_name, tuple(options), name))
+        if fn is not None:
+            return fn
+    fn = load_module(source_name, (name,), options).get_function(name)  # raises without a usable GPU
+    _functions[(cupy_or_none().cuda.Device().id, source_name, tuple(options), name)] = fn
+    return fn
+
+
 def module_code(path: Path) -> str:
     """The text handed to NVRTC for the source ``path``: the file, then a comment with a digest of the
     ``.cuh`` headers beside it. CuPy's on-disk kernel cache keys on the code text and the options, not on
@@ -165,6 +188,25 @@ def headers_digest(directory: Path) -> str:
 
 
 def clear_module_cache() -> None:
-    """Forget every module built by :func:`load_module` (e.g. after editing a ``.cu`` file in place)."""
+    """Forget every module built by :func:`load_module` and every function of :func:`get_function`
+    (e.g. after editing a ``.cu`` file in place)."""
     with _modules_lock:
         _modules.clear()
+        _functions.clear()
+
+
+_multiprocessors: dict[int, int] = {}
+
+
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of CuPy's current device, queried once per device (CuPy's
+    ``Device().attributes`` reads every attribute of the device on each access)."""
+    cp = cupy_or_none()
+    if cp is None:
+        require_gpu("multiprocessor_count")
+    device = cp.cuda.Device().id
+    count = _multiprocessors.get(device)
+    if count is None:
+        count = _multiprocessors[device] = int(cp.cuda.runtime.deviceGetAttribute(
+            cp.cuda.runtime.cudaDevAttrMultiProcessorCount, device))
+    return count

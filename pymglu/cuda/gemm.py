@@ -23,6 +23,9 @@ from pymglu.dtypes import bfloat16, float16, float32
 __all__ = ["gemm", "gemm_batched"]
 
 _CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+#: alpha and beta, read by cuBLAS from host memory during the call (module constants, never written)
+_ONE = np.ones((), dtype=np.float32)
+_ZERO = np.zeros((), dtype=np.float32)
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
 _CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
@@ -48,9 +51,6 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
     Returns:
         ``out``.
     """
-    import cupy as cp
-    from cupy_backends.cuda.libs import cublas
-
     _contiguous_2d("a", a)
     _contiguous_2d("b", b)
     _contiguous_2d("out", out)
@@ -72,8 +72,7 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
         if not accumulate:
             out.fill(0)
         return out
-    alpha = np.ones((), dtype=np.float32)
-    beta = np.full((), 1.0 if accumulate else 0.0, dtype=np.float32)
+    beta = _ONE if accumulate else _ZERO
     with _host_pointer_handle("gemm") as handle:
         # Column-major cuBLAS sees each row-major buffer transposed: out^T = op(b)^T @ op(a)^T.
         status = _cublas_fn("cublasGemmEx")(
@@ -81,7 +80,7 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
             _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
             _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
             N, M, K,
-            alpha.ctypes.data,
+            _ONE.ctypes.data,
             b.data.ptr, in_type, b.shape[1],
             a.data.ptr, in_type, a.shape[1],
             beta.ctypes.data,
@@ -128,18 +127,16 @@ def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bo
     if K == 0:
         out.fill(0)
         return out
-    alpha = np.ones((), dtype=np.float32)
-    beta = np.zeros((), dtype=np.float32)
     with _host_pointer_handle("gemm_batched") as handle:
         status = _cublas_fn("cublasGemmStridedBatchedEx")(
             handle,
             _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N,
             _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
             N, M, K,
-            alpha.ctypes.data,
+            _ONE.ctypes.data,
             b.data.ptr, in_type, b.shape[2], b.shape[1] * b.shape[2],
             a.data.ptr, in_type, a.shape[2], a.shape[1] * a.shape[2],
-            beta.ctypes.data,
+            _ZERO.ctypes.data,
             out.data.ptr, out_type, N, M * N,
             batch, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
         )
@@ -168,6 +165,9 @@ def _host_pointer_handle(caller: str) -> Iterator[int]:
                 "stream; set it (cublas.setStream) to the capturing stream before the capture begins"
             ) from exc
     mode = cublas.getPointerMode(handle)
+    if mode == cublas.CUBLAS_POINTER_MODE_HOST:
+        yield handle
+        return
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:
         yield handle

@@ -121,7 +121,7 @@ def clip_grads(grads: list, max_norm: float, eps: float) -> tuple[list, Any]:
         tables[dt] = (ptrs, sizes)
         partial = cp.empty((len(idx), _CLIP_BLOCKS), dtype=np.float32)
         name = f"pymglu::sum_squares<{_CUDA_TYPES[dt]}>"
-        _cuda.load_module(_SOURCE, (name,)).get_function(name)((_CLIP_BLOCKS, len(idx)), (256,), (ptrs, sizes, partial))
+        _cuda.get_function(_SOURCE, name)((_CLIP_BLOCKS, len(idx)), (256,), (ptrs, sizes, partial))
         partials.append(partial.ravel())
     total_sq = cp.concatenate(partials).sum() if len(partials) > 1 else partials[0].sum()
     out = [cp.empty_like(g) for g in grads]
@@ -129,7 +129,7 @@ def clip_grads(grads: list, max_norm: float, eps: float) -> tuple[list, Any]:
         ptrs, sizes = tables[dt]
         dst = cp.asarray(np.array([out[i].data.ptr for i in idx], dtype=np.uint64))
         name = f"pymglu::scaled_copies<{_CUDA_TYPES[dt]}>"
-        _cuda.load_module(_SOURCE, (name,)).get_function(name)(
+        _cuda.get_function(_SOURCE, name)(
             (_CLIP_BLOCKS, len(idx)), (256,), (ptrs, dst, sizes, total_sq, np.float32(max_norm), np.float32(eps)))
     return out, cp.sqrt(total_sq)
 
@@ -159,13 +159,11 @@ def _layout(param: Any, bits: Any) -> tuple[int, int]:
 
 
 def _launch(kernel: str, param: Any, grad: Any, bits: Any, work_items: int, args: tuple) -> None:
-    import cupy as cp
-
     if work_items == 0:
         return
     name = _name(kernel, param.dtype, grad.dtype, bits is not None)
-    fn = _cuda.load_module(_SOURCE, (name,)).get_function(name)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    fn = _cuda.get_function(_SOURCE, name)
+    sms = _cuda.multiprocessor_count()
     blocks = min(-(-work_items // _THREADS), sms * 16)
     fn((blocks,), (_THREADS,), args)
 

@@ -56,13 +56,11 @@ def kernel_names() -> list[str]:
 
 def _function(kernel: str, dtype: Any) -> Any:
     name = _name(kernel, dtype)
-    return _cuda.load_module(_SOURCE, (name,)).get_function(name)
+    return _cuda.get_function(_SOURCE, name)
 
 
 def _sms() -> int:
-    import cupy as cp
-
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
+    return _cuda.multiprocessor_count()
 
 
 def _row_threads(width: int) -> int:

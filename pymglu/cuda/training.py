@@ -91,13 +91,11 @@ def kernel_names() -> list[str]:
 
 
 def _launch(kernel: str, dtype: Any, vec: int, work_items: int, args: tuple) -> None:
-    import cupy as cp
-
     if work_items == 0:
         return
     name = _name(kernel, dtype, vec)
-    fn = _cuda.load_module(_SOURCE, (name,)).get_function(name)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    fn = _cuda.get_function(_SOURCE, name)
+    sms = _cuda.multiprocessor_count()
     blocks = min(-(-work_items // _THREADS), sms * 16)
     fn((blocks,), (_THREADS,), args)
 

@@ -42,6 +42,9 @@ class _FakeRawModule:
         self.code, self.options, self.name_expressions = code, options, name_expressions
         _FakeRawModule.built.append({"options": options, "names": name_expressions})
 
+    def get_function(self, name: str) -> tuple:
+        return ("function", name, id(self))
+
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
@@ -55,6 +58,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(pc, "gpu_available", lambda: True)
     monkeypatch.setattr(pc, "cupy_or_none", lambda: fake_cp)
     monkeypatch.setattr(pc, "_modules", {})
+    monkeypatch.setattr(pc, "_functions", {})
     _FakeRawModule.built = []
     return device
 
@@ -79,6 +83,20 @@ def test_load_module_builds_once_per_device_options_and_names(fake_gpu, tmp_path
     assert pc.list_sources() == ["k.cu"]
     pc.clear_module_cache()
     assert pc.load_module("k.cu", ("k",)) is not m1
+
+
+def test_get_function_is_fetched_once_per_device_and_options(fake_gpu):
+    f1 = pc.get_function("k.cu", "k")
+    assert f1[:2] == ("function", "k")
+    assert pc.get_function("k.cu", "k") is f1
+    assert len(_FakeRawModule.built) == 1
+    assert pc.get_function("k.cu", "k", ("-DN=4",)) is not f1
+    fake_gpu.id = 1
+    assert pc.get_function("k.cu", "k") is not f1
+    fake_gpu.id = 0
+    assert pc.get_function("k.cu", "k") is f1
+    pc.clear_module_cache()
+    assert pc.get_function("k.cu", "k") is not f1
 
 
 def test_module_code_changes_with_any_header(fake_gpu, tmp_path):
