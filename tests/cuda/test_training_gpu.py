@@ -4,6 +4,8 @@ Every check draws fresh random inputs, rounds them to the tested dtype, and comp
 :mod:`pymglu.functional` run in float64 on NumPy copies of the same rounded values, by relative error
 over the whole array. Outputs the kernels write into caller buffers are poisoned first.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,31 @@ def rel_err(got, want):
     assert got.shape == want.shape
     assert np.all(np.isfinite(got))
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@contextlib.contextmanager
+def used_high_water():
+    """The most bytes of the default pool in use at once while the block runs, above those in use when it
+    starts (``mem["grown"]`` afterwards). It counts allocations, not the pool's size, so free blocks the
+    pool keeps from earlier tests (a chunk pinned by one small live array) cannot hide them."""
+    import cupy as cp
+
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    mem = {"start": pool.used_bytes()}
+    mem["peak"] = mem["start"]
+
+    def tracking_malloc(size):
+        block = pool.malloc(size)
+        mem["peak"] = max(mem["peak"], pool.used_bytes())
+        return block
+
+    cp.cuda.set_allocator(tracking_malloc)
+    try:
+        yield mem
+    finally:
+        cp.cuda.set_allocator(pool.malloc)
+    mem["grown"] = mem["peak"] - mem["start"]
 
 
 def rounded(rng, shape, dtype, scale=1.0):
@@ -202,19 +229,14 @@ def test_recompute_keeps_the_activations_of_one_chunk():
     x, W, logits, dy = _mglu_case(rng, (N,), d, h, n, bfloat16)
     xg, Wg, dyg = cp.asarray(x), cp.asarray(W), cp.asarray(dy)
     bits = mask_ops.pack_masks(cp.asarray(logits))
-    pool = cp.get_default_memory_pool()
 
     def high_water(keep):
-        cp.cuda.Device().synchronize()
-        pool.free_all_blocks()
-        before = pool.total_bytes()
-        peak = 0
-        _, cache = functional.mglu_forward(xg, Wg, bits, "silu", keep_cache=keep, chunk_tokens=chunk)
-        peak = max(peak, pool.total_bytes() - before)
-        grads = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True, chunk_tokens=chunk)
-        peak = max(peak, pool.total_bytes() - before)
-        del cache, grads
-        return peak
+        with used_high_water() as mem:
+            _, cache = functional.mglu_forward(xg, Wg, bits, "silu", keep_cache=keep, chunk_tokens=chunk)
+            grads = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True,
+                                             chunk_tokens=chunk)
+            del cache, grads
+        return mem["grown"]
 
     saved = high_water(True) - high_water(False)
     activations = (n + 1) * (N - chunk) * h * 2
@@ -230,13 +252,10 @@ def test_peak_memory_holds_one_masked_weight():
     x, W, logits, dy = _mglu_case(rng, (N,), d, h, n, bfloat16)
     xg, Wg, dyg = cp.asarray(x), cp.asarray(W), cp.asarray(dy)
     bits = mask_ops.pack_masks(cp.asarray(logits))
-    pool = cp.get_default_memory_pool()
-    cp.cuda.Device().synchronize()
-    pool.free_all_blocks()
-    before = pool.total_bytes()
-    _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
-    dx, dW, dl = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True)
-    grown = pool.total_bytes() - before
+    with used_high_water() as mem:
+        _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
+        dx, dW, dl = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache, consume_cache=True)
+    grown = mem["grown"]
     w_bytes = h * d * 2
     # outputs: dlogits (n h d fp32) + dW (bf16) + the float32 dW accumulator + one masked W, plus activations
     bound = dl.nbytes + dW.nbytes + h * d * 4 + w_bytes + (1 << 20)
