@@ -11,7 +11,7 @@ import pytest
 
 from pymglu import masks as mask_ops
 from pymglu.backend import gpu_available
-from pymglu.dtypes import bfloat16, float16, float32, float64
+from pymglu.dtypes import bfloat16, float16, float32
 from pymglu.nn import FeedForward, Parameter, SwiMGLU
 from pymglu.optim import SGD, AdamW
 
