@@ -13,12 +13,15 @@ Two forms of a layer:
 * **inference form** (after :meth:`MGLU.drop_logits`): Parameter ``W`` and the buffer ``packed_masks``
   ``(n, h, ceil(d/32))`` uint32 bit-planes (:mod:`pymglu.masks`). ``state_dict``: ``W``, ``packed_masks``.
 
-In eval mode a training-form layer runs on bit-planes packed from its logits. The packed copy is cached
+In eval mode a training-form layer runs on bit-planes packed from its logits, and so does its training
+forward on CuPy (the logits still get their gradient). The packed copy is cached
 and keyed on the identity of the logits array and the Parameter's version counter
 (:attr:`pymglu.nn.Parameter.version`), which every assignment to ``.data``, every optimizer step and
 every ``load_state_dict`` bumps; code that edits ``mask_logits.data`` in place by hand calls
 ``mask_logits.mark_modified()`` (or :meth:`MGLU.pack`). Checking the key costs nothing per call, where
-comparing the logits themselves would read ``n`` times the bytes of ``W``.
+comparing the logits themselves would read ``n`` times the bytes of ``W``. When the optimizer's update
+kernel wrote the bit-planes of the new logits (:attr:`pymglu.nn.Parameter.wants_sign_bits`, set here),
+the layer takes those instead of packing.
 """
 from __future__ import annotations
 
