@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -74,6 +74,12 @@ def unwrap(x: Any) -> Any:
     producer of another library (a PyTorch tensor, a JAX array, ...) a zero-copy NumPy (CPU) or CuPy
     (CUDA) array over its memory (:func:`pymglu.interop.array_from_dlpack`, which raises a clear
     ``BufferError`` for what cannot be shared); anything else unchanged."""
+    kind = type(x)
+    if kind is np.ndarray:  # the common cases first: every op and helper calls this on every argument
+        return x
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and kind is cupy.ndarray:
+        return x
     data = tensor_data(x)
     if data is not x:
         return data
@@ -86,6 +92,8 @@ def unwrap(x: Any) -> Any:
 
 def device_of(x: Any) -> str:
     """``"cpu"`` for NumPy arrays and scalars, ``"cuda:<id>"`` for CuPy arrays."""
+    if type(x) is np.ndarray:
+        return "cpu"
     x = unwrap(x)
     if is_cupy_array(x):
         return f"cuda:{x.device.id}"
@@ -98,21 +106,32 @@ def get_array_module(*arrays: Any) -> ModuleType:
     ``None`` and Python scalars are ignored. Raises :class:`DeviceMismatchError` naming the devices
     when CPU and GPU arrays (or arrays on two GPUs) are mixed.
     """
+    first = None  # the device of the first array
+    for a in arrays:  # the common case, one device, without building the error's listing
+        a = unwrap(a)
+        if a is None or isinstance(a, (int, float, bool, complex, np.generic)):
+            continue
+        device = device_of(a)
+        if first is None:
+            first = device
+        elif device != first:
+            _mismatch(arrays)
+    return np if first is None or first == "cpu" else sys.modules["cupy"]
+
+
+def _mismatch(arrays: tuple[Any, ...]) -> NoReturn:
+    """Raise :class:`DeviceMismatchError` naming where each device's first argument sits."""
     devices: dict[str, int] = {}
     for position, a in enumerate(arrays):
         a = unwrap(a)
         if a is None or isinstance(a, (int, float, bool, complex, np.generic)):
             continue
         devices.setdefault(device_of(a), position)
-    if len(devices) > 1:
-        listing = ", ".join(f"argument {pos} on {dev}" for dev, pos in devices.items())
-        raise DeviceMismatchError(
-            f"arrays of one call must live on one device, got {listing}; "
-            "move them explicitly (pymglu never transfers data implicitly)"
-        )
-    if devices and next(iter(devices)).startswith("cuda"):
-        return sys.modules["cupy"]
-    return np
+    listing = ", ".join(f"argument {pos} on {dev}" for dev, pos in devices.items())
+    raise DeviceMismatchError(
+        f"arrays of one call must live on one device, got {listing}; "
+        "move them explicitly (pymglu never transfers data implicitly)"
+    )
 
 
 def to_numpy(x: Any) -> np.ndarray:
