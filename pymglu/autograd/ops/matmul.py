@@ -28,10 +28,11 @@ def _product(a: Any, b: Any) -> Any:
 
 def _on_tensor_cores(a: Any, b: Any) -> bool:
     """Whether ``a @ b`` takes the cuBLAS path: CuPy, float16/bfloat16, ``b`` a matrix."""
+    if not (b.ndim == 2 and is_cupy_array(a) and is_cupy_array(b) and np.dtype(a.dtype) in (float16, bfloat16)):
+        return False  # NumPy and float32/float64 calls never import the CUDA path
     from pymglu.cuda import training
 
-    return (b.ndim == 2 and is_cupy_array(a) and is_cupy_array(b) and np.dtype(a.dtype) in (float16, bfloat16)
-            and training.ENABLED)
+    return training.ENABLED
 
 
 def _operand(m: Any) -> tuple[Any, bool]:
