@@ -26,6 +26,7 @@ HBM. Writes ``optimizer_step.md`` / ``.json`` into ``--out-dir``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                 logits = [p for p in params if np.dtype(p.dtype) == np.float32 and len(p.shape) == 3]
 
                 def unfused_step(opt=opt, logits=logits):
-                    with fused_optimizers.disabled() if fused_optimizers else _null():
+                    with fused_optimizers.disabled() if fused_optimizers else contextlib.nullcontext():
                         opt.step()
                     for lg in logits:  # the next forward packs the new logits
                         mask_ops.pack_masks(lg.data)
@@ -141,14 +142,6 @@ def main(argv: list[str] | None = None) -> None:
     (out_dir / "optimizer_step.md").write_text(header + "\n".join(lines) + "\n")
     (out_dir / "optimizer_step.json").write_text(json.dumps(rows, indent=1))
     print(header + "\n".join(lines))
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
