@@ -11,6 +11,11 @@ bracketed by CUDA events and host clocks. Device time is the time between an op'
 stream runs the ops one after another, so it is the op's kernels plus any gap while the host was still
 launching them); host time is what Python spent in the call. Prints a table per op kind, sorted by
 device time, summed over the timed steps and divided by their number.
+
+With ``--head-start MS`` a spin kernel of that many milliseconds runs before the timed steps. While it
+spins, the host queues the steps' launches, so (as long as the queue holds them all, which the script
+checks) the events then time the GPU's own work per op, without the host's launch gaps: device time
+against host time says how far the step is from being GPU-bound.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="large")
     p.add_argument("--ffn", default="swimglu")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--head-start", type=float, default=0.0,
+                   help="milliseconds of GPU spin before the timed steps (0: none)")
     args = p.parse_args(argv)
     import cupy as cp
 
@@ -85,6 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     optim.clip_grad_norm = timed("clip_grad_norm", optim.clip_grad_norm)
 
     cp.cuda.Device().synchronize()
+    spin = cp.RawKernel(r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}""", "spin")
+    spin_done = cp.cuda.Event()
+    if args.head_start > 0:
+        rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, 0)
+        spin((1,), (1,), (np.int64(args.head_start * rate_khz),))
+    spin_done.record()
     active[0] = True
     wall0 = time.perf_counter()
     step_start, step_stop = cp.cuda.Event(), cp.cuda.Event()
@@ -92,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.steps):
         trainer.train_step(sync=False)
     step_stop.record()
+    queued_before_spin_end = not spin_done.done if args.head_start > 0 else None
     trainer.flush()
     cp.cuda.Device().synchronize()
     wall = time.perf_counter() - wall0
@@ -106,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         calls[label] += 1
     total = cp.cuda.get_elapsed_time(step_start, step_stop) / args.steps
     print(f"# {args.model} {args.ffn}: {total:.1f} ms per step on the device, {wall / args.steps * 1e3:.1f} ms wall")
+    if queued_before_spin_end is not None:
+        print("# head start: every step was queued before the spin ended (device times are the GPU's own)"
+              if queued_before_spin_end else
+              "# head start too short or launch queue full: the spin ended before the host had queued every step")
     print("| op | calls/step | device ms/step | host ms/step |\n|---|---:|---:|---:|")
     for label in sorted(device, key=device.get, reverse=True):
         print(f"| {label} | {calls[label] / args.steps:.0f} | {device[label] / args.steps:.2f} | "

@@ -57,6 +57,16 @@ def check_same_dtype(names: tuple[str, str], a: Any, b: Any) -> None:
         )
 
 
+def integers_below(dtype: Any, size: int) -> bool:
+    """Whether every value an integer ``dtype`` can hold lies in ``[0, size)``.
+
+    Index checks use it to skip reading the values, which on a GPU would wait for the device: ``uint8``
+    ids can never leave a table of 256 rows.
+    """
+    info = np.iinfo(np.dtype(dtype))
+    return info.min >= 0 and info.max < size
+
+
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")

@@ -82,16 +82,19 @@ def split_corpus(data: np.ndarray, seq_len: int, val_fraction: float = 0.1) -> t
 
 def sample_windows(data: np.ndarray, batch: int, seq_len: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``batch`` random windows: inputs ``(batch, seq_len)`` and targets shifted by one, both int64."""
+    """``batch`` random windows: inputs ``(batch, seq_len)`` and targets shifted by one, both in
+    ``data``'s dtype (``uint8`` for a byte corpus, which lets the model skip reading the ids back to
+    check their range: no host synchronisation per step on a GPU)."""
     starts = rng.integers(0, data.size - seq_len, size=batch)
-    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)]
     return windows[:, :-1], windows[:, 1:]
 
 
 def eval_windows(data: np.ndarray, batch: int, seq_len: int, max_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Consecutive non-overlapping windows from the start of ``data``, in batches of up to ``batch``,
-    at most ``max_batches`` batches (at least one window; ``data`` holds ``seq_len + 1`` bytes or more)."""
+    at most ``max_batches`` batches (at least one window; ``data`` holds ``seq_len + 1`` bytes or more),
+    in ``data``'s dtype."""
     n_windows = min((data.size - 1) // seq_len, batch * max_batches)
     starts = np.arange(n_windows) * seq_len
-    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)]
     return [(windows[i:i + batch, :-1], windows[i:i + batch, 1:]) for i in range(0, n_windows, batch)]

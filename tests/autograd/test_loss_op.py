@@ -97,3 +97,24 @@ def test_errors():
         ops.softmax_cross_entropy(z, np.zeros(4, dtype=np.int64), reduction="avg")
     with pytest.raises(TypeError, match="ignore_index: expected an int"):
         ops.softmax_cross_entropy(z, np.zeros(4, dtype=np.int64), ignore_index=None)
+
+
+class _UnreadableTargets(np.ndarray):
+    """Targets whose values (and masks derived from them) may not be read on the host."""
+
+    def any(self, *a, **k):
+        raise AssertionError("targets read back")
+
+    sum = any
+
+
+def test_uint8_targets_over_256_classes_are_not_read_back():
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((10, 256))
+    t = rng.integers(0, 256, size=10).astype(np.uint8)
+    loss = ops.softmax_cross_entropy(Tensor(z), t.view(_UnreadableTargets))
+    np.testing.assert_allclose(loss.data, reference(z, t.astype(np.int64)), rtol=1e-12)
+    with pytest.raises(AssertionError, match="targets read back"):  # an ignore_index a uint8 can hold counts them
+        ops.softmax_cross_entropy(Tensor(z), t.view(_UnreadableTargets), ignore_index=0)
+    with pytest.raises(AssertionError, match="targets read back"):  # fewer classes: the range is checked
+        ops.softmax_cross_entropy(Tensor(z[:, :255]), t.view(_UnreadableTargets))

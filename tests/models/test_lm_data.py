@@ -39,7 +39,7 @@ def test_split_is_contiguous_and_checks_lengths():
 def test_windows_are_shifted_by_one():
     data = np.arange(50, dtype=np.uint8)
     x, y = sample_windows(data, 64, 10, np.random.default_rng(0))
-    assert x.shape == y.shape == (64, 10) and x.dtype == np.int64
+    assert x.shape == y.shape == (64, 10) and x.dtype == y.dtype == np.uint8
     np.testing.assert_array_equal(y, x + 1)            # consecutive bytes
     assert x.min() == 0 and y.max() == 49               # both ends of the data are reachable
     batches = eval_windows(data, batch=2, seq_len=10, max_batches=5)

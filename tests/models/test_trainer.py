@@ -118,3 +118,33 @@ def test_unsynchronised_steps_record_the_same_losses_at_flush():
     lazy.sync_every = 4
     lazy.run(progress=False, log=None)
     assert len(lazy.history.train_loss) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, dtype", [("swimglu", "bfloat16"), ("swiglu", "float32")])
+def test_gpu_steps_never_wait_for_the_device(kind, dtype):
+    """Behind a kernel that keeps the GPU busy for two seconds, two training steps are queued before it
+    ends: no op of the step reads a device value back (ids, targets, loss, clipping, optimizer)."""
+    import cupy as cp
+
+    config = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=24, ffn_kind=kind, max_seq_len=16, dtype=dtype)
+    train, val = split_corpus(DATA, 16)
+    settings = TrainSettings(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, eval_batches=1)
+    trainer = Trainer(Transformer(config, rng=0).to("cuda"), settings, train, val)
+    first = trainer.train_step()  # compiles the kernels and allocates the optimizer state
+    spin = cp.RawKernel(r"""
+    extern "C" __global__ void spin(long long cycles) {
+        long long start = clock64();
+        while (clock64() - start < cycles) { }
+    }""", "spin")
+    rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, cp.cuda.Device().id)
+    spin((1,), (1,), (np.int64(2000 * rate_khz),))
+    busy = cp.cuda.Event()
+    busy.record()
+    trainer.train_step(sync=False)
+    trainer.train_step(sync=False)
+    queued_while_busy = not busy.done
+    trainer.flush()
+    assert queued_while_busy, "a training step waited for the device"
+    losses = trainer.history.train_loss
+    assert len(losses) == 3 and losses[0] == first and all(np.isfinite(losses))

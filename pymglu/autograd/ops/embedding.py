@@ -12,10 +12,13 @@ from pymglu.dtypes import FLOAT_DTYPES, compute_dtype
 
 
 def check_ids(name: str, ids: Any, size: int) -> None:
-    """``ids`` must be an integer array with every value in ``[0, size)``."""
+    """``ids`` must be an integer array with every value in ``[0, size)``.
+
+    The values are read (a host synchronisation on a GPU) unless the dtype cannot hold a bad one.
+    """
     if not hasattr(ids, "dtype") or np.dtype(ids.dtype).kind not in "iu":
         raise TypeError(f"{name}: expected an integer array, got {_checks.describe(ids)}")
-    if ids.size == 0:
+    if ids.size == 0 or _checks.integers_below(ids.dtype, size):
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= size:
@@ -52,7 +55,9 @@ def embedding(weight: Any, ids: Any) -> Any:
     Args:
         weight: ``(V, D)`` float Tensor (or array): float64, float32, float16 or bfloat16.
         ids: integer array (or integer Tensor, or nested list) of any shape ``(...)``, every value in
-            ``[0, V)``; same device as ``weight``. Never differentiated.
+            ``[0, V)``; same device as ``weight``. Never differentiated. The values are checked, which
+            on a GPU waits for the device, unless the dtype cannot exceed the table (``uint8`` ids and
+            ``V >= 256``, as in a byte-level model).
     Returns:
         Tensor of shape ``(..., D)`` in ``weight``'s dtype. The gradient of ``weight`` scatter-adds the
         upstream rows (accumulated in float32 for low-precision tables, float64 for float64), so ids that

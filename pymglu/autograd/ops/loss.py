@@ -36,20 +36,22 @@ class SoftmaxCrossEntropy(Function):
         z = logits.reshape(-1, C).astype(ct, copy=False)
         t = targets.reshape(-1)
         valid = t != ignore_index
-        bad = valid & ((t < 0) | (t >= C))
-        if bool(bad.any()):
-            first = int(t[xp.nonzero(bad)[0][0]])
-            raise ValueError(
-                f"targets: expected class indices in [0, {C}) or ignore_index={ignore_index}, got {first} "
-                f"({_checks.describe(targets)})"
-            )
+        if not _checks.integers_below(t.dtype, C):  # reading the values waits for a GPU; skipped when none can be bad
+            bad = valid & ((t < 0) | (t >= C))
+            if bool(bad.any()):
+                first = int(t[xp.nonzero(bad)[0][0]])
+                raise ValueError(
+                    f"targets: expected class indices in [0, {C}) or ignore_index={ignore_index}, got {first} "
+                    f"({_checks.describe(targets)})"
+                )
         safe_t = xp.where(valid, t, 0)
         rows = xp.arange(z.shape[0])
         shifted = z - z.max(axis=-1, keepdims=True)
         lse = xp.log(xp.exp(shifted).sum(axis=-1))
         per_item = xp.where(valid, lse - shifted[rows, safe_t], 0).astype(ct, copy=False)
 
-        count = int(valid.sum())
+        info = np.iinfo(t.dtype)
+        count = int(valid.sum()) if info.min <= ignore_index <= info.max else t.size
         self.shape, self.dtype, self.reduction = tuple(logits.shape), logits.dtype, reduction
         self.shifted, self.lse, self.safe_t, self.valid, self.count = shifted, lse, safe_t, valid, count
         if reduction == "none":
@@ -80,6 +82,9 @@ def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int = -100, r
         logits: ``(N, C)`` or ``(..., C)`` float Tensor (float64, float32, float16 or bfloat16).
         targets: integer array (or integer Tensor) of shape ``logits.shape[:-1]``, each value in
             ``[0, C)`` or equal to ``ignore_index``; same device as ``logits``. Never differentiated.
+            The values are checked and the ignored ones counted, which on a GPU waits for the device,
+            except where the dtype rules both out (``uint8`` targets with ``C >= 256`` and a negative
+            ``ignore_index``, as in a byte-level model).
         ignore_index: target value whose positions contribute no loss and no gradient.
         reduction: ``"mean"`` (over the non-ignored positions; 0 with zero gradient when all are
             ignored), ``"sum"``, or ``"none"`` (per position, shape ``targets.shape``, 0 at ignored ones).
