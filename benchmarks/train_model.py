@@ -10,16 +10,20 @@ Models (bfloat16, fp32 master weights, AdamW with warmup + cosine and gradient c
 * ``large``: d 1024, 8 layers, 8 heads, h 4096, 512 tokens x 16 windows per step;
 * ``compare_ffn``: the model of ``examples/compare_ffn.py`` (d 256, 4 layers, h 1024, 256 x 32).
 
-Each with SwiGLU and with SwiMGLU n = 4. Per model, ``--warmup`` steps, then ``--rounds`` rounds in
-which ``--steps`` steps run with :mod:`pymglu.cuda.optimizers` (one kernel per parameter; the mask
-logits' update also writes the bit-planes the next forward reads) and ``--steps`` with it disabled
-(CuPy array expressions, the forward packing the logits), alternating; wall clock between two device
-synchronisations, median over the rounds. Run from an older checkout (``PYTHONPATH``) without that module
-it times the plain steps. Writes ``train_model.md`` and ``train_model.json``.
+Each with SwiGLU and with SwiMGLU n = 4, in three variants: ``kernels`` (eager steps with
+:mod:`pymglu.cuda.optimizers`: one kernel per parameter, the mask logits' update also writing the
+bit-planes the next forward reads), ``expressions`` (the same trainer with those kernels disabled: CuPy
+array expressions, the forward packing the logits) and ``graph`` (a second trainer, same initial model,
+whose steps replay a captured CUDA graph: :class:`pymglu.models.GraphTrainStep`). Per model, ``--warmup``
+steps of each trainer, then ``--rounds`` rounds in which each variant runs ``--steps`` steps in turn;
+wall clock between two device synchronisations, median over the rounds. Run from an older checkout
+(``PYTHONPATH``) it times what that checkout has. Writes ``train_model.md`` and ``train_model.json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import statistics
 import sys
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     from pymglu.models import Transformer, TransformerConfig
     from pymglu.models.training import Trainer, TrainSettings
 
+    has_graph = "graph" in inspect.signature(Trainer).parameters
+
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = np.random.default_rng(0).integers(0, 256, size=4_000_000, dtype=np.uint8)
@@ -60,37 +66,46 @@ def main(argv: list[str] | None = None) -> None:
         batch = spec.pop("batch")
         for ffn in ("swiglu", "swimglu"):
             config = TransformerConfig(ffn_kind=ffn, n_masks=4 if ffn == "swimglu" else None, dtype="bfloat16", **spec)
-            model = Transformer(config, rng=0).to("cuda")
-            total = args.warmup + 2 * args.rounds * args.steps
+            total = args.warmup + len(VARIANTS) * args.rounds * args.steps
             settings = TrainSettings(steps=total, batch_size=batch, lr=1e-3, warmup_steps=2, eval_every=0,
                                      eval_batches=1, seed=0)
-            trainer = Trainer(model, settings, data[:3_900_000], data[3_900_000:])
-            for _ in range(args.warmup):
-                trainer.train_step(sync=False)
-            trainer.flush()
-            times: dict[str, list[float]] = ({"kernels": [], "expressions": []} if optimizers is not None
-                                             else {"(no optimizer kernels)": []})
+
+            def trainer_for(graph):
+                model = Transformer(config, rng=0).to("cuda")
+                kwargs = {"graph": graph} if has_graph else {}
+                return Trainer(model, settings, data[:3_900_000], data[3_900_000:], **kwargs)
+
+            eager = trainer_for(False)
+            variants = {"kernels": (eager, contextlib.nullcontext)}
+            if optimizers is not None:
+                variants["expressions"] = (eager, optimizers.disabled)
+            else:
+                variants = {"(no optimizer kernels)": (eager, contextlib.nullcontext)}
+            if has_graph:
+                variants["graph"] = (trainer_for(True), contextlib.nullcontext)
+            for trainer, _ in variants.values():
+                for _ in range(args.warmup):
+                    trainer.train_step(sync=False)
+                trainer.flush()
+            times: dict[str, list[float]] = {label: [] for label in variants}
             for _ in range(args.rounds):
-                for label in times:
+                for label, (trainer, context) in variants.items():
                     cp.cuda.Device().synchronize()
                     start = time.perf_counter()
-                    if label != "expressions":
+                    with context():
                         for _ in range(args.steps):
                             trainer.train_step(sync=False)
-                    else:
-                        with optimizers.disabled():
-                            for _ in range(args.steps):
-                                trainer.train_step(sync=False)
                     trainer.flush()
                     cp.cuda.Device().synchronize()
                     times[label].append((time.perf_counter() - start) / args.steps)
             tokens = batch * config.max_seq_len
             for label, ts in times.items():
+                trainer = variants[label][0]
                 ms = statistics.median(ts) * 1e3
                 rows.append({"model": model_name, "ffn": ffn, "optimizer": label, "step_ms": ms,
                              "tokens_per_s": tokens / ms * 1e3, "final_loss": trainer.history.train_loss[-1]})
                 print(_row(rows[-1]), flush=True)
-            del trainer, model
+            del trainer, eager, variants
             cp.get_default_memory_pool().free_all_blocks()
     table = HEADER + "\n" + "\n".join(_row(r) for r in rows) + "\n"
     (out / "train_model.md").write_text(table)
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
 
 
+VARIANTS = ("kernels", "expressions", "graph")
 HEADER = ("| model | FFN | optimizer update | ms/step | tokens/s | last loss |\n"
           "|---|---|---|---:|---:|---:|")
 

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="parameter dtype (16-bit: fp32 master weights, loss scaling for float16)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                   help="replay each training step from a captured CUDA graph (auto: for bfloat16 on a GPU)")
     p.add_argument("--concurrent-jobs", type=int, default=None, metavar="N",
                    help="number of compare_ffn processes sharing the device, stored in each run as "
                    "concurrent_jobs (default: not recorded)")
@@ -148,7 +150,7 @@ def _default_data() -> str | None:
 
 
 def _run_one(name: str, seed: int, base: dict[str, Any], train_data: np.ndarray, val_data: np.ndarray,
-             device: str, progress: bool) -> dict[str, Any]:
+             device: str, progress: bool, graph: bool | None = None) -> dict[str, Any]:
     label, kind, n_masks, width = VARIANTS[name]
     h = base["d_ff"] if width == "h" else matched_width(base["d_ff"])
     config = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, d_model=base["d_model"], n_layers=base["n_layers"],
@@ -160,7 +162,7 @@ def _run_one(name: str, seed: int, base: dict[str, Any], train_data: np.ndarray,
     model = Transformer(config, rng=seed)
     if device == "gpu":
         model.to("cuda")
-    trainer = Trainer(model, settings, train_data, val_data)
+    trainer = Trainer(model, settings, train_data, val_data, graph=graph)
     start = time.perf_counter()
     history = trainer.run(progress=progress, log=None)
     ffn_weights = sum(p.size for n, p in model.named_parameters() if ".ffn." in n and not n.endswith("mask_logits"))
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed {seed}: done before ({path.name})")
                 continue
             try:
-                result = _run_one(name, seed, base, train_data, val_data, device, args.progress)
+                result = _run_one(name, seed, base, train_data, val_data, device, args.progress,
+                                  {"auto": None, "on": True, "off": False}[args.graph])
             except (ValueError, TypeError) as e:
                 parser.error(f"{name}: {e}")
             if args.concurrent_jobs is not None:

@@ -72,6 +72,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+#: --graph choices as Trainer's ``graph`` argument
+GRAPH_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batches", type=_positive_int, default=8)
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    t.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                   help="replay each step from a captured CUDA graph (auto: for a bfloat16 model on one GPU)")
     d = p.add_argument_group("data parallelism (launch with mpiexec -n N)")
     d.add_argument("--distributed", action="store_true", help="average gradients over the MPI ranks "
                    "(NCCL on GPUs); --batch-size is the global batch")
@@ -227,7 +233,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, device: st
         model.to("cuda")
     parallel = DataParallel(model, comm) if args.distributed else None
     try:
-        trainer = Trainer(model, settings, train_data, val_data, parallel=parallel)
+        trainer = Trainer(model, settings, train_data, val_data, parallel=parallel, graph=GRAPH_CHOICES[args.graph])
     except (ValueError, TypeError) as e:
         parser.error(f"training settings: {e}")
     if args.resume:  # every rank reads the checkpoint (rank 0's copy is broadcast below anyway)

@@ -50,12 +50,20 @@ __device__ __forceinline__ void for_each_element(long long size, int row_len, in
 // m, v (size) float; grad (size) G.
 //   value *= decay_factor (when apply_decay); m = b1 m + one_minus_b1 g; v = b2 v + one_minus_b2 g^2;
 //   value -= step_size * (m / (sqrt(v / bias_correction2) + eps)); param = round(value).
+// step_scalars: nullptr, or 3 floats {step_size, bias_correction2, decay_factor} read instead of the
+// arguments of those names (they change every step: a captured CUDA graph reads them from memory).
 template <typename P, typename G, bool BITS>
 __global__ void adamw_step(P* __restrict__ param, float* __restrict__ master, float* __restrict__ m,
                            float* __restrict__ v, const G* __restrict__ grad, uint32_t* __restrict__ bits,
                            long long size, int row_len, int words, float beta1, float one_minus_beta1,
                            float beta2, float one_minus_beta2, float bias_correction2, float eps,
-                           float step_size, float decay_factor, int apply_decay) {
+                           float step_size, float decay_factor, int apply_decay,
+                           const float* __restrict__ step_scalars) {
+  if (step_scalars != nullptr) {
+    step_size = step_scalars[0];
+    bias_correction2 = step_scalars[1];
+    decay_factor = step_scalars[2];
+  }
   for_each_element<BITS>(size, row_len, words, bits, [&](long long i) {
     const float g = to_float<G>(grad[i]);
     const float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(one_minus_beta1, g));
@@ -76,11 +84,13 @@ __global__ void adamw_step(P* __restrict__ param, float* __restrict__ master, fl
 // param (size) P; master (size) float or nullptr; buf (size) float or nullptr (no momentum); grad G.
 //   g += weight_decay * value (when apply_decay); buf = g on the first step, else momentum buf + g;
 //   g = g + momentum buf (nesterov) or buf; value -= lr g; param = round(value).
+// step_scalars: nullptr, or 1 float {lr} read instead of the argument (as in adamw_step).
 template <typename P, typename G, bool BITS>
 __global__ void sgd_step(P* __restrict__ param, float* __restrict__ master, float* __restrict__ buf,
                          const G* __restrict__ grad, uint32_t* __restrict__ bits, long long size, int row_len,
                          int words, float lr, float momentum, float weight_decay, int apply_decay,
-                         int first_step, int nesterov) {
+                         int first_step, int nesterov, const float* __restrict__ step_scalars) {
+  if (step_scalars != nullptr) lr = step_scalars[0];
   for_each_element<BITS>(size, row_len, words, bits, [&](long long i) {
     float value = master != nullptr ? master[i] : to_float<P>(param[i]);
     float g = to_float<G>(grad[i]);

@@ -24,10 +24,11 @@ import numpy as np
 
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
+from pymglu.cuda.capture import upload
 from pymglu.dtypes import float32
 
-__all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_step", "sgd_step",
-           "clip_supports", "clip_grads"]
+__all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_scalars", "sgd_scalars",
+           "adamw_step", "sgd_step", "clip_supports", "clip_grads"]
 
 #: Whether :mod:`pymglu.optim` uses these kernels for CuPy parameters.
 ENABLED = True
@@ -116,8 +117,8 @@ def clip_grads(grads: list, max_norm: float, eps: float) -> tuple[list, Any]:
     partials = []
     tables = {}
     for dt, idx in groups.items():
-        ptrs = cp.asarray(np.array([grads[i].data.ptr for i in idx], dtype=np.uint64))
-        sizes = cp.asarray(np.array([grads[i].size for i in idx], dtype=np.int64))
+        ptrs = upload(np.array([grads[i].data.ptr for i in idx], dtype=np.uint64))
+        sizes = upload(np.array([grads[i].size for i in idx], dtype=np.int64))
         tables[dt] = (ptrs, sizes)
         partial = cp.empty((len(idx), _CLIP_BLOCKS), dtype=np.float32)
         name = f"pymglu::sum_squares<{_CUDA_TYPES[dt]}>"
@@ -127,7 +128,7 @@ def clip_grads(grads: list, max_norm: float, eps: float) -> tuple[list, Any]:
     out = [cp.empty_like(g) for g in grads]
     for dt, idx in groups.items():
         ptrs, sizes = tables[dt]
-        dst = cp.asarray(np.array([out[i].data.ptr for i in idx], dtype=np.uint64))
+        dst = upload(np.array([out[i].data.ptr for i in idx], dtype=np.uint64))
         name = f"pymglu::scaled_copies<{_CUDA_TYPES[dt]}>"
         _cuda.get_function(_SOURCE, name)(
             (_CLIP_BLOCKS, len(idx)), (256,), (ptrs, dst, sizes, total_sq, np.float32(max_norm), np.float32(eps)))
@@ -179,35 +180,64 @@ def _work_items(param: Any, bits: Any, row_len: int, words: int) -> int:
     return (int(param.size) // row_len) * words * 32
 
 
+def adamw_scalars(*, lr: float, beta1: float, beta2: float, weight_decay: float, step: int) -> np.ndarray:
+    """The AdamW kernel's step-dependent scalars ``[step_size, bias_correction2, decay_factor]``
+    (float32): ``lr / (1 - beta1^step)``, ``1 - beta2^step``, ``1 - lr weight_decay``."""
+    return np.array([lr / (1.0 - beta1 ** step), 1.0 - beta2 ** step, 1.0 - lr * weight_decay], dtype=np.float32)
+
+
+def sgd_scalars(*, lr: float) -> np.ndarray:
+    """The SGD kernel's step-dependent scalars ``[lr]`` (float32)."""
+    return np.array([lr], dtype=np.float32)
+
+
+def _check_step_scalars(step_scalars: Any, count: int, param: Any) -> None:
+    if step_scalars is None:
+        return
+    if not is_cupy_array(step_scalars) or step_scalars.dtype != np.float32 or step_scalars.shape != (count,) \
+            or not step_scalars.flags.c_contiguous or step_scalars.device.id != param.device.id:
+        raise ValueError(f"step_scalars: expected a C-contiguous float32 CuPy array of shape ({count},) on device "
+                         f"{param.device.id}, got {type(step_scalars).__name__} {getattr(step_scalars, 'dtype', None)} "
+                         f"{getattr(step_scalars, 'shape', None)}")
+
+
 def adamw_step(param: Any, grad: Any, master: Any, exp_avg: Any, exp_avg_sq: Any, *, lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-               sign_bits: Any = None) -> None:
+               sign_bits: Any = None, step_scalars: Any = None) -> None:
     """One AdamW update in place (the formula of :class:`pymglu.optim.AdamW`, step count ``step`` >= 1).
 
     ``master`` is the float32 master of a 16-bit parameter or ``None`` (then ``param`` itself is
     updated, in float32 arithmetic). ``sign_bits``: ``None`` or the array of :func:`new_sign_bits`,
-    filled with ``param > 0`` of the new values.
+    filled with ``param > 0`` of the new values. ``step_scalars``: ``None``, or a float32 CuPy array of
+    the 3 values of :func:`adamw_scalars` that the kernel reads when it runs instead of those of
+    ``lr``, ``step`` and ``weight_decay`` given here (what a captured CUDA graph replays with new
+    values); whether weight decay applies still follows ``weight_decay != 0``.
     """
     row_len, words = _layout(param, sign_bits)
+    _check_step_scalars(step_scalars, 3, param)
     f = np.float32
+    step_size, bias2, decay = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step)
     args = (param, _ptr(master), exp_avg, exp_avg_sq, grad, _ptr(sign_bits), np.int64(param.size),
             np.int32(row_len), np.int32(words), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
-            f(1.0 - beta2 ** step), f(eps), f(lr / (1.0 - beta1 ** step)), f(1.0 - lr * weight_decay),
-            np.int32(1 if weight_decay else 0))
+            bias2, f(eps), step_size, decay, np.int32(1 if weight_decay else 0), _ptr(step_scalars))
     _launch("adamw_step", param, grad, sign_bits, _work_items(param, sign_bits, row_len, words), args)
 
 
 def sgd_step(param: Any, grad: Any, master: Any, momentum_buffer: Any, *, lr: float, momentum: float,
-             weight_decay: float, nesterov: bool, first_step: bool, sign_bits: Any = None) -> None:
+             weight_decay: float, nesterov: bool, first_step: bool, sign_bits: Any = None,
+             step_scalars: Any = None) -> None:
     """One SGD update in place (the formula of :class:`pymglu.optim.SGD`).
 
     ``momentum_buffer`` is ``None`` without momentum; on the ``first_step`` it is written with the
     (decayed) gradient and its old contents are not read. ``master``, ``sign_bits``: as in
-    :func:`adamw_step`.
+    :func:`adamw_step`; ``step_scalars``: ``None`` or the 1 value of :func:`sgd_scalars`, read by the
+    kernel instead of ``lr``.
     """
     row_len, words = _layout(param, sign_bits)
+    _check_step_scalars(step_scalars, 1, param)
     f = np.float32
     args = (param, _ptr(master), _ptr(momentum_buffer), grad, _ptr(sign_bits), np.int64(param.size),
-            np.int32(row_len), np.int32(words), f(lr), f(momentum), f(weight_decay),
-            np.int32(1 if weight_decay else 0), np.int32(1 if first_step else 0), np.int32(1 if nesterov else 0))
+            np.int32(row_len), np.int32(words), sgd_scalars(lr=lr)[0], f(momentum), f(weight_decay),
+            np.int32(1 if weight_decay else 0), np.int32(1 if first_step else 0), np.int32(1 if nesterov else 0),
+            _ptr(step_scalars))
     _launch("sgd_step", param, grad, sign_bits, _work_items(param, sign_bits, row_len, words), args)

@@ -8,6 +8,7 @@ from pymglu.models.block import TransformerBlock
 from pymglu.models.config import MGLU_KINDS, TransformerConfig
 from pymglu.models.generation import choose_next, generate
 from pymglu.models.graph_decoder import GraphDecoder
+from pymglu.models.graph_step import GraphTrainStep
 from pymglu.models.kv_cache import KVCache
 from pymglu.models.tokenizer import ByteTokenizer
 from pymglu.models.transformer import Transformer
@@ -17,6 +18,7 @@ __all__ = [
     "Attention",
     "ByteTokenizer",
     "GraphDecoder",
+    "GraphTrainStep",
     "KVCache",
     "Transformer",
     "TransformerBlock",

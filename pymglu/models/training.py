@@ -28,6 +28,7 @@ from pymglu import amp, optim
 from pymglu.autograd.function import no_grad
 from pymglu.backend import get_array_module
 from pymglu.models.data import eval_windows, sample_windows
+from pymglu.models.graph_step import GraphTrainStep, unsupported_reason
 from pymglu.models.transformer import Transformer
 
 __all__ = ["TrainSettings", "History", "Trainer"]
@@ -104,12 +105,18 @@ class Trainer:
         parallel: ``None``, or a :class:`pymglu.distributed.DataParallel` over ``model`` (any object with
             its ``size``, ``shard_batch(x, y)``, ``reduce_gradients()`` and ``mean(value)``);
             ``settings.batch_size`` is then the global batch and must be a multiple of ``parallel.size``.
+        graph: run the steps as replays of a captured CUDA graph (:class:`pymglu.models.GraphTrainStep`):
+            ``None`` (default) where :func:`pymglu.models.graph_step.unsupported_reason` allows it (a
+            bfloat16 model on one GPU), else eagerly; ``True`` requires it (``ValueError`` naming the
+            reason otherwise); ``False`` never.
     """
 
     def __init__(self, model: Transformer, settings: TrainSettings, train_data: np.ndarray,
-                 val_data: np.ndarray, parallel: Any = None) -> None:
+                 val_data: np.ndarray, parallel: Any = None, graph: bool | None = None) -> None:
         if parallel is not None and settings.batch_size % parallel.size:
             raise ValueError(f"batch_size {settings.batch_size} is not a multiple of the world size {parallel.size}")
+        if graph is not None and not isinstance(graph, (bool, np.bool_)):
+            raise TypeError(f"graph: expected None, True or False, got {graph!r}")
         self.parallel = parallel
         self.model, self.settings = model, settings
         self.seq_len = model.config.max_seq_len
@@ -130,6 +137,10 @@ class Trainer:
         self.step = 0
         self.history = History()
         self._eval_set = eval_windows(val_data, s.batch_size, self.seq_len, s.eval_batches)
+        #: the :class:`GraphTrainStep` that runs the steps, or ``None`` (eager steps).
+        self.graph_step: GraphTrainStep | None = None
+        if graph or (graph is None and unsupported_reason(self) is None):
+            self.graph_step = GraphTrainStep(self, self._step_body)
 
     # ----------------------------------------------------------------- one step
     def train_step(self, sync: bool = True) -> float | None:
@@ -145,16 +156,14 @@ class Trainer:
         tokens = x.size  # of the global batch
         if self.parallel is not None:
             x, y = self.parallel.shard_batch(x, y)
-        self.model.train()
-        loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
-        self.optimizer.zero_grad()
-        if self.scaler is None:
-            loss.backward()
-            self._reduce_gradients()
-            if self.settings.grad_clip > 0:
-                optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
-            self.optimizer.step()
+        if self.graph_step is not None:
+            loss_value = self.graph_step.step(x, y)
+        elif self.scaler is None:
+            loss_value = self._step_body(self.xp.asarray(x), self.xp.asarray(y)).data
         else:  # float16: overflows are expected under a too large scale (the step is then skipped)
+            self.model.train()
+            loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
+            self.optimizer.zero_grad()
             with np.errstate(over="ignore", invalid="ignore"):
                 self.scaler.scale(loss).backward()
                 self._reduce_gradients()  # every rank has the same scale; an inf anywhere reaches all
@@ -163,11 +172,25 @@ class Trainer:
                     optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            loss_value = loss.data
         self.schedule.step()
         self.step += 1
         self.history.tokens += tokens
-        self._pending.append(loss.data)
+        self._pending.append(loss_value)
         return self.flush() if sync else None
+
+    def _step_body(self, x: Any, y: Any) -> Any:
+        """Forward, backward, gradient reduction and clipping, optimizer update on device batches; the
+        loss Tensor. (What :class:`GraphTrainStep` records.)"""
+        self.model.train()
+        loss = self.model.loss(x, y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self._reduce_gradients()
+        if self.settings.grad_clip > 0:
+            optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        return loss
 
     def flush(self) -> float | None:
         """Read the losses of the steps not yet synchronised into ``history`` (one device-to-host copy,

@@ -43,6 +43,10 @@ class AdamW(Optimizer):
             out["weight_decay"] = _checks.check_finite("weight_decay", hp["weight_decay"], minimum=0.0)
         return out
 
+    def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> Any:
+        b1, b2 = group["betas"]
+        return _fused.adamw_scalars(lr=group["lr"], beta1=b1, beta2=b2, weight_decay=_weight_decay(p, group), step=step)
+
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:
         xp = get_array_module(p.data)
         ct = _state_dtype(p.dtype)
@@ -53,10 +57,11 @@ class AdamW(Optimizer):
         lr, eps, wd = group["lr"], group["eps"], _weight_decay(p, group)
         master = st.get("master")
         if _fused.supports(p.data, grad, master, st["exp_avg"], st["exp_avg_sq"]):
-            bits = _fused.new_sign_bits(p.data) if getattr(p, "wants_sign_bits", False) else None
+            bits = self._sign_bits_buffer(p)
             _fused.adamw_step(p.data, grad, master, st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=b1, beta2=b2,
-                              eps=eps, weight_decay=wd, step=t, sign_bits=bits)
+                              eps=eps, weight_decay=wd, step=t, sign_bits=bits, step_scalars=self._captured_row(p))
             return bits
+        self._refuse_capture(p)
         g = grad.astype(ct, copy=False)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         m *= b1

@@ -95,6 +95,12 @@ class Optimizer:
         #: ``id(parameter) -> (data array, version)`` after this optimizer's last write of a parameter
         #: with a master copy; a difference on the next update means the parameter changed outside.
         self._master_keys: dict[int, tuple[Any, Any]] = {}
+        #: ``id(parameter) -> uint32 array``: where the fused update writes the sign bit-planes of a
+        #: parameter that wants them, reused every step (so a captured step writes where it reads).
+        self._sign_bits: dict[int, Any] = {}
+        #: while a training step is being captured: ``id(parameter) -> float32 device array`` of the
+        #: step-dependent scalars its fused kernel reads (see :meth:`step_scalars`); else ``None``.
+        self._step_scalar_rows: dict[int, Any] | None = None
 
     # ----------------------------------------------------------------- groups and hyper-parameters
     def _validate_hparams(self, hp: dict[str, Any], where: str) -> dict[str, Any]:
@@ -244,6 +250,75 @@ class Optimizer:
                     st = self.state.get(id(p))
                     if st is not None and "master" in st:
                         self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
+
+    # ----------------------------------------------------------------- captured steps
+    def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> np.ndarray:
+        """The float32 values that change from step to step in the fused kernel of ``p``'s update at
+        step count ``step`` (e.g. AdamW's bias-corrected step size). A captured step
+        (:class:`pymglu.models.GraphTrainStep`) uploads them before each replay."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a captured training step")
+
+    def next_step_scalars(self) -> list[tuple[Any, np.ndarray]]:
+        """``(parameter, step_scalars)`` of every parameter with a gradient, for its next update (its
+        step count + 1, its group's current hyper-parameters)."""
+        rows = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    st = self.state.get(id(p))
+                    rows.append((p, self.step_scalars(p, g, (st["step"] if st else 0) + 1)))
+        return rows
+
+    def _captured_row(self, p: Any) -> Any:
+        """The device row of step scalars for ``p`` while a step is captured (``None`` otherwise);
+        raises when the update of ``p`` cannot be captured (it runs as array expressions)."""
+        if self._step_scalar_rows is None:
+            return None
+        row = self._step_scalar_rows.get(id(p))
+        if row is None:
+            raise RuntimeError(f"{type(self).__name__}: no step scalars for a parameter of shape {p.shape} "
+                               "in the captured step")
+        return row
+
+    def _refuse_capture(self, p: Any) -> None:
+        """Called by the array-expression path: its scalars would be frozen into a captured graph."""
+        if self._step_scalar_rows is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the update of a {_dtypes.name(p.dtype)} parameter of shape {p.shape} runs "
+                "as array expressions (no fused kernel serves it), which a captured training step cannot replay "
+                "with new learning rates; train it without the graph (graph=False)")
+
+    def replayed_step(self) -> None:
+        """What :meth:`step` does on the host after its kernels, for a replay of a captured step: every
+        parameter with a gradient counts one more step, is marked modified, gets its sign bit-planes
+        re-offered and its master key renewed."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.get(id(p))
+                if st is not None:
+                    st["step"] += 1
+                if hasattr(p, "mark_modified"):
+                    p.mark_modified()
+                bits = self._sign_bits.get(id(p))
+                if bits is not None and getattr(p, "wants_sign_bits", False):
+                    p.offer_sign_bits(bits)
+                if st is not None and "master" in st:
+                    self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
+
+    def _sign_bits_buffer(self, p: Any) -> Any:
+        """The array the fused update of ``p`` writes its sign bit-planes into (``None`` unless ``p``
+        wants them); made on first use and whenever ``p``'s shape or device changed."""
+        if not getattr(p, "wants_sign_bits", False):
+            return None
+        from pymglu.cuda import optimizers as _fused
+
+        buf = self._sign_bits.get(id(p))
+        words = -(-p.shape[-1] // 32) if p.ndim else 0
+        if buf is None or buf.shape != tuple(p.shape[:-1]) + (words,) or buf.device.id != p.data.device.id:
+            buf = self._sign_bits[id(p)] = _fused.new_sign_bits(p.data)
+        return buf
 
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:  # pragma: no cover - abstract
         """Update ``p`` in place from ``grad``. Returns the sign bit-planes of the new values when the

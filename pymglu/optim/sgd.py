@@ -53,6 +53,7 @@ class SGD(Optimizer):
         buf = None if st is None else st.get("momentum_buffer")
         if _fused.supports(p.data, grad, master, buf):
             return self._fused_update(p, grad, group, st, master, buf)
+        self._refuse_capture(p)
         g = grad.astype(ct, copy=True)
         value = p.data.astype(ct, copy=False) if master is None else master
         wd = _weight_decay(p, group)
@@ -87,12 +88,17 @@ class SGD(Optimizer):
         if momentum and buf is None:
             buf = st["momentum_buffer"] = get_array_module(p.data).empty(p.shape, dtype=_state_dtype(p.dtype))
             first_step = True
+            if self._step_scalar_rows is not None:
+                raise RuntimeError("SGD: a captured training step needs the momentum buffers from an earlier step")
         if st is not None:
             st["step"] += 1
-        bits = _fused.new_sign_bits(p.data) if getattr(p, "wants_sign_bits", False) else None
+        bits = self._sign_bits_buffer(p)
         _fused.sgd_step(p.data, grad, master, buf if momentum else None, lr=group["lr"], momentum=momentum,
                         weight_decay=_weight_decay(p, group), nesterov=group["nesterov"], first_step=first_step,
-                        sign_bits=bits)
+                        sign_bits=bits, step_scalars=self._captured_row(p))
         return bits
+
+    def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> Any:
+        return _fused.sgd_scalars(lr=group["lr"])
 
 

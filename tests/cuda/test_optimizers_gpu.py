@@ -306,3 +306,36 @@ def test_clip_grad_norm_over_mixed_dtypes_matches_float64(max_norm, monkeypatch)
         np.testing.assert_array_equal(host(g), k)  # the caller's arrays are not written through
         err = np.abs(host(p.grad) - k * scale).max() / (np.abs(k).max() * scale)
         assert err <= ULP[np.dtype(dt)]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_step_scalars_in_device_memory_replace_the_arguments(kind):
+    """With ``step_scalars`` the kernels take learning rate, bias corrections and decay from the device
+    array (what a captured step replays with new values): wrong arguments, right table, right result."""
+    import cupy as cp
+
+    from pymglu.cuda import optimizers
+
+    rng = np.random.default_rng(11)
+    shape = (37, 70)
+    start = cp.asarray(rng.standard_normal(shape).astype(np.float32))
+    results = []
+    for args, table in (("right", None), ("wrong", "right")):
+        param = start.copy()
+        grad = cp.asarray(np.random.default_rng(12).standard_normal(shape).astype(np.float32))
+        state = [cp.asarray(np.random.default_rng(13).random(shape).astype(np.float32)) for _ in range(2)]
+        lr, step = (3e-3, 7) if args == "right" else (0.9, 1)
+        if kind == "adamw":
+            scalars = optimizers.adamw_scalars(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, step=7)
+            optimizers.adamw_step(param, grad, None, state[0], state[1], lr=lr, beta1=0.9, beta2=0.99, eps=1e-8,
+                                  weight_decay=0.1, step=step, step_scalars=cp.asarray(scalars) if table else None)
+        else:
+            scalars = optimizers.sgd_scalars(lr=3e-3)
+            optimizers.sgd_step(param, grad, None, state[0], lr=lr, momentum=0.9, weight_decay=0.1, nesterov=False,
+                                first_step=False, step_scalars=cp.asarray(scalars) if table else None)
+        results.append(param)
+    assert not bool(cp.all(results[0] == start))
+    assert bool(cp.all(results[0] == results[1]))
+    with pytest.raises(ValueError, match=r"step_scalars: expected .*float32 CuPy array of shape \(3,\)"):
+        optimizers.adamw_step(param, grad, None, state[0], state[1], lr=lr, beta1=0.9, beta2=0.99, eps=1e-8,
+                              weight_decay=0.1, step=1, step_scalars=cp.zeros(2, dtype=np.float32))

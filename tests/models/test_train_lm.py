@@ -104,4 +104,7 @@ def test_other_bad_arguments(text_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run("--data", text_file, "--out", tmp_path / "r", "--steps", "0")
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        run("--data", text_file, "--out", tmp_path / "r", "--graph", "on")  # the CPU model cannot be captured
+    assert e.value.code == 2 and "graph: this trainer's steps cannot be captured" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "nothing").exists()

@@ -1,0 +1,232 @@
+"""``GraphTrainStep``: a :class:`~pymglu.models.training.Trainer`'s step on the GPU, replayed as a CUDA graph.
+
+A training step of a small model launches about a thousand kernels from Python (the tape's forward and
+backward, the clipping, one optimizer kernel per parameter). For the ``compare_ffn.py`` model the host
+needs several times longer to launch them than the GPU needs to run them. This class records the whole
+step once (CUDA stream capture) and replays it: per step one upload of the batch, one of the optimizer's
+step scalars, one ``cudaGraphLaunch``, and host bookkeeping, with no host synchronisation.
+
+How a step is served:
+
+1. The first step after construction (or after anything the graph depends on changed) runs eagerly, on
+   the class's stream: it compiles the kernels, creates the optimizer state, gives cuBLAS its workspace on
+   that stream, and leaves a gradient on every parameter that gets one.
+2. The next step is captured, with every allocation from a private memory pool (so that no one else is
+   handed the graph's buffers) and with the optimizer kernels reading their step-dependent scalars
+   (learning rate, bias corrections) from a device table (:meth:`pymglu.optim.Optimizer.step_scalars`);
+   it is then launched.
+3. Every later step copies the batch into the graph's input buffers and the optimizer's next scalars into
+   the table, launches the graph on the current stream, and does on the host what the optimizer's
+   :meth:`~pymglu.optim.Optimizer.step` does after its kernels (:meth:`~pymglu.optim.Optimizer.replayed_step`:
+   step counts, parameter versions, the MGLU layers' bit-planes, master keys).
+
+The arithmetic is the eager step's: the same kernels with the same arguments, so a replayed step gives
+the eager step's values up to the order of atomic additions (the embedding gradient).
+
+The graph reads and writes the arrays it was recorded with. Before each replay the class checks that
+every parameter still has the same data array at the version the last step left, that the optimizer's
+state arrays and hyper-parameters (other than the learning rate) are the same, and that the batch has
+the recorded shape and dtype. If anything differs (a loaded checkpoint, an edited weight, a new weight
+decay) the graph is dropped and the step runs eagerly; the step after that records a new graph.
+
+Served (:func:`unsupported_reason` names what rules a trainer out, and the trainer then steps eagerly):
+a model on CuPy in bfloat16 (float32 products run through CuPy's cuBLAS wrappers, which refuse a capture;
+float16 training reads its loss scaler's overflow flag on the host every step), one process (no
+``parallel``), the fused training and optimizer kernels enabled (:mod:`pymglu.cuda.training`,
+:mod:`pymglu.cuda.optimizers`), and an optimizer with :meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW,
+SGD).
+
+Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph,
+next to what the default pool caches.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pymglu.backend import is_cupy_array
+
+__all__ = ["GraphTrainStep", "unsupported_reason"]
+
+
+def unsupported_reason(trainer: Any) -> str | None:
+    """Why ``trainer``'s steps cannot be captured, or ``None`` when they can."""
+    from pymglu.cuda import optimizers, training
+
+    params = list(trainer.model.parameters())
+    if not params or not all(is_cupy_array(p.data) for p in params):
+        return "the model is not on a GPU (CuPy arrays)"
+    if trainer.parallel is not None:
+        return "data-parallel training reduces the gradients through its communicator, outside the graph"
+    if trainer.scaler is not None:
+        return "float16 training reads its loss scaler's overflow flag on the host every step"
+    if trainer.model.config.dtype != "bfloat16":
+        return (f"the model is {trainer.model.config.dtype}, not bfloat16 (float32 products run through CuPy's "
+                "cuBLAS wrappers, which a CUDA graph capture refuses)")
+    if not (optimizers.ENABLED and training.ENABLED):
+        return "the fused optimizer or training kernels are disabled (pymglu.cuda.optimizers / training)"
+    from pymglu.optim.optimizer import Optimizer
+
+    if type(trainer.optimizer).step_scalars is Optimizer.step_scalars:
+        return f"{type(trainer.optimizer).__name__} does not provide step_scalars()"
+    return None
+
+
+class GraphTrainStep:
+    """Runs ``trainer``'s steps as replays of one captured CUDA graph (module docstring).
+
+    Args:
+        trainer: a :class:`~pymglu.models.training.Trainer` that :func:`unsupported_reason` accepts.
+        body: ``body(x, y) -> loss Tensor``, one training step on device batches ``x, y`` ``(B, T)``
+            (forward, backward, clipping, optimizer step; the trainer's own step without the host-side
+            bookkeeping).
+    Raises:
+        ValueError: the trainer cannot be captured (the reason is in the message).
+    """
+
+    def __init__(self, trainer: Any, body: Any) -> None:
+        reason = unsupported_reason(trainer)
+        if reason is not None:
+            raise ValueError(f"graph: this trainer's steps cannot be captured in a CUDA graph: {reason}")
+        import cupy as cp
+
+        self.trainer, self.body = trainer, body
+        #: the capturing stream (non-blocking: the default stream may be used while it captures); the
+        #: eager steps on it are ordered with the caller's stream by events, the replays run on the caller's.
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        #: private pool of the captured step's buffers (kept as long as this object).
+        self.pool = cp.cuda.MemoryPool()
+        self.graph: Any = None
+        self.captures = 0  #: how many graphs were recorded (tests and benchmarks read it)
+        self._warm = False
+        self._x = self._y = self._loss = self._table = None
+        self._params: list[Any] = []
+        self._kept: list = []
+        self._key: tuple = ()
+
+    # ----------------------------------------------------------------- public
+    def step(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """One training step on host batches ``x, y`` ``(B, T)``; returns its loss as a 0-d device array."""
+        if self.graph is not None and not self._still_valid(x, y):
+            self.release()
+        if self.graph is None and not self._warm:
+            return self._eager(x, y)
+        if self.graph is None:
+            return self._capture_and_launch(x, y)
+        return self._replay(x, y)
+
+    def release(self) -> None:
+        """Drop the graph and its buffers; the next step runs eagerly, the one after records a new graph."""
+        self.graph = None
+        self._warm = False
+        self._x = self._y = self._loss = self._table = None
+        self._params, self._kept, self._key = [], [], ()
+        self.pool.free_all_blocks()
+
+    # ----------------------------------------------------------------- the three kinds of step
+    def _eager(self, x: np.ndarray, y: np.ndarray) -> Any:
+        import cupy as cp
+        from cupy_backends.cuda.libs import cublas
+
+        caller = cp.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        with self.stream:
+            cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
+            loss = self.body(cp.asarray(x), cp.asarray(y))
+        caller.wait_event(self.stream.record())
+        self._warm = True
+        return loss.data
+
+    def _capture_and_launch(self, x: np.ndarray, y: np.ndarray) -> Any:
+        import cupy as cp
+        from cupy_backends.cuda.libs import cublas
+
+        from pymglu.cuda.capture import keeping_uploads
+
+        optimizer = self.trainer.optimizer
+        rows = optimizer.next_step_scalars()
+        self._params = [p for p, _ in rows]
+        self._table = cp.asarray(np.stack([r for _, r in rows]))
+        self._x, self._y = cp.asarray(x), cp.asarray(y)
+        saved_steps = {k: st["step"] for k, st in optimizer.state.items()}
+        params = list(self.trainer.model.parameters())
+        optimizer._step_scalar_rows = {id(p): self._table[i] for i, p in enumerate(self._params)}
+        try:
+            with self.stream:
+                cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
+                with cp.cuda.using_allocator(self.pool.malloc), keeping_uploads() as kept:
+                    self.stream.begin_capture()
+                    try:
+                        loss = self.body(self._x, self._y)
+                    except BaseException:
+                        self.stream.end_capture()
+                        raise
+                    graph = self.stream.end_capture()
+        except BaseException as exc:
+            for k, step in saved_steps.items():  # the recorded update never ran
+                optimizer.state[k]["step"] = step
+            for p in params:
+                p.grad = None
+            self.release()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"graph: capturing the training step failed ({type(exc).__name__}: {exc}); "
+                                   "train with graph=False") from exc
+            raise
+        finally:
+            optimizer._step_scalar_rows = None
+        self.graph, self._kept, self._loss = graph, kept, loss.data
+        stale = self._layers_packing_their_own_masks()
+        if stale:
+            self.release()
+            raise RuntimeError(f"graph: the MGLU layers {stale} did not read the bit-planes the optimizer writes; a "
+                               "replay would keep their masks fixed; train with graph=False")
+        self.captures += 1
+        self.graph.launch(stream=cp.cuda.get_current_stream())
+        self._key = self._make_key()
+        return self._loss.copy()
+
+    def _replay(self, x: np.ndarray, y: np.ndarray) -> Any:
+        import cupy as cp
+
+        optimizer = self.trainer.optimizer
+        self._x[...] = cp.asarray(x)
+        self._y[...] = cp.asarray(y)
+        rows = optimizer.next_step_scalars()
+        self._table[...] = cp.asarray(np.stack([r for _, r in rows]))
+        self.graph.launch(stream=cp.cuda.get_current_stream())
+        optimizer.replayed_step()
+        self._key = self._make_key()
+        return self._loss.copy()
+
+    def _layers_packing_their_own_masks(self) -> list[str]:
+        """Names of the MGLU layers whose recorded forward did not read the optimizer's bit-planes."""
+        from pymglu.nn.mglu import MGLU
+
+        written = self.trainer.optimizer._sign_bits
+        return [name for name, m in self.trainer.model.named_modules()
+                if isinstance(m, MGLU) and getattr(m, "mask_logits", None) is not None
+                and m.packed_masks is not written.get(id(m.mask_logits))]
+
+    # ----------------------------------------------------------------- what the graph depends on
+    def _make_key(self) -> tuple:
+        optimizer = self.trainer.optimizer
+        params = tuple((p, p.data, p.version) for p in self.trainer.model.parameters())
+        state = tuple((k, tuple(v for v in st.values() if hasattr(v, "shape"))) for k, st in optimizer.state.items())
+        hyper = tuple(tuple((k, g[k]) for k in optimizer.hyperparameters if k != "lr") for g in optimizer.param_groups)
+        grads = tuple(p.grad is not None for p in self._params)
+        return params, state, hyper, grads, tuple(optimizer._sign_bits.values())
+
+    def _still_valid(self, x: np.ndarray, y: np.ndarray) -> bool:
+        if x.shape != self._x.shape or x.dtype != self._x.dtype or y.shape != self._y.shape or y.dtype != self._y.dtype:
+            return False
+        return _same(self._make_key(), self._key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality of nested tuples, comparing arrays and parameters by identity."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        return a is b
+    return a == b

@@ -1,0 +1,106 @@
+"""GraphTrainStep: the Trainer's steps replayed from a captured CUDA graph, against the eager steps."""
+import numpy as np
+import pytest
+
+from pymglu.models import Transformer, TransformerConfig
+from pymglu.models.data import split_corpus
+from pymglu.models.training import Trainer, TrainSettings
+from pymglu.cuda import optimizers as fused
+
+DATA = np.frombuffer(("the quick brown fox jumps over the lazy dog. " * 100).encode(), dtype=np.uint8)
+
+
+def make(kind="swimglu", steps=10, device=None, graph=None, dtype="bfloat16", eval_every=5):
+    config = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, ffn_kind=kind, max_seq_len=16, dtype=dtype)
+    model = Transformer(config, rng=0)
+    if device:
+        model.to(device)
+    train, val = split_corpus(DATA, 16)
+    settings = TrainSettings(steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=eval_every,
+                             eval_batches=2, seed=0)
+    return Trainer(model, settings, train, val, graph=graph)
+
+
+def test_graph_needs_a_bfloat16_model_on_a_gpu():
+    assert make(dtype="float32").graph_step is None  # auto: the CPU model steps eagerly
+    with pytest.raises(ValueError, match="graph: .*cannot be captured.*not on a GPU"):
+        make(dtype="float32", graph=True)
+    with pytest.raises(TypeError, match="graph: expected None, True or False, got 'yes'"):
+        make(graph="yes")
+
+
+def test_replayed_step_does_the_host_side_of_a_step():
+    trainer = make(dtype="float32", eval_every=0)
+    trainer.train_step()
+    opt = trainer.optimizer
+    with_grad = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    steps = {id(p): opt.state[id(p)]["step"] for p in with_grad}
+    versions = {id(p): p.version for p in with_grad}
+    rows = opt.next_step_scalars()
+    assert [p for p, _ in rows] == with_grad
+    for p, row in rows:
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        wd = group["weight_decay"] if p.decay else 0.0
+        np.testing.assert_array_equal(row, fused.adamw_scalars(lr=group["lr"], beta1=group["betas"][0],
+                                                               beta2=group["betas"][1], weight_decay=wd,
+                                                               step=steps[id(p)] + 1))
+        assert (row[2] == 1.0) == (wd == 0.0)
+    opt.replayed_step()
+    assert all(opt.state[id(p)]["step"] == steps[id(p)] + 1 for p in with_grad)
+    assert all(p.version == versions[id(p)] + 1 for p in with_grad)
+
+
+def _masters(trainer):
+    opt = trainer.optimizer
+    out = []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            st = opt.state.get(id(p), {})
+            out.append(np.asarray((st["master"] if "master" in st else p.data).get(), dtype=np.float64))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["swimglu", "swiglu"])
+def test_graph_steps_follow_the_eager_steps(kind, monkeypatch):
+    eager, graph = make(kind, device="cuda", graph=False), make(kind, device="cuda", graph=True)
+    assert eager.graph_step is None and graph.graph_step is not None
+    start = _masters(eager)
+    eager.run(progress=False, log=None)
+    calls = []
+    real = fused.adamw_step
+    monkeypatch.setattr(fused, "adamw_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    graph.run(progress=False, log=None)
+    assert graph.graph_step.captures == 1
+    n_params = len(list(graph.model.parameters()))
+    assert len(calls) == 2 * n_params  # the eager first step and the recorded one; 8 replays launch none
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
+    np.testing.assert_allclose(graph.history.val_loss, eager.history.val_loss, rtol=1e-2)
+    for p0, pe, pg in zip(start, _masters(eager), _masters(graph)):
+        # the updates agree: a learning rate frozen at the captured step would make them differ by far more
+        assert np.linalg.norm(pg - pe) <= 0.05 * np.linalg.norm(pe - p0)
+    opt = graph.optimizer
+    assert {st["step"] for st in opt.state.values()} == {10}
+    for layer in graph.model.mglu_layers():
+        from pymglu.masks import pack_masks
+
+        np.testing.assert_array_equal(layer._current_packed().get(), pack_masks(layer.mask_logits.data).get())
+
+
+@pytest.mark.gpu
+def test_graph_is_recorded_again_after_a_parameter_changes():
+    graph, eager = make(device="cuda", eval_every=0), make(device="cuda", graph=False, eval_every=0)
+    for t in (graph, eager):
+        for _ in range(4):
+            t.train_step()
+        w = t.model.embed.weight
+        w.data = (w.data * 0.5).astype(w.dtype)  # a new array: the recorded graph no longer points at it
+    assert graph.graph_step.captures == 1
+    graph.train_step()
+    eager.train_step()
+    assert graph.graph_step.captures == 1 and graph.graph_step.graph is None  # an eager step
+    for t in (graph, eager):
+        for _ in range(3):
+            t.train_step()
+    assert graph.graph_step.captures == 2
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
