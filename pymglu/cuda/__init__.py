@@ -11,10 +11,11 @@ device's architecture and keeps its own on-disk cache of the binaries.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,6 +35,7 @@ __all__ = [
     "headers_digest",
     "clear_module_cache",
     "multiprocessor_count",
+    "switched_off",
     "CUDA_TYPE_NAMES",
     "ACTIVATION_CODES",
 ]
@@ -210,3 +212,15 @@ def multiprocessor_count() -> int:
         count = _multiprocessors[device] = int(cp.cuda.runtime.deviceGetAttribute(
             cp.cuda.runtime.cudaDevAttrMultiProcessorCount, device))
     return count
+
+
+@contextlib.contextmanager
+def switched_off(module: Any, flag: str = "ENABLED") -> Iterator[None]:
+    """Within the block, ``module.<flag>`` is ``False``; its previous value comes back afterwards (the
+    ``disabled()`` switches of :mod:`pymglu.cuda.training` and :mod:`pymglu.cuda.optimizers`)."""
+    previous = getattr(module, flag)
+    setattr(module, flag, False)
+    try:
+        yield
+    finally:
+        setattr(module, flag, previous)

@@ -38,6 +38,19 @@ def _contiguous_2d(name: str, a: Any) -> None:
         raise ValueError(f"{name}: expected a C-contiguous matrix, got {_checks.describe(a)} with strides {a.strides}")
 
 
+def _data_types(a: Any, b: Any, out: Any) -> tuple[int, int]:
+    """cuBLAS data types of the operands and of ``out``; checks that ``a`` and ``b`` share a dtype of
+    float32, float16 or bfloat16 and that ``out`` has it too or is float32."""
+    _checks.check_same_dtype(("a", "b"), a, b)
+    in_type = _DATA_TYPES.get(np.dtype(a.dtype))
+    out_type = _DATA_TYPES.get(np.dtype(out.dtype))
+    if in_type is None:
+        raise TypeError(f"a: expected float32, float16 or bfloat16, got {_checks.describe(a)}")
+    if out_type is None or (out.dtype != a.dtype and np.dtype(out.dtype) != np.dtype(float32)):
+        raise TypeError(f"out: expected {_checks.describe(a)}'s dtype or float32, got {_checks.describe(out)}")
+    return in_type, out_type
+
+
 def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False,
          accumulate: bool = False) -> Any:
     """``out = op(a) @ op(b)`` (or ``out += ...`` with ``accumulate``), all row-major CuPy matrices.
@@ -54,13 +67,7 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
     _contiguous_2d("a", a)
     _contiguous_2d("b", b)
     _contiguous_2d("out", out)
-    _checks.check_same_dtype(("a", "b"), a, b)
-    in_type = _DATA_TYPES.get(np.dtype(a.dtype))
-    out_type = _DATA_TYPES.get(np.dtype(out.dtype))
-    if in_type is None:
-        raise TypeError(f"a: expected float32, float16 or bfloat16, got {_checks.describe(a)}")
-    if out_type is None or (out.dtype != a.dtype and np.dtype(out.dtype) != np.dtype(float32)):
-        raise TypeError(f"out: expected {_checks.describe(a)}'s dtype or float32, got {_checks.describe(out)}")
+    in_type, out_type = _data_types(a, b, out)
     M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
     K2, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if K2 != K:
@@ -108,13 +115,7 @@ def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bo
         _checks.check_ndim(name, m, 3)
         if not m.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array, got {_checks.describe(m)} with strides {m.strides}")
-    _checks.check_same_dtype(("a", "b"), a, b)
-    in_type = _DATA_TYPES.get(np.dtype(a.dtype))
-    out_type = _DATA_TYPES.get(np.dtype(out.dtype))
-    if in_type is None:
-        raise TypeError(f"a: expected float32, float16 or bfloat16, got {_checks.describe(a)}")
-    if out_type is None or (out.dtype != a.dtype and np.dtype(out.dtype) != np.dtype(float32)):
-        raise TypeError(f"out: expected {_checks.describe(a)}'s dtype or float32, got {_checks.describe(out)}")
+    in_type, out_type = _data_types(a, b, out)
     batch = a.shape[0]
     M, K = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
     K2, N = (b.shape[2], b.shape[1]) if trans_b else b.shape[1:]

@@ -18,7 +18,8 @@ bfloat16; gradient the parameter's dtype or float32; state float32.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import sys
+from typing import Any
 
 import numpy as np
 
@@ -38,16 +39,9 @@ _CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
 _THREADS = 256
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """Within the block, :mod:`pymglu.optim` runs its array-expression path on CuPy arrays too."""
-    global ENABLED
-    previous = ENABLED
-    ENABLED = False
-    try:
-        yield
-    finally:
-        ENABLED = previous
+    return _cuda.switched_off(sys.modules[__name__])
 
 
 def supports(param: Any, grad: Any, *state: Any) -> bool:

@@ -26,7 +26,8 @@ Shapes: ``x`` ``(N, d)``, ``W`` ``(h, d)``, ``bits`` ``(n, h, ceil(d/32))``, ``y
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import sys
+from typing import Any
 
 import numpy as np
 
@@ -54,16 +55,9 @@ _KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight
 _THREADS = 256
 
 
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """Within the block, :mod:`pymglu.functional` runs its reference path on CuPy arrays too."""
-    global ENABLED
-    previous = ENABLED
-    ENABLED = False
-    try:
-        yield
-    finally:
-        ENABLED = previous
+    return _cuda.switched_off(sys.modules[__name__])
 
 
 def supports(*arrays: Any) -> bool:
