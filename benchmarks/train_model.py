@@ -1,11 +1,12 @@
-"""Whole training steps of a small language model on one GPU: the optimizer's kernels on and off.
+"""Whole training steps of a small language model on one GPU: eager (optimizer kernels on and off) and
+replayed from a captured CUDA graph.
 
 Usage (on a machine with a CUDA GPU and CuPy):
 
     python benchmarks/train_model.py --out-dir bench_out
 
-Models (bfloat16, fp32 master weights, AdamW with warmup + cosine and gradient clipping, through
-:class:`pymglu.models.training.Trainer`, random bytes as data):
+Models (bfloat16 with fp32 master weights, or ``--dtype float32``; AdamW with warmup + cosine and
+gradient clipping, through :class:`pymglu.models.training.Trainer`, random bytes as data):
 
 * ``large``: d 1024, 8 layers, 8 heads, h 4096, 512 tokens x 16 windows per step;
 * ``compare_ffn``: the model of ``examples/compare_ffn.py`` (d 256, 4 layers, h 1024, 256 x 32).
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="parameter dtype")
     p.add_argument("--out-dir", default="bench_out")
     args = p.parse_args(argv)
     import cupy as cp
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = dict(MODELS[model_name])
         batch = spec.pop("batch")
         for ffn in ("swiglu", "swimglu"):
-            config = TransformerConfig(ffn_kind=ffn, n_masks=4 if ffn == "swimglu" else None, dtype="bfloat16", **spec)
+            config = TransformerConfig(ffn_kind=ffn, n_masks=4 if ffn == "swimglu" else None, dtype=args.dtype, **spec)
             total = args.warmup + len(VARIANTS) * args.rounds * args.steps
             settings = TrainSettings(steps=total, batch_size=batch, lr=1e-3, warmup_steps=2, eval_every=0,
                                      eval_batches=1, seed=0)

@@ -1,7 +1,7 @@
 """Fused GPU paths of tape ops: RMSNorm, rotary embeddings and causal attention (``tape_ops.cu``).
 
 The ops of :mod:`pymglu.autograd.ops` call these for CuPy arrays of dtype float32, float16 or bfloat16
-(attention: float16 or bfloat16) while :data:`pymglu.cuda.training.ENABLED` is set, and run their
+while :data:`pymglu.cuda.training.ENABLED` is set, and run their
 array-expression path otherwise (float64, NumPy, or inside :func:`pymglu.cuda.training.disabled`).
 Each computes the op's formula (see the op's docstring) in float32, in one kernel per pass instead of a
 chain of CuPy expressions; what differs from the expression path is stated per function.
@@ -17,7 +17,7 @@ import numpy as np
 
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
-from pymglu.dtypes import bfloat16, float16, float32
+from pymglu.dtypes import float32
 
 __all__ = ["supports", "norm_supports", "kernel_names", "rms_norm_forward", "rms_norm_backward", "rope",
            "attention_supports", "attention_forward", "attention_backward"]
@@ -41,8 +41,8 @@ def supports(*arrays: Any) -> bool:
 
 
 def attention_supports(q: Any, k: Any, v: Any) -> bool:
-    """True when :func:`attention_forward` serves these: enabled, CuPy, float16/bfloat16."""
-    return _enabled() and all(is_cupy_array(a) for a in (q, k, v)) and np.dtype(q.dtype) in (float16, bfloat16)
+    """True when :func:`attention_forward` serves these: enabled, CuPy, float32/float16/bfloat16."""
+    return _enabled() and all(is_cupy_array(a) for a in (q, k, v)) and np.dtype(q.dtype) in _CUDA_TYPES
 
 
 def _name(kernel: str, dtype: Any) -> str:
@@ -161,10 +161,10 @@ def attention_forward(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, Any]:
     """``out`` ``(B, H, Tq, Dv)`` in ``q.dtype`` and the probabilities ``P`` ``(B, H, Tq, Tk)`` in
     ``q.dtype`` (kept for the backward).
 
-    ``S = q k^T`` is one batched cuBLAS product (16-bit operands, float32 out), the scaled, masked
-    softmax one kernel that writes ``P`` in the inputs' dtype, and ``out = P v`` a batched product with
-    float32 accumulation. Unlike the expression path, ``P`` is rounded to 16 bits before ``P v``
-    (as flash-attention kernels do), and it is stored in 16 bits.
+    ``S = q k^T`` is one batched cuBLAS product (float32 out), the scaled, masked softmax one kernel that
+    writes ``P`` in the inputs' dtype, and ``out = P v`` a batched product with float32 accumulation.
+    Unlike the expression path, ``P`` of 16-bit inputs is rounded to 16 bits before ``P v`` (as
+    flash-attention kernels do), and it is stored in 16 bits.
     """
     import cupy as cp
 
@@ -191,7 +191,7 @@ def attention_backward(g: Any, q: Any, k: Any, v: Any, p: Any, scale: float,
                        needs: tuple[bool, bool, bool]) -> tuple[Any, Any, Any]:
     """``dq``, ``dk``, ``dv`` (``None`` where ``needs`` is false) of :func:`attention_forward`, in the
     inputs' dtype: ``dv = P^T dO``, ``dP = dO v^T`` (float32), ``dS = P (dP - rowsum(dP P)) scale`` (one
-    kernel, rounded to 16 bits as the operand of the two products), ``dq = dS k``, ``dk = dS^T q``."""
+    kernel, rounded to the inputs' dtype as the operand of the two products), ``dq = dS k``, ``dk = dS^T q``."""
     import cupy as cp
 
     from pymglu.cuda.gemm import gemm_batched

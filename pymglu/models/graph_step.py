@@ -30,11 +30,11 @@ the recorded shape and dtype. If anything differs (a loaded checkpoint, an edite
 decay) the graph is dropped and the step runs eagerly; the step after that records a new graph.
 
 Served (:func:`unsupported_reason` names what rules a trainer out, and the trainer then steps eagerly):
-a model on CuPy in bfloat16 (float32 products run through CuPy's cuBLAS wrappers, which refuse a capture;
-float16 training reads its loss scaler's overflow flag on the host every step), one process (no
-``parallel``), the fused training and optimizer kernels enabled (:mod:`pymglu.cuda.training`,
-:mod:`pymglu.cuda.optimizers`), and an optimizer with :meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW,
-SGD).
+a model on CuPy in float32 or bfloat16 (float16 training reads its loss scaler's overflow flag on the
+host every step), one process (no ``parallel``), the fused training and optimizer kernels enabled
+(:mod:`pymglu.cuda.training`, :mod:`pymglu.cuda.optimizers`; with them off, products run through CuPy's
+cuBLAS wrappers, which refuse a capture), and an optimizer with
+:meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW, SGD).
 
 Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph,
 next to what the default pool caches.
@@ -61,9 +61,8 @@ def unsupported_reason(trainer: Any) -> str | None:
         return "data-parallel training reduces the gradients through its communicator, outside the graph"
     if trainer.scaler is not None:
         return "float16 training reads its loss scaler's overflow flag on the host every step"
-    if trainer.model.config.dtype != "bfloat16":
-        return (f"the model is {trainer.model.config.dtype}, not bfloat16 (float32 products run through CuPy's "
-                "cuBLAS wrappers, which a CUDA graph capture refuses)")
+    if trainer.model.config.dtype not in ("float32", "bfloat16"):
+        return f"the model is {trainer.model.config.dtype}, not float32 or bfloat16"
     if not (optimizers.ENABLED and training.ENABLED):
         return "the fused optimizer or training kernels are disabled (pymglu.cuda.optimizers / training)"
     from pymglu.optim.optimizer import Optimizer

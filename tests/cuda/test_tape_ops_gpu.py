@@ -117,7 +117,7 @@ def attention64(q, k, v, scale):
     return p
 
 
-@pytest.mark.parametrize("dtype", [float16, bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("B, H, Tq, Tk, Dh", [(2, 3, 37, 37, 16), (1, 2, 5, 40, 32), (2, 1, 130, 130, 64)])
 def test_attention_matches_float64(dtype, B, H, Tq, Tk, Dh, monkeypatch):
     used = spy_kernel(monkeypatch)
@@ -141,14 +141,14 @@ def test_attention_matches_float64(dtype, B, H, Tq, Tk, Dh, monkeypatch):
     assert rel_err(dk, ds.swapaxes(-1, -2) @ q64) < tol
 
 
-def test_float32_attention_and_the_disabled_switch_keep_the_expression_path(monkeypatch):
+def test_float64_attention_and_the_disabled_switch_keep_the_expression_path(monkeypatch):
     import cupy as cp
 
     from pymglu.cuda import training
 
     used = spy_kernel(monkeypatch)
     rng = np.random.default_rng(9)
-    q = Tensor(cp.asarray(rng.standard_normal((1, 2, 6, 8)).astype(np.float32)))
+    q = Tensor(cp.asarray(rng.standard_normal((1, 2, 6, 8))))
     ops.causal_self_attention(q, q, q)
     x = Tensor(cp.asarray(rng.standard_normal((4, 16)).astype(bfloat16)))
     with training.disabled():

@@ -21,7 +21,7 @@ def make(kind="swimglu", steps=10, device=None, graph=None, dtype="bfloat16", ev
     return Trainer(model, settings, train, val, graph=graph)
 
 
-def test_graph_needs_a_bfloat16_model_on_a_gpu():
+def test_graph_needs_a_model_on_a_gpu():
     assert make(dtype="float32").graph_step is None  # auto: the CPU model steps eagerly
     with pytest.raises(ValueError, match="graph: .*cannot be captured.*not on a GPU"):
         make(dtype="float32", graph=True)
@@ -61,9 +61,10 @@ def _masters(trainer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["swimglu", "swiglu"])
-def test_graph_steps_follow_the_eager_steps(kind, monkeypatch):
-    eager, graph = make(kind, device="cuda", graph=False), make(kind, device="cuda", graph=True)
+@pytest.mark.parametrize("kind, dtype", [("swimglu", "bfloat16"), ("swiglu", "bfloat16"), ("swimglu", "float32")])
+def test_graph_steps_follow_the_eager_steps(kind, dtype, monkeypatch):
+    eager = make(kind, device="cuda", graph=False, dtype=dtype)
+    graph = make(kind, device="cuda", graph=True, dtype=dtype)
     assert eager.graph_step is None and graph.graph_step is not None
     start = _masters(eager)
     eager.run(progress=False, log=None)
@@ -74,11 +75,12 @@ def test_graph_steps_follow_the_eager_steps(kind, monkeypatch):
     assert graph.graph_step.captures == 1
     n_params = len(list(graph.model.parameters()))
     assert len(calls) == 2 * n_params  # the eager first step and the recorded one; 8 replays launch none
-    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
-    np.testing.assert_allclose(graph.history.val_loss, eager.history.val_loss, rtol=1e-2)
+    tol = 1e-2 if dtype == "bfloat16" else 1e-4
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=tol)
+    np.testing.assert_allclose(graph.history.val_loss, eager.history.val_loss, rtol=tol)
     for p0, pe, pg in zip(start, _masters(eager), _masters(graph)):
         # the updates agree: a learning rate frozen at the captured step would make them differ by far more
-        assert np.linalg.norm(pg - pe) <= 0.05 * np.linalg.norm(pe - p0)
+        assert np.linalg.norm(pg - pe) <= 50 * tol * np.linalg.norm(pe - p0)
     opt = graph.optimizer
     assert {st["step"] for st in opt.state.values()} == {10}
     for layer in graph.model.mglu_layers():

@@ -21,9 +21,10 @@ def causal_mask(xp: Any, t_q: int, t_k: int) -> Any:
 class CausalSelfAttention(Function):
     """``out = softmax(mask(q k^T * scale)) v`` per batch and head.
 
-    On CuPy with float16/bfloat16 inputs the products run on cuBLAS (batched, 16-bit operands, float32
-    accumulation) around one softmax kernel per pass, and the probabilities are kept in 16 bits
-    (:func:`pymglu.cuda.tape_ops.attention_forward`); elsewhere the expression path below, in float32.
+    On CuPy with float32/float16/bfloat16 inputs the products run on cuBLAS (batched, float32
+    accumulation) around one softmax kernel per pass, and the probabilities are kept in the inputs' dtype
+    (:func:`pymglu.cuda.tape_ops.attention_forward`); elsewhere the expression path below, in float32
+    (float64 for float64).
 
     Backward, with ``P`` the attention probabilities and ``dO`` the upstream gradient::
 

@@ -1,11 +1,12 @@
 """Matrix product with NumPy ``@`` semantics for operands of 2 or more dims (batched, broadcast).
 
 float16/bfloat16 operands are multiplied in float32 and the result (and each gradient) is cast back to
-the operands' dtype, so that a low-precision layer stays in its dtype. On CuPy, a float16/bfloat16
-product whose second operand is a matrix (a ``Linear`` layer's ``x @ W^T``, any leading dims of ``x``)
-runs as one cuBLAS GEMM on the tensor cores with float32 accumulation (:func:`pymglu.cuda.gemm.gemm`):
-the same products of the same 16-bit values, summed in float32 and rounded once, without the float32
-copies of the operands; its gradients likewise, the weight gradient as one GEMM over all rows.
+the operands' dtype, so that a low-precision layer stays in its dtype. On CuPy, a float32, float16 or
+bfloat16 product whose second operand is a matrix (a ``Linear`` layer's ``x @ W^T``, any leading dims of
+``x``) runs as one cuBLAS GEMM with float32 accumulation (:func:`pymglu.cuda.gemm.gemm`; 16-bit operands
+on the tensor cores): the same products of the same values, summed in float32 and rounded once, without
+float32 copies of 16-bit operands; its gradients likewise, the weight gradient as one GEMM over all rows.
+Unlike ``cupy.matmul``, that call can be captured in a CUDA graph (:class:`pymglu.models.GraphTrainStep`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pymglu import _checks
 from pymglu.autograd.function import Function
 from pymglu.autograd.ops._util import unbroadcast
 from pymglu.backend import is_cupy_array
-from pymglu.dtypes import bfloat16, compute_dtype, float16
+from pymglu.dtypes import bfloat16, compute_dtype, float16, float32
+
+_GEMM_DTYPES = (np.dtype(float32), np.dtype(float16), np.dtype(bfloat16))
 
 
 def _product(a: Any, b: Any) -> Any:
@@ -26,10 +29,11 @@ def _product(a: Any, b: Any) -> Any:
     return (a.astype(ct, copy=False) @ b.astype(ct, copy=False)).astype(a.dtype, copy=False)
 
 
-def _on_tensor_cores(a: Any, b: Any) -> bool:
-    """Whether ``a @ b`` takes the cuBLAS path: CuPy, float16/bfloat16, ``b`` a matrix."""
-    if not (b.ndim == 2 and is_cupy_array(a) and is_cupy_array(b) and np.dtype(a.dtype) in (float16, bfloat16)):
-        return False  # NumPy and float32/float64 calls never import the CUDA path
+def _on_cublas(a: Any, b: Any) -> bool:
+    """Whether ``a @ b`` takes the :func:`pymglu.cuda.gemm.gemm` path: CuPy, float32/float16/bfloat16,
+    ``b`` a matrix."""
+    if not (b.ndim == 2 and is_cupy_array(a) and is_cupy_array(b) and np.dtype(a.dtype) in _GEMM_DTYPES):
+        return False  # NumPy and float64 calls never import the CUDA path
     from pymglu.cuda import training
 
     return training.ENABLED
@@ -109,14 +113,14 @@ class MatMul(Function):
             )
         _checks.check_same_dtype(("a", "b"), a, b)
         self.a, self.b = a, b
-        if _on_tensor_cores(a, b):
+        if _on_cublas(a, b):
             return _gemm_product(a, b)
         return _product(a, b)
 
     def backward(self, g: Any) -> tuple[Any, Any]:
         a, b = self.a, self.b
         g = g.astype(a.dtype, copy=False)
-        if _on_tensor_cores(a, b):
+        if _on_cublas(a, b):
             return _gemm_grads(a, b, g, self.needs_input_grad[0], self.needs_input_grad[1])
         da = unbroadcast(_product(g, b.swapaxes(-1, -2)), a.shape) if self.needs_input_grad[0] else None
         db = unbroadcast(_product(a.swapaxes(-1, -2), g), b.shape) if self.needs_input_grad[1] else None
