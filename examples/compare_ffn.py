@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (16-bit: fp32 master weights, loss scaling for float16)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per run")
     p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
-                   help="replay each training step from a captured CUDA graph (auto: for bfloat16 on a GPU)")
+                   help="replay each training step from a captured CUDA graph (auto: float32/bfloat16 on a GPU)")
     p.add_argument("--concurrent-jobs", type=int, default=None, metavar="N",
                    help="number of compare_ffn processes sharing the device, stored in each run as "
                    "concurrent_jobs (default: not recorded)")
