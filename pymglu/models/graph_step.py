@@ -25,9 +25,11 @@ the eager step's values up to the order of atomic additions (the embedding gradi
 
 The graph reads and writes the arrays it was recorded with. Before each replay the class checks that
 every parameter still has the same data array at the version the last step left, that the optimizer's
-state arrays and hyper-parameters (other than the learning rate) are the same, and that the batch has
-the recorded shape and dtype. If anything differs (a loaded checkpoint, an edited weight, a new weight
-decay) the graph is dropped and the step runs eagerly; the step after that records a new graph.
+state arrays and hyper-parameters (other than the learning rate) are the same, that the clipping norm,
+the MGLU layers' ``recompute`` flags and the kernel switches (:data:`pymglu.cuda.training.ENABLED`,
+:data:`pymglu.cuda.optimizers.ENABLED`) are the same, and that the batch has the recorded shape and
+dtype. If anything differs (a loaded checkpoint, an edited weight, a new weight decay) the graph is
+dropped and the step runs eagerly; the step after that records a new graph.
 
 Served (:func:`unsupported_reason` names what rules a trainer out, and the trainer then steps eagerly):
 a model on CuPy in float32 or bfloat16 (float16 training reads its loss scaler's overflow flag on the
@@ -209,12 +211,20 @@ class GraphTrainStep:
 
     # ----------------------------------------------------------------- what the graph depends on
     def _make_key(self) -> tuple:
-        optimizer = self.trainer.optimizer
-        params = tuple((p, p.data, p.version) for p in self.trainer.model.parameters())
+        """What the recorded step depends on besides the values in its arrays: the arrays themselves,
+        the parameter versions, every setting frozen into a kernel argument or a branch of the step."""
+        from pymglu.cuda import optimizers, training
+        from pymglu.nn.mglu import MGLU
+
+        trainer = self.trainer
+        optimizer = trainer.optimizer
+        params = tuple((p, p.data, p.version) for p in trainer.model.parameters())
         state = tuple((k, tuple(v for v in st.values() if hasattr(v, "shape"))) for k, st in optimizer.state.items())
         hyper = tuple(tuple((k, g[k]) for k in optimizer.hyperparameters if k != "lr") for g in optimizer.param_groups)
         grads = tuple(p.grad is not None for p in self._params)
-        return params, state, hyper, grads, tuple(optimizer._sign_bits.values())
+        settings = (trainer.settings.grad_clip, optimizers.ENABLED, training.ENABLED,
+                    tuple(m.recompute for m in trainer.model.modules() if isinstance(m, MGLU)))
+        return params, state, hyper, grads, tuple(optimizer._sign_bits.values()), settings
 
     def _still_valid(self, x: np.ndarray, y: np.ndarray) -> bool:
         if x.shape != self._x.shape or x.dtype != self._x.dtype or y.shape != self._y.shape or y.dtype != self._y.dtype:

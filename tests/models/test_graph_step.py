@@ -91,7 +91,7 @@ def test_graph_steps_follow_the_eager_steps(kind, dtype, monkeypatch):
 
 @pytest.mark.gpu
 def test_graph_is_recorded_again_after_a_parameter_changes():
-    graph, eager = make(device="cuda", eval_every=0), make(device="cuda", graph=False, eval_every=0)
+    graph, eager = make(device="cuda", steps=20, eval_every=0), make(device="cuda", steps=20, graph=False, eval_every=0)
     for t in (graph, eager):
         for _ in range(4):
             t.train_step()
@@ -105,4 +105,12 @@ def test_graph_is_recorded_again_after_a_parameter_changes():
         for _ in range(3):
             t.train_step()
     assert graph.graph_step.captures == 2
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
+    for change in (lambda t: setattr(t.settings, "grad_clip", 0.5), lambda t: t.model.set_recompute(True)):
+        for t in (graph, eager):
+            change(t)
+            for _ in range(2):
+                t.train_step()
+        assert graph.graph_step.graph is not None
+    assert graph.graph_step.captures == 4  # each change: one eager step, then a new recording
     np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
