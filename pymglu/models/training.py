@@ -214,17 +214,19 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows (eval mode, no gradients); the training flag is
-        restored afterwards."""
+        restored afterwards. The batches' losses are read back together (one host synchronisation)."""
         was_training = self.model.training
         self.model.eval()
-        total = count = 0.0
         try:
             with no_grad():
-                for x, y in self._eval_set:
-                    total += float(self.model.loss(self.xp.asarray(x), self.xp.asarray(y)).item()) * x.size
-                    count += x.size
+                losses = [self.model.loss(self.xp.asarray(x), self.xp.asarray(y)).data for x, y in self._eval_set]
         finally:
             self.model.train(was_training)
+        values = np.asarray(_to_host(self.xp.stack(losses)), dtype=np.float64)
+        total = count = 0.0
+        for value, (x, _) in zip(values, self._eval_set):
+            total += float(value) * x.size
+            count += x.size
         return total / count
 
     # ----------------------------------------------------------------- the loop
