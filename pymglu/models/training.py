@@ -14,6 +14,10 @@ same global batch of ``batch_size`` windows from the same sampler state, keeps i
 (``parallel.shard_batch``), and averages the gradients after ``backward`` (``parallel.reduce_gradients``)
 before clipping and the optimizer step; the recorded loss is the mean over ranks. The sampler state is
 thus global, and a checkpoint resumes at any world size that divides ``batch_size``.
+
+On a GPU, the steps of a float32 or bfloat16 model in one process are replays of a captured CUDA graph
+(:class:`pymglu.models.GraphTrainStep`; ``Trainer(graph=False)`` steps eagerly). No step waits for the
+device: losses are read back every :attr:`Trainer.sync_every` steps.
 """
 from __future__ import annotations
 
