@@ -51,6 +51,11 @@ from pymglu.backend import is_cupy_array
 
 __all__ = ["GraphTrainStep", "unsupported_reason"]
 
+#: every private pool made here, kept for the life of the process: arrays from a pool (a parameter's
+#: gradient, say) may outlive the object that made it, and with older CuPy a pool that is collected
+#: takes its memory along. Each holds only what is still in use once its graph is released.
+_POOLS: list[Any] = []
+
 
 def unsupported_reason(trainer: Any) -> str | None:
     """Why ``trainer``'s steps cannot be captured, or ``None`` when they can."""
@@ -96,8 +101,9 @@ class GraphTrainStep:
         #: the capturing stream (non-blocking: the default stream may be used while it captures); the
         #: eager steps on it are ordered with the caller's stream by events, the replays run on the caller's.
         self.stream = cp.cuda.Stream(non_blocking=True)
-        #: private pool of the captured step's buffers (kept as long as this object).
+        #: private pool of the captured step's buffers.
         self.pool = cp.cuda.MemoryPool()
+        _POOLS.append(self.pool)
         self.graph: Any = None
         self.captures = 0  #: how many graphs were recorded (tests and benchmarks read it)
         self._warm = False
@@ -124,6 +130,13 @@ class GraphTrainStep:
         self._x = self._y = self._loss = self._table = None
         self._params, self._kept, self._key = [], [], ()
         self.pool.free_all_blocks()
+
+    def __del__(self) -> None:
+        try:
+            self.graph = None
+            self.pool.free_all_blocks()
+        except Exception:  # interpreter shutdown: CuPy may be gone already
+            pass
 
     # ----------------------------------------------------------------- the three kinds of step
     def _eager(self, x: np.ndarray, y: np.ndarray) -> Any:
@@ -161,27 +174,26 @@ class GraphTrainStep:
                     try:
                         loss = self.body(self._x, self._y)
                     except BaseException:
-                        self.stream.end_capture()
+                        try:
+                            self.stream.end_capture()
+                        except Exception:  # the capture is invalid anyway; report the first error
+                            pass
                         raise
                     graph = self.stream.end_capture()
         except BaseException as exc:
-            for k, step in saved_steps.items():  # the recorded update never ran
-                optimizer.state[k]["step"] = step
-            for p in params:
-                p.grad = None
-            self.release()
+            self._undo_recorded_step(saved_steps, params)
             if isinstance(exc, Exception):
                 raise RuntimeError(f"graph: capturing the training step failed ({type(exc).__name__}: {exc}); "
                                    "train with graph=False") from exc
             raise
         finally:
             optimizer._step_scalar_rows = None
-        self.graph, self._kept, self._loss = graph, kept, loss.data
         stale = self._layers_packing_their_own_masks()
         if stale:
-            self.release()
+            self._undo_recorded_step(saved_steps, params)
             raise RuntimeError(f"graph: the MGLU layers {stale} did not read the bit-planes the optimizer writes; a "
                                "replay would keep their masks fixed; train with graph=False")
+        self.graph, self._kept, self._loss = graph, kept, loss.data
         self.captures += 1
         self.graph.launch(stream=cp.cuda.get_current_stream())
         self._key = self._make_key()
@@ -199,6 +211,15 @@ class GraphTrainStep:
         optimizer.replayed_step()
         self._key = self._make_key()
         return self._loss.copy()
+
+    def _undo_recorded_step(self, saved_steps: dict, params: list) -> None:
+        """After a capture that will not be launched: the step counts its host side advanced go back, the
+        gradients it left (buffers of a graph that never ran) are dropped, and the graph is released."""
+        for k, step in saved_steps.items():
+            self.trainer.optimizer.state[k]["step"] = step
+        for p in params:
+            p.grad = None
+        self.release()
 
     def _layers_packing_their_own_masks(self) -> list[str]:
         """Names of the MGLU layers whose recorded forward did not read the optimizer's bit-planes."""
@@ -221,7 +242,7 @@ class GraphTrainStep:
         params = tuple((p, p.data, p.version) for p in trainer.model.parameters())
         state = tuple((k, tuple(v for v in st.values() if hasattr(v, "shape"))) for k, st in optimizer.state.items())
         hyper = tuple(tuple((k, g[k]) for k in optimizer.hyperparameters if k != "lr") for g in optimizer.param_groups)
-        grads = tuple(p.grad is not None for p in self._params)
+        grads = tuple(p.grad is not None for p in trainer.model.parameters())
         settings = (trainer.settings.grad_clip, optimizers.ENABLED, training.ENABLED,
                     tuple(m.recompute for m in trainer.model.modules() if isinstance(m, MGLU)))
         return params, state, hyper, grads, tuple(optimizer._sign_bits.values()), settings

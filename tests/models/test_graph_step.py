@@ -114,3 +114,27 @@ def test_graph_is_recorded_again_after_a_parameter_changes():
         assert graph.graph_step.graph is not None
     assert graph.graph_step.captures == 4  # each change: one eager step, then a new recording
     np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_optimizer_as_it_was():
+    trainer = make(device="cuda", eval_every=0)
+    trainer.train_step()  # the eager first step
+    steps = {k: st["step"] for k, st in trainer.optimizer.state.items()}
+    real = trainer.graph_step.body
+
+    def failing(x, y):
+        real(x, y)  # records the whole step, its host side included, then fails
+        raise ValueError("boom")
+
+    trainer.graph_step.body = failing
+    with pytest.raises(RuntimeError, match=r"capturing the training step failed \(ValueError: boom\).*graph=False"):
+        trainer.train_step()
+    assert {k: st["step"] for k, st in trainer.optimizer.state.items()} == steps
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert trainer.step == 1 and len(trainer.history.train_loss) == 1
+    trainer.graph_step.body = real
+    for _ in range(3):  # eager again, then a capture and a replay
+        trainer.train_step()
+    assert trainer.graph_step.captures == 1
+    assert {st["step"] for st in trainer.optimizer.state.values()} == {4}
