@@ -18,7 +18,9 @@ array expressions, the forward packing the logits) and ``graph`` (a second train
 whose steps replay a captured CUDA graph: :class:`pymglu.models.GraphTrainStep`). Per model, ``--warmup``
 steps of each trainer, then ``--rounds`` rounds in which each variant runs ``--steps`` steps in turn;
 wall clock between two device synchronisations, median over the rounds. Run from an older checkout
-(``PYTHONPATH``) it times what that checkout has. Writes ``train_model.md`` and ``train_model.json``.
+(``PYTHONPATH``) it times what that checkout has. Then ``Trainer.evaluate`` (``--eval-batches`` batches)
+of the eager and of the graph trainer, ``--rounds`` times each (the row's ms is per evaluation). Writes
+``train_model.md`` and ``train_model.json``.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="parameter dtype")
+    p.add_argument("--eval-batches", type=int, default=16,
+                   help="validation batches of Trainer.evaluate, timed once per round for the eager and the graph trainer")
     p.add_argument("--out-dir", default="bench_out")
     args = p.parse_args(argv)
     import cupy as cp
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             config = TransformerConfig(ffn_kind=ffn, n_masks=4 if ffn == "swimglu" else None, dtype=args.dtype, **spec)
             total = args.warmup + len(VARIANTS) * args.rounds * args.steps
             settings = TrainSettings(steps=total, batch_size=batch, lr=1e-3, warmup_steps=2, eval_every=0,
-                                     eval_batches=1, seed=0)
+                                     eval_batches=args.eval_batches, seed=0)
 
             def trainer_for(graph):
                 model = Transformer(config, rng=0).to("cuda")
@@ -106,6 +110,24 @@ def main(argv: list[str] | None = None) -> None:
                 ms = statistics.median(ts) * 1e3
                 rows.append({"model": model_name, "ffn": ffn, "optimizer": label, "step_ms": ms,
                              "tokens_per_s": tokens / ms * 1e3, "final_loss": trainer.history.train_loss[-1]})
+                print(_row(rows[-1]), flush=True)
+            evaluations: dict[str, list[float]] = {}
+            for label in ("kernels", "graph"):
+                if label not in variants:
+                    continue
+                trainer = variants[label][0]
+                trainer.evaluate()  # eager first pass per shape, then the recording (graph trainer)
+                trainer.evaluate()
+                for _ in range(args.rounds):
+                    cp.cuda.Device().synchronize()
+                    start = time.perf_counter()
+                    trainer.evaluate()
+                    evaluations.setdefault(label, []).append(time.perf_counter() - start)
+            eval_tokens = sum(x.size for x, _ in eager._eval_set)
+            for label, ts in evaluations.items():
+                ms = statistics.median(ts) * 1e3
+                rows.append({"model": model_name, "ffn": ffn, "optimizer": f"evaluate ({label})", "step_ms": ms,
+                             "tokens_per_s": eval_tokens / ms * 1e3, "final_loss": float("nan")})
                 print(_row(rows[-1]), flush=True)
             del trainer, eager, variants
             cp.get_default_memory_pool().free_all_blocks()

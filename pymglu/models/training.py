@@ -32,6 +32,7 @@ from pymglu import amp, optim
 from pymglu.autograd.function import no_grad
 from pymglu.backend import get_array_module
 from pymglu.models.data import eval_windows, sample_windows
+from pymglu.models.graph_eval import GraphEvaluation
 from pymglu.models.graph_step import GraphTrainStep, unsupported_reason
 from pymglu.models.transformer import Transformer
 
@@ -145,6 +146,7 @@ class Trainer:
         self.graph_step: GraphTrainStep | None = None
         if graph or (graph is None and unsupported_reason(self) is None):
             self.graph_step = GraphTrainStep(self, self._step_body)
+        self._graph_eval: GraphEvaluation | None = None
 
     # ----------------------------------------------------------------- one step
     def train_step(self, sync: bool = True) -> float | None:
@@ -218,12 +220,18 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over the fixed validation windows (eval mode, no gradients); the training flag is
-        restored afterwards. The batches' losses are read back together (one host synchronisation)."""
+        restored afterwards. The batches' losses are read back together (one host synchronisation). With
+        :attr:`graph_step`, the passes are replays of captured graphs (:class:`GraphEvaluation`)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with no_grad():
-                losses = [self.model.loss(self.xp.asarray(x), self.xp.asarray(y)).data for x, y in self._eval_set]
+                if self.graph_step is not None:
+                    if self._graph_eval is None:
+                        self._graph_eval = GraphEvaluation(self.model, self.model.loss, self.graph_step.stream)
+                    losses = self._graph_eval.losses(self._eval_set)
+                else:
+                    losses = [self.model.loss(self.xp.asarray(x), self.xp.asarray(y)).data for x, y in self._eval_set]
         finally:
             self.model.train(was_training)
         values = np.asarray(_to_host(self.xp.stack(losses)), dtype=np.float64)

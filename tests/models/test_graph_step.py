@@ -138,3 +138,33 @@ def test_a_failed_capture_leaves_the_optimizer_as_it_was():
         trainer.train_step()
     assert trainer.graph_step.captures == 1
     assert {st["step"] for st in trainer.optimizer.state.values()} == {4}
+
+
+def _eager_validation_loss(trainer):
+    from pymglu.autograd.function import no_grad
+
+    trainer.model.eval()
+    total = count = 0.0
+    with no_grad():
+        for x, y in trainer._eval_set:
+            total += float(trainer.model.loss(trainer.xp.asarray(x), trainer.xp.asarray(y)).item()) * x.size
+            count += x.size
+    trainer.model.train()
+    return total / count
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["swimglu", "swiglu"])
+def test_recorded_validation_passes_give_the_eager_losses(kind):
+    trainer = make(kind, device="cuda", steps=12, eval_every=0)
+    for round_ in range(4):
+        for _ in range(2):
+            trainer.train_step()  # eager, captured, then replays: parameters and masks change in place
+        got, want = trainer.evaluate(), _eager_validation_loss(trainer)
+        assert got == pytest.approx(want, rel=1e-6), round_
+    assert trainer._graph_eval.captures == 1  # recorded at the first evaluation's second batch, then replayed
+    w = trainer.model.embed.weight
+    w.data = w.data.copy()  # a new array: the recorded pass no longer reads it
+    assert trainer.evaluate() == pytest.approx(_eager_validation_loss(trainer), rel=1e-6)
+    assert trainer.evaluate() == pytest.approx(_eager_validation_loss(trainer), rel=1e-6)
+    assert trainer._graph_eval.captures == 2
