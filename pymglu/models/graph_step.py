@@ -9,8 +9,10 @@ step scalars, one ``cudaGraphLaunch``, and host bookkeeping, with no host synchr
 How a step is served:
 
 1. The first step after construction (or after anything the graph depends on changed) runs eagerly, on
-   the class's stream: it compiles the kernels, creates the optimizer state, gives cuBLAS its workspace on
-   that stream, and leaves a gradient on every parameter that gets one.
+   the class's stream and from its private memory pool: it compiles the kernels, creates the optimizer
+   state, gives cuBLAS its workspace on that stream, leaves a gradient on every parameter that gets one,
+   and leaves in the pool the freed buffers that the capture then reuses (so the device holds one step's
+   buffers, not an eager step's in the default pool plus the graph's).
 2. The next step is captured, with every allocation from a private memory pool (so that no one else is
    handed the graph's buffers) and with the optimizer kernels reading their step-dependent scalars
    (learning rate, bias corrections) from a device table (:meth:`pymglu.optim.Optimizer.step_scalars`);
@@ -38,8 +40,10 @@ host every step), one process (no ``parallel``), the fused training and optimize
 cuBLAS wrappers, which refuse a capture), and an optimizer with
 :meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW, SGD).
 
-Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph,
-next to what the default pool caches.
+Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph.
+Arrays the eager steps create and keep (optimizer state, the first gradients) live in it too; the pools
+are kept for the life of the process (:data:`_POOLS`), each holding only what is in use after
+:meth:`GraphTrainStep.release`.
 """
 from __future__ import annotations
 
@@ -145,7 +149,7 @@ class GraphTrainStep:
 
         caller = cp.cuda.get_current_stream()
         self.stream.wait_event(caller.record())
-        with self.stream:
+        with self.stream, cp.cuda.using_allocator(self.pool.malloc):  # the capture reuses these buffers
             cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
             loss = self.body(cp.asarray(x), cp.asarray(y))
         caller.wait_event(self.stream.record())

@@ -168,3 +168,20 @@ def test_recorded_validation_passes_give_the_eager_losses(kind):
     assert trainer.evaluate() == pytest.approx(_eager_validation_loss(trainer), rel=1e-6)
     assert trainer.evaluate() == pytest.approx(_eager_validation_loss(trainer), rel=1e-6)
     assert trainer._graph_eval.captures == 2
+
+
+@pytest.mark.gpu
+def test_the_eager_and_the_recorded_steps_share_one_pool():
+    """The eager first step allocates from the graph's pool, so the capture reuses its freed buffers
+    instead of the device holding an eager step's buffers in the default pool besides the graph's."""
+    import cupy as cp
+
+    trainer = make(device="cuda", eval_every=0)
+    pool, default = trainer.graph_step.pool, cp.get_default_memory_pool()
+    used_before = default.used_bytes()
+    trainer.train_step()  # eager
+    assert pool.used_bytes() > 0  # the optimizer state and the gradients
+    for _ in range(3):  # captured, then replayed
+        trainer.train_step()
+    trainer.flush()
+    assert default.used_bytes() - used_before < 0.1 * pool.used_bytes()
