@@ -242,14 +242,18 @@ class Optimizer:
                 for p in g["params"]:
                     if p.grad is None:
                         continue
-                    sign_bits = self._update(p, unwrap(p.grad), g)
-                    if hasattr(p, "mark_modified"):
-                        p.mark_modified()
-                    if sign_bits is not None:
-                        p.offer_sign_bits(sign_bits)
-                    st = self.state.get(id(p))
-                    if st is not None and "master" in st:
-                        self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
+                    self._record_update(p, self._update(p, unwrap(p.grad), g))
+
+    def _record_update(self, p: Any, sign_bits: Any) -> None:
+        """The host side of an update of ``p`` once its kernels are queued: ``p`` is marked modified, the
+        sign bit-planes the update wrote (if any) are offered, the master key is renewed."""
+        if hasattr(p, "mark_modified"):
+            p.mark_modified()
+        if sign_bits is not None:
+            p.offer_sign_bits(sign_bits)
+        st = self.state.get(id(p))
+        if st is not None and "master" in st:
+            self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
 
     # ----------------------------------------------------------------- captured steps
     def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> np.ndarray:
@@ -299,13 +303,8 @@ class Optimizer:
                 st = self.state.get(id(p))
                 if st is not None:
                     st["step"] += 1
-                if hasattr(p, "mark_modified"):
-                    p.mark_modified()
-                bits = self._sign_bits.get(id(p))
-                if bits is not None and getattr(p, "wants_sign_bits", False):
-                    p.offer_sign_bits(bits)
-                if st is not None and "master" in st:
-                    self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
+                bits = self._sign_bits.get(id(p)) if getattr(p, "wants_sign_bits", False) else None
+                self._record_update(p, bits)
 
     def _sign_bits_buffer(self, p: Any) -> Any:
         """The array the fused update of ``p`` writes its sign bit-planes into (``None`` unless ``p``
