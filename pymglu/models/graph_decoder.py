@@ -219,19 +219,12 @@ class GraphDecoder:
         graph = self._graphs.get(greedy)
         if graph is not None:
             return graph
-        from cupy_backends.cuda.libs import cublas
-        import cupy as cp
+        from pymglu.cuda.capture import record_graph
 
         with self.stream:
             saved_state, saved_ids = self.state.copy(), self.ids.copy()
             self._record_step(greedy)
-            handle = cp.cuda.device.get_cublas_handle()
-            cublas.setStream(handle, self.stream.ptr)  # gemm() skips setStream (refused in capture) when equal
-            self.stream.begin_capture()
-            try:
-                self._record_step(greedy)
-            finally:
-                graph = self.stream.end_capture()
+            graph, _ = record_graph(self.stream, lambda: self._record_step(greedy))
             self.state[...] = saved_state
             self.ids[...] = saved_ids
             self.stream.synchronize()

@@ -84,29 +84,18 @@ class GraphEvaluation:
 
         caller = cp.cuda.get_current_stream()
         self.stream.wait_event(caller.record())
-        with self.stream:
+        with self.stream, cp.cuda.using_allocator(self.pool.malloc):  # the capture reuses these buffers
             loss = self.forward(cp.asarray(x), cp.asarray(y)).data
         caller.wait_event(self.stream.record())
         return loss
 
     def _capture(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any, Any, Any]:
         import cupy as cp
-        from cupy_backends.cuda.libs import cublas
+
+        from pymglu.cuda.capture import record_graph
 
         xd, yd = cp.asarray(x), cp.asarray(y)
-        with self.stream:
-            cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
-            with cp.cuda.using_allocator(self.pool.malloc):
-                self.stream.begin_capture()
-                try:
-                    loss = self.forward(xd, yd).data
-                except BaseException:
-                    try:
-                        self.stream.end_capture()
-                    except Exception:  # the capture is invalid anyway; report the first error
-                        pass
-                    raise
-                graph = self.stream.end_capture()
+        graph, loss = record_graph(self.stream, lambda: self.forward(xd, yd).data, self.pool)
         if not _same(self._make_key(), self._key):  # a layer packed its masks inside the recorded pass
             raise RuntimeError("graph: an MGLU layer changed its bit-plane array while the validation pass was "
                                "recorded; evaluate with graph=False")

@@ -158,9 +158,8 @@ class GraphTrainStep:
 
     def _capture_and_launch(self, x: np.ndarray, y: np.ndarray) -> Any:
         import cupy as cp
-        from cupy_backends.cuda.libs import cublas
 
-        from pymglu.cuda.capture import keeping_uploads
+        from pymglu.cuda.capture import keeping_uploads, record_graph
 
         optimizer = self.trainer.optimizer
         rows = optimizer.next_step_scalars()
@@ -171,19 +170,8 @@ class GraphTrainStep:
         params = list(self.trainer.model.parameters())
         optimizer._step_scalar_rows = {id(p): self._table[i] for i, p in enumerate(self._params)}
         try:
-            with self.stream:
-                cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
-                with cp.cuda.using_allocator(self.pool.malloc), keeping_uploads() as kept:
-                    self.stream.begin_capture()
-                    try:
-                        loss = self.body(self._x, self._y)
-                    except BaseException:
-                        try:
-                            self.stream.end_capture()
-                        except Exception:  # the capture is invalid anyway; report the first error
-                            pass
-                        raise
-                    graph = self.stream.end_capture()
+            with keeping_uploads() as kept:
+                graph, loss = record_graph(self.stream, lambda: self.body(self._x, self._y), self.pool)
         except BaseException as exc:
             self._undo_recorded_step(saved_steps, params)
             if isinstance(exc, Exception):
