@@ -13,7 +13,7 @@ pymglu.models.training.Trainer, the loop train_lm.py uses.
 Each finished (variant, seed) run is stored as OUT/runs/<variant>-seed<s>.json and skipped when the script
 runs again, so the experiment can be split over several calls; OUT/results.md gets a Markdown table
 (final validation loss mean ± std over seeds, weights, mask bits, training tokens/s, gate fraction per
-layer) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
+layer; then each variant against SwiGLU paired by seed, with 95% confidence intervals) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
 Several processes may share one OUT at once (benchmarks/gpu_visit.sh experiment runs a few per GPU): every
 file is written to a temporary file and renamed over its name, OUT/setup.json is created only where absent
 (a process with other settings is refused), and --concurrent-jobs N records in each run how many processes
@@ -238,6 +238,54 @@ def make_table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(results: dict[str, list[dict[str, Any]]], name: str, metric: Any,
+                       ref: str = "swiglu") -> np.ndarray:
+    """Per seed that both ran, ``100 * (metric(variant) / metric(ref) - 1)``: the variant's loss relative
+    to the reference in percent (negative: lower loss), ``(seeds,)`` float64, in seed order. Seed ``s`` trains
+    every variant on the same batches and evaluates it on the same windows, so these differences vary far
+    less than the losses themselves do between seeds."""
+    mine = {r["seed"]: metric(r) for r in results.get(name, [])}
+    theirs = {r["seed"]: metric(r) for r in results.get(ref, [])}
+    seeds = sorted(set(mine) & set(theirs))
+    return np.array([100 * (mine[s] / theirs[s] - 1) for s in seeds], dtype=np.float64)
+
+
+def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """``(mean, half-width)`` of the Student-t confidence interval at ``level`` for the mean of ``values``
+    (half-width ``nan`` for fewer than two values)."""
+    from scipy import stats
+
+    if values.size < 2:
+        return float(np.mean(values)) if values.size else float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, values.size - 1) * np.std(values, ddof=1) / np.sqrt(values.size)
+    return float(np.mean(values)), float(half)
+
+
+def make_paired_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table, one row per variant other than SwiGLU: the per-seed paired loss differences against
+    SwiGLU (:func:`paired_differences`) as mean ± the 95% t-interval's half-width, for the final and the best
+    validation loss, and on how many of the seeds the variant's loss is lower. Empty without SwiGLU runs."""
+    if not results.get("swiglu"):
+        return ""
+    lines = ["| variant | n | paired seeds | final val loss vs SwiGLU (95% CI) | lower on | best val loss vs SwiGLU "
+             "(95% CI) | lower on |", "|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        if name == "swiglu" or not results.get(name):
+            continue
+        r0 = results[name][0]
+        cells = []
+        for metric in (lambda r: r["final_val_loss"], best_val_loss):
+            diffs = paired_differences(results, name, metric)
+            mean, half = mean_interval(diffs)
+            cells.append(f"{mean:+.2f}%" + ("" if np.isnan(half) else f" ± {half:.2f}%"))
+            cells.append(f"{int(np.sum(diffs < 0))} of {diffs.size}")
+        if not diffs.size:
+            continue
+        n = r0["config"]["n_masks"]
+        lines.append(f"| {r0['label']} | {n if n else '—'} | {diffs.size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     """Validation loss against step, mean over seeds, one line per variant; False without matplotlib."""
     try:
@@ -331,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(path.read_text())
         results.setdefault(r["variant"], []).append(r)
     table = make_table(results)
+    paired = make_paired_table(results)
+    if paired:
+        table += ("\n\nPaired by seed (each seed trains every variant on the same batches): the variant's loss "
+                  "relative to SwiGLU's, mean over seeds ± the half-width of the 95% t-interval.\n\n" + paired)
     note = concurrency_note(results)
     cmd = "python examples/compare_ffn.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plotted = plot_curves(results, out / "loss_curves.png")

@@ -4,6 +4,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from lm_helpers import load_example
@@ -15,11 +16,14 @@ def test_smoke_run_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert compare_ffn.main(["--smoke", "--out", str(out), "--device", "cpu"]) == 0
     table = (out / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    main_table, paired = table.split("Paired by seed")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == len(compare_ffn.VARIANTS) == 8
     labels = [r.split("|")[1].strip() for r in rows]
     assert labels == ["SwiGLU", "SwiGLU, param-matched", "SwiMGLU", "SwiMGLU", "SwiMGLU", "SwiMGLU", "GeMGLU", "ReMGLU"]
     assert [r.split("|")[2].strip() for r in rows] == ["—", "—", "1", "2", "4", "8", "4", "4"]
+    paired_rows = [line for line in paired.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split("|")[3].strip() for r in paired_rows] == ["1"] * 7  # one seed: no interval
     assert (out / "loss_curves.png").stat().st_size > 10_000
     results = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     assert len(results) == 8
@@ -89,3 +93,28 @@ def test_concurrent_jobs_recorded_and_stated(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         compare_ffn.main(args + ["--concurrent-jobs", "0"])
     assert e.value.code == 2 and "--concurrent-jobs: expected an integer >= 1" in capsys.readouterr().err
+
+
+def _fake_run(variant, seed, final, best, n_masks=None):
+    return {"variant": variant, "seed": seed, "label": compare_ffn.VARIANTS[variant][0], "final_val_loss": final,
+            "config": {"n_masks": n_masks}, "history": {"val_loss": [best + 1.0, best, final]}}
+
+
+def test_paired_differences_match_seeds_and_the_t_interval():
+    results = {
+        "swiglu": [_fake_run("swiglu", s, 2.0, 1.9) for s in (0, 1, 2, 5)],
+        # seed 7 has no SwiGLU partner and is left out; seed 5 of SwiGLU has no partner either
+        "swimglu4": [_fake_run("swimglu4", s, f, 1.9 * (1 + d), 4)
+                     for s, f, d in ((2, 2.02, 0.0), (0, 1.98, -0.01), (1, 1.96, -0.02), (7, 1.0, 0.0))],
+    }
+    diffs = compare_ffn.paired_differences(results, "swimglu4", lambda r: r["final_val_loss"])
+    assert diffs == pytest.approx([-1.0, -2.0, 1.0])  # seeds 0, 1, 2
+    mean, half = compare_ffn.mean_interval(diffs)
+    # t(0.975, 2 dof) = 4.3027; sample std of (-1, -2, 1) = 1.5275
+    assert mean == pytest.approx(-2 / 3) and half == pytest.approx(4.302653 * 1.527525 / 3 ** 0.5, rel=1e-5)
+    assert np.isnan(compare_ffn.mean_interval(np.array([0.5]))[1])
+
+    table = compare_ffn.make_paired_table(results)
+    row = [line for line in table.splitlines() if line.startswith("| SwiMGLU")]
+    assert row == [f"| SwiMGLU | 4 | 3 | -0.67% ± {half:.2f}% | 2 of 3 | -1.00% ± {compare_ffn.mean_interval(np.array([-1.0, -2.0, 0.0]))[1]:.2f}% | 2 of 3 |"]
+    assert compare_ffn.make_paired_table({"swimglu4": results["swimglu4"]}) == ""
