@@ -13,7 +13,8 @@ pymglu.models.training.Trainer, the loop train_lm.py uses.
 Each finished (variant, seed) run is stored as OUT/runs/<variant>-seed<s>.json and skipped when the script
 runs again, so the experiment can be split over several calls; OUT/results.md gets a Markdown table
 (final validation loss mean ± std over seeds, weights, mask bits, training tokens/s, gate fraction per
-layer; then each variant against SwiGLU paired by seed, with 95% confidence intervals) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
+layer; then each variant against SwiGLU and against the parameter-matched SwiGLU, paired by seed,
+with 95% confidence intervals, and the paired gap to SwiGLU at every validation step) and OUT/loss_curves.png the validation curves (needs matplotlib: pip install -e ".[plot]").
 Several processes may share one OUT at once (benchmarks/gpu_visit.sh experiment runs a few per GPU): every
 file is written to a temporary file and renamed over its name, OUT/setup.json is created only where absent
 (a process with other settings is refused), and --concurrent-jobs N records in each run how many processes
@@ -261,21 +262,23 @@ def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float
     return float(np.mean(values)), float(half)
 
 
-def make_paired_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table, one row per variant other than SwiGLU: the per-seed paired loss differences against
-    SwiGLU (:func:`paired_differences`) as mean ± the 95% t-interval's half-width, for the final and the best
-    validation loss, and on how many of the seeds the variant's loss is lower. Empty without SwiGLU runs."""
-    if not results.get("swiglu"):
+def make_paired_table(results: dict[str, list[dict[str, Any]]], ref: str = "swiglu") -> str:
+    """Markdown table, one row per variant other than ``ref`` (a key of :data:`VARIANTS`): the per-seed
+    paired loss differences against ``ref`` (:func:`paired_differences`) as mean ± the 95% t-interval's
+    half-width, for the final and the best validation loss, and on how many of the seeds the variant's
+    loss is lower. Empty without runs of ``ref``."""
+    if not results.get(ref):
         return ""
-    lines = ["| variant | n | paired seeds | final val loss vs SwiGLU (95% CI) | lower on | best val loss vs SwiGLU "
-             "(95% CI) | lower on |", "|---|---|---|---|---|---|---|"]
+    label = VARIANTS[ref][0]
+    lines = [f"| variant | n | paired seeds | final val loss vs {label} (95% CI) | lower on | best val loss vs "
+             f"{label} (95% CI) | lower on |", "|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
-        if name == "swiglu" or not results.get(name):
+        if name == ref or not results.get(name):
             continue
         r0 = results[name][0]
         cells = []
         for metric in (lambda r: r["final_val_loss"], best_val_loss):
-            diffs = paired_differences(results, name, metric)
+            diffs = paired_differences(results, name, metric, ref)
             mean, half = mean_interval(diffs)
             cells.append(f"{mean:+.2f}%" + ("" if np.isnan(half) else f" ± {half:.2f}%"))
             cells.append(f"{int(np.sum(diffs < 0))} of {diffs.size}")
@@ -286,8 +289,40 @@ def make_paired_table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def paired_gaps_over_training(results: dict[str, list[dict[str, Any]]], name: str,
+                              ref: str = "swiglu") -> tuple[list[int], np.ndarray, np.ndarray]:
+    """``(steps, mean, half)``: at every validation step, the variant's loss relative to ``ref``'s in percent,
+    paired by seed (:func:`paired_differences`), mean and 95% t-interval half-width, each ``(len(steps),)``."""
+    steps = list(results[ref][0]["history"]["val_steps"])
+    stats = [mean_interval(paired_differences(results, name, lambda r, k=k: r["history"]["val_loss"][k], ref))
+             for k in range(len(steps))]
+    return steps, np.array([m for m, _ in stats]), np.array([h for _, h in stats])
+
+
+def make_gap_table(results: dict[str, list[dict[str, Any]]], ref: str = "swiglu") -> str:
+    """Markdown table: one row per variant, one column per validation step, each cell the paired loss gap
+    to ``ref`` of :func:`paired_gaps_over_training` (mean ± half-width). Empty without runs of ``ref`` or when
+    the runs validated at different steps."""
+    if not results.get(ref):
+        return ""
+    steps = results[ref][0]["history"]["val_steps"]
+    if any(r["history"]["val_steps"] != steps for runs in results.values() for r in runs):
+        return ""
+    lines = ["| variant | n | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for name in VARIANTS:
+        if name == ref or not results.get(name):
+            continue
+        _, mean, half = paired_gaps_over_training(results, name, ref)
+        cells = [f"{m:+.2f}%" + ("" if np.isnan(h) else f" ± {h:.2f}") for m, h in zip(mean, half)]
+        n = results[name][0]["config"]["n_masks"]
+        lines.append(f"| {results[name][0]['label']} | {n if n else '—'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    """Validation loss against step, mean over seeds, one line per variant; False without matplotlib."""
+    """Validation loss against step, mean over seeds, one line per variant; beside it, when SwiGLU ran and
+    every run validated at the same steps, each variant's paired gap to SwiGLU with its 95% interval as a
+    band (:func:`paired_gaps_over_training`). False without matplotlib."""
     try:
         import matplotlib
 
@@ -296,7 +331,9 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed, so no plot was drawn (pip install -e \".[plot]\" adds it)")
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    with_gaps = bool(make_gap_table(results))
+    fig, axes = plt.subplots(1, 2 if with_gaps else 1, figsize=(15 if with_gaps else 8, 5), squeeze=False)
+    ax, gap_ax = axes[0][0], (axes[0][1] if with_gaps else None)
     for name in VARIANTS:
         runs = results.get(name)
         if not runs:
@@ -304,13 +341,24 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         steps = runs[0]["history"]["val_steps"]
         curve = np.mean([r["history"]["val_loss"] for r in runs], axis=0)
         n = runs[0]["config"]["n_masks"]
-        ax.plot(steps, curve, marker="o", markersize=3,
-                label=runs[0]["label"] + (f" n={n}" if n else "") + f" (h={runs[0]['config']['d_ff']})")
+        label = runs[0]["label"] + (f" n={n}" if n else "") + f" (h={runs[0]['config']['d_ff']})"
+        line, = ax.plot(steps, curve, marker="o", markersize=3, label=label)
+        if gap_ax is not None and name != "swiglu":
+            steps, mean, half = paired_gaps_over_training(results, name)
+            gap_ax.plot(steps, mean, marker="o", markersize=3, color=line.get_color(), label=label)
+            if not np.isnan(half).any():
+                gap_ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.12)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats per byte)")
     ax.set_title("Validation loss, mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if gap_ax is not None:
+        gap_ax.axhline(0.0, color="black", linewidth=0.8)
+        gap_ax.set_xlabel("step")
+        gap_ax.set_ylabel("validation loss vs SwiGLU, paired by seed (%)")
+        gap_ax.set_title("Gap to SwiGLU (mean over seeds, 95% interval)")
+        gap_ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = _temp_beside(path)
     try:
@@ -379,10 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(path.read_text())
         results.setdefault(r["variant"], []).append(r)
     table = make_table(results)
-    paired = make_paired_table(results)
-    if paired:
-        table += ("\n\nPaired by seed (each seed trains every variant on the same batches): the variant's loss "
-                  "relative to SwiGLU's, mean over seeds ± the half-width of the 95% t-interval.\n\n" + paired)
+    for ref in ("swiglu", "swiglu-pm"):
+        paired = make_paired_table(results, ref)
+        if paired:
+            table += (f"\n\nPaired by seed (each seed trains every variant on the same batches): the variant's loss "
+                      f"relative to {VARIANTS[ref][0]}'s, mean over seeds ± the half-width of the 95% t-interval."
+                      "\n\n" + paired)
+    gaps = make_gap_table(results)
+    if gaps:
+        table += ("\n\nThe same paired gap to SwiGLU's validation loss at every validation step (percent, ± the "
+                  "95% t-interval's half-width).\n\n" + gaps)
     note = concurrency_note(results)
     cmd = "python examples/compare_ffn.py " + " ".join(argv if argv is not None else sys.argv[1:])
     plotted = plot_curves(results, out / "loss_curves.png")

@@ -16,7 +16,9 @@ def test_smoke_run_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert compare_ffn.main(["--smoke", "--out", str(out), "--device", "cpu"]) == 0
     table = (out / "results.md").read_text()
-    main_table, paired = table.split("Paired by seed")
+    main_table, paired, paired_pm = table.split("Paired by seed")
+    assert "relative to SwiGLU's" in paired and "relative to SwiGLU, param-matched's" in paired_pm
+    assert "| variant | n | step 4 | step 8 | step 12 |" in paired_pm  # the gap at every validation step
     rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert len(rows) == len(compare_ffn.VARIANTS) == 8
     labels = [r.split("|")[1].strip() for r in rows]
@@ -118,3 +120,24 @@ def test_paired_differences_match_seeds_and_the_t_interval():
     row = [line for line in table.splitlines() if line.startswith("| SwiMGLU")]
     assert row == [f"| SwiMGLU | 4 | 3 | -0.67% ± {half:.2f}% | 2 of 3 | -1.00% ± {compare_ffn.mean_interval(np.array([-1.0, -2.0, 0.0]))[1]:.2f}% | 2 of 3 |"]
     assert compare_ffn.make_paired_table({"swimglu4": results["swimglu4"]}) == ""
+    against_mglu = compare_ffn.make_paired_table(results, ref="swimglu4")
+    assert "vs SwiMGLU (95% CI)" in against_mglu and "| SwiGLU | — | 3 | +0.69% ±" in against_mglu
+
+
+def test_gap_table_pairs_every_validation_step():
+    def run(variant, seed, curve, n_masks=None):
+        r = _fake_run(variant, seed, curve[-1], min(curve), n_masks)
+        r["history"] = {"val_loss": list(curve), "val_steps": [10, 20, 30]}
+        return r
+
+    results = {"swiglu": [run("swiglu", 0, [2.0, 1.5, 1.0]), run("swiglu", 1, [2.0, 1.6, 1.2])],
+               "swimglu2": [run("swimglu2", 0, [2.2, 1.5, 0.99], 2), run("swimglu2", 1, [2.0, 1.68, 1.2], 2)]}
+    steps, mean, half = compare_ffn.paired_gaps_over_training(results, "swimglu2")
+    assert steps == [10, 20, 30]
+    assert mean == pytest.approx([5.0, 2.5, -0.5])
+    assert half == pytest.approx([12.706205 * np.std(d, ddof=1) / 2 ** 0.5 for d in ([10, 0], [0, 5], [-1, 0])], rel=1e-5)
+    table = compare_ffn.make_gap_table(results)
+    assert table.splitlines()[0] == "| variant | n | step 10 | step 20 | step 30 |"
+    assert table.splitlines()[2].startswith("| SwiMGLU | 2 | +5.00% ± 63.53 | +2.50% ± 31.77 | -0.50% ± 6.35 |")
+    results["swimglu2"][1]["history"]["val_steps"] = [10, 20, 31]  # runs of other validation steps: no table
+    assert compare_ffn.make_gap_table(results) == ""
