@@ -9,7 +9,8 @@
 # (probe_fused_stages.py --quick), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
 # model, stall summary), train-quick (train_layer --quick), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
-# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
+# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), sampling (benchmarks/decode_sampling.py:
+# tokens sampled on the device against on the host), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
 # (default 4) worker loops per visible GPU, which share the GPU (the default model is too small to fill an
@@ -50,6 +51,7 @@ case "$mode" in
   optim) { python3 benchmarks/optimizer_step.py --out-dir "$OUT" && python3 benchmarks/train_model.py --out-dir "$OUT"; } \
        > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  sampling) python3 benchmarks/decode_sampling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   pdl-sweep) python3 benchmarks/decode.py --dtypes bfloat16,float16 --shapes 4096x14336 --tokens 1,2,4,8 --masks 1,2,8 \
        --warps lib,4 --ahead lib,2 --pdl end --rounds 3 --replays 10 --no-naive --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   paired-sweep) python3 benchmarks/decode.py --dtypes bfloat16,float16 --shapes ${SHAPES:-4096x14336,8192x28672} --tokens 1,2,4 \

@@ -78,7 +78,7 @@ def profile(decoder: GraphDecoder, position: int, reps: int, replays: int) -> li
     rows = [(name, time_launch(decoder, fn, reps, replays)) for name, fn in launches]
     decoder.state[...] = cp.asarray([position, 0], dtype=np.int32)
     steps = min(reps, c.max_seq_len - position - 1)
-    rows.append((f"whole step ({c.n_layers} layers)", time_launch(decoder, lambda: decoder._record_step(True),
+    rows.append((f"whole step ({c.n_layers} layers)", time_launch(decoder, lambda: decoder._record_step("greedy"),
                                                                  steps, 1)))
     return rows
 

@@ -2,7 +2,8 @@
 
 Ragged widths (d_model 96 in 3 heads of 32, d_ff 136, vocab 97), every dtype, a GLU and an MGLU kind,
 the multi-launch step and (16-bit dtypes) the fused step; the cache is filled over three attention chunks
-(67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs.
+(67 of its 72 positions). The steps run eagerly (``_record_step``) and as replayed graphs, greedy and
+sampling (``GraphDecoder.sample``, with and without top-k).
 ``python benchmarks/sanitize_decode.py fused`` runs the fused-step cases only.
 """
 import sys
@@ -25,12 +26,16 @@ for dtype, fused in [c for c in CASES if c[1] or sys.argv[1:] != ["fused"]]:
         decoder = GraphDecoder(model, 2, fused=fused)
         logits = decoder.prefill(np.arange(8).reshape(2, 4))
         with decoder.stream:
-            decoder._record_step(True)  # an eager step: the sanitizer sees each launch on its own
+            decoder._record_step("greedy")  # an eager step: the sanitizer sees each launch on its own
         decoder.cache.advance(1)
         tokens = decoder.greedy(logits.argmax(-1), 6)
+        draws = np.random.default_rng(0).random((4, 2))
+        sampled = decoder.sample(tokens[:, -1], 4, 0.8, 13, draws)  # the device sampler, top-k by radix select
+        decoder.sample(sampled[:, -1], 2, 1.5, None, draws[:2])  # every token kept
         decoder.prefill(np.arange(132).reshape(2, 66) % 97)  # 67 positions: three attention chunks
         step_logits = decoder.step([1, 2])
         decoder.stream.synchronize()
-        assert tokens.shape == (2, 6) and np.all(np.isfinite(step_logits.astype(np.float32)))
+        assert tokens.shape == (2, 6) and sampled.shape == (2, 4) and np.all((sampled >= 0) & (sampled < 97))
+        assert np.all(np.isfinite(step_logits.astype(np.float32)))
         assert decoder.cache.length == 67
 print("sanitize_decode: all launches done")

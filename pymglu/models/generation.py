@@ -78,9 +78,9 @@ def generate(model: Any, ids: Any, max_new_tokens: int, temperature: float = 1.0
             (:class:`pymglu.models.GraphDecoder`; needs ``use_kv_cache``). ``None`` (default): when the
             model is on a GPU and the decoder serves it (:func:`pymglu.models.graph_decoder.unsupported_reason`),
             else eagerly. ``True``: the graph or a ``ValueError`` saying why not. ``False``: eagerly.
-            Greedy graph steps choose tokens on the device and run back to back until the cache is full;
-            sampling copies each step's logits to the host. Prefills (the prompt, and the last window
-            when the cache is full) always run eagerly.
+            Graph steps choose their tokens on the device (greedy, or sampled from draws of ``rng`` made
+            on the host, the same draws as the eager path) and run back to back until the cache is full.
+            Prefills (the prompt, and the last window when the cache is full) always run eagerly.
     Returns:
         NumPy int64 array, the prompt followed by the new tokens: ``(T + max_new_tokens,)`` for a 1-d
         prompt, ``(B, T + max_new_tokens)`` for a 2-d one.
@@ -155,11 +155,11 @@ def _generate_with_graph(decoder: Any, out: np.ndarray, filled: int, max_new_tok
             logits = decoder.prefill(out[:, max(0, filled - L):filled])
             out[:, filled] = choose_next(to_numpy(logits), temperature, top_k, gen)
             filled += 1
-        elif temperature == 0.0:
-            steps = min(end - filled, L - decoder.cache.length)
-            out[:, filled:filled + steps] = decoder.greedy(out[:, filled - 1], steps)
-            filled += steps
         else:
-            logits = decoder.step(out[:, filled - 1])
-            out[:, filled] = choose_next(to_numpy(logits), temperature, top_k, gen)
-            filled += 1
+            steps = min(end - filled, L - decoder.cache.length)
+            if temperature == 0.0:
+                out[:, filled:filled + steps] = decoder.greedy(out[:, filled - 1], steps)
+            else:  # the draws choose_next would take, one row per step
+                draws = gen.random((steps, out.shape[0]))
+                out[:, filled:filled + steps] = decoder.sample(out[:, filled - 1], steps, temperature, top_k, draws)
+            filled += steps

@@ -16,6 +16,8 @@ What one step does, for the ``B`` sequences, with every buffer allocated once by
   W_down^T``;
 * final RMSNorm and the logits ``(B, vocab_size)`` in the model's dtype;
 * greedy mode: the argmax of each row becomes the next ``ids`` and is stored in a token history;
+  sampling mode: a token drawn with the temperature and top-k of the call
+  (:class:`pymglu.cuda.decode_sample.Sampler`, from uniform draws uploaded once per call) does;
 * the position (``state[0]``, read by the kernels from device memory) moves on by one.
 
 The arithmetic is the eager model's: float32 inside each kernel and cuBLAS (float32 accumulation), one
@@ -52,6 +54,7 @@ from pymglu.nn import GLU, MGLU
 __all__ = ["GraphDecoder", "unsupported_reason", "decoder_for"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_MODES = ("logits", "greedy", "sample")
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -126,8 +129,8 @@ class GraphDecoder:
         stream: the non-blocking CuPy stream every call of the decoder runs on.
 
     Use: :meth:`prefill` a window of tokens (eager model call that fills the cache), then
-    :meth:`greedy` (several steps per call, tokens chosen on the device) or :meth:`step` (one step,
-    logits returned for a host-side choice). Every method synchronises its stream before returning host
+    :meth:`greedy` or :meth:`sample` (several steps per call, tokens chosen on the device) or :meth:`step`
+    (one step, logits returned for a host-side choice). Every method synchronises its stream before returning host
     data; between calls the cache length and the device position agree.
 
     Raises:
@@ -176,18 +179,30 @@ class GraphDecoder:
             self.gate_value = cp.empty((B, 2 * h), dtype=dt)
             self.hidden = cp.empty((B, h), dtype=dt)
             self.logits = cp.empty((B, c.vocab_size), dtype=dt)
+            # sampling mode: one uniform draw per row and step, 1 / temperature, top_k (valid from the start:
+            # the warm-up run before a capture reads them)
+            self.uniforms = cp.full((c.max_seq_len, B), 0.5, dtype=np.float32)
+            self.inv_temperature = cp.ones((1,), dtype=np.float32)
+            self.top_k = cp.full((1,), c.vocab_size, dtype=np.int32)
+            self._sampler = None
             self.attention_workspace = decode_step.attention_workspace(B, H, Dh, c.max_seq_len)
             self.fused_step = decode_fused.FusedDecodeStep(self) if self.fused else None
-        self._graphs: dict[bool, Any] = {}
+        self._graphs: dict[str, Any] = {}  # mode -> captured step
 
     # ------------------------------------------------------------------ the step
-    def _record_step(self, greedy: bool) -> None:
-        """Launch one decode step on the current stream (what the graphs capture)."""
+    def _record_step(self, mode: str) -> None:
+        """Launch one decode step on the current stream (what the graphs capture). ``mode``: ``"logits"``
+        (the logits only), ``"greedy"`` (and the argmax as the next ids) or ``"sample"`` (and a sampled
+        token as the next ids)."""
         from pymglu.cuda.flash_mglu import flash_mglu
         from pymglu.cuda.gemm import gemm
 
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
         if self.fused_step is not None:
-            self.fused_step.launch(greedy)
+            self.fused_step.launch(mode == "greedy")
+            if mode == "sample":
+                self._sample(after_advance=True)
             return
         k, c = self.kernels, self.config
         k.embed(self.ids, self.embed_table, self.x)
@@ -207,28 +222,38 @@ class GraphDecoder:
             gemm(self.hidden, blk.w_down, self.x, trans_b=True, accumulate=True)
         k.rms_norm(self.x, self.final_norm, self.x_norm, c.norm_eps)
         gemm(self.x_norm, self.head, self.logits, trans_b=True)
-        if greedy:
+        if mode == "greedy":
             k.argmax(self.logits, self.ids, self.history, self.state)
+        elif mode == "sample":
+            self._sample(after_advance=False)
         k.advance(self.state)
 
-    def _graph(self, greedy: bool) -> Any:
+    def _sample(self, after_advance: bool) -> None:
+        from pymglu.cuda.decode_sample import Sampler
+
+        if self._sampler is None:
+            self._sampler = Sampler(self.config.np_dtype)
+        self._sampler(self.logits, self.uniforms, self.inv_temperature, self.top_k, self.ids, self.history,
+                      self.state, after_advance)
+
+    def _graph(self, mode: str) -> Any:
         """The captured step (built on first use): one eager run on the decoder's stream first, so that
         kernels are compiled and cuBLAS has its workspace and stream, then the capture. Both write only
         the cache position ``state[0]`` (rewritten by the next real step before anything reads it) and
         the decoder's buffers; ``state`` and ``ids`` are restored afterwards."""
-        graph = self._graphs.get(greedy)
+        graph = self._graphs.get(mode)
         if graph is not None:
             return graph
         from pymglu.cuda.capture import record_graph
 
         with self.stream:
             saved_state, saved_ids = self.state.copy(), self.ids.copy()
-            self._record_step(greedy)
-            graph, _ = record_graph(self.stream, lambda: self._record_step(greedy))
+            self._record_step(mode)
+            graph, _ = record_graph(self.stream, lambda: self._record_step(mode))
             self.state[...] = saved_state
             self.ids[...] = saved_ids
             self.stream.synchronize()
-        self._graphs[greedy] = graph
+        self._graphs[mode] = graph
         return graph
 
     # ------------------------------------------------------------------ public calls
@@ -272,7 +297,7 @@ class GraphDecoder:
             ``(B, vocab_size)`` host NumPy logits (model dtype).
         """
         self._check_room(1)
-        graph = self._graph(False)
+        graph = self._graph("logits")
         with self.stream:
             self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
             graph.launch(self.stream)
@@ -288,9 +313,48 @@ class GraphDecoder:
             ``(B, steps)`` int64 host array of the chosen tokens.
         """
         self._check_room(steps)
-        graph = self._graph(True)
+        graph = self._graph("greedy")
         with self.stream:
             self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
+            self.state[1:] = 0
+            for _ in range(steps):
+                graph.launch(self.stream)
+            chosen = self.history[:, :steps].get(stream=self.stream)
+            self.stream.synchronize()
+        self.cache.advance(steps)
+        return chosen.astype(np.int64)
+
+
+    def sample(self, last_ids: Any, steps: int, temperature: float, top_k: int | None, draws: Any) -> np.ndarray:
+        """``steps`` sampled decode steps back to back, starting from the ``(B,)`` ``last_ids`` at position
+        ``cache.length``; each step's token (drawn on the device as
+        :func:`pymglu.models.generation.choose_next` draws it on the host) is the next step's input.
+
+        Args:
+            temperature: the softmax temperature (finite, > 0).
+            top_k: sample among the ``top_k`` largest logits of each row (ties kept), ``None`` for all.
+            draws: ``(steps, B)`` uniform draws in ``[0, 1)``, one per step and row, used in float32
+                (``rng.random((steps, B))`` draws what ``choose_next`` would draw over these steps).
+        Returns:
+            ``(B, steps)`` int64 host array of the chosen tokens.
+        """
+        self._check_room(steps)
+        draws = np.asarray(draws)
+        if draws.shape != (steps, self.batch) or draws.dtype.kind != "f":
+            raise ValueError(f"draws: expected ({steps}, {self.batch}) floats, got shape {draws.shape}, "
+                             f"dtype {draws.dtype}")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        V = self.config.vocab_size
+        k = V if top_k is None else min(int(top_k), V)
+        if k < 1:
+            raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+        graph = self._graph("sample")
+        with self.stream:
+            self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
+            self.uniforms[:steps].set(np.ascontiguousarray(draws, dtype=np.float32), stream=self.stream)
+            self.inv_temperature.set(np.array([1.0 / temperature], dtype=np.float32), stream=self.stream)
+            self.top_k.set(np.array([k], dtype=np.int32), stream=self.stream)
             self.state[1:] = 0
             for _ in range(steps):
                 graph.launch(self.stream)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pymglu import cuda as pymglu_cuda
-from pymglu.cuda import decode_fused, decode_step, flash_mglu, optimizers, tape_ops, training
+from pymglu.cuda import decode_fused, decode_sample, decode_step, flash_mglu, optimizers, tape_ops, training
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 
@@ -22,7 +22,8 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 #: of the architecture that returns them)
 INSTANCES = {"flash_mglu.cu": flash_mglu.kernel_names(), "mglu_train.cu": training.kernel_names(),
              "decode_step.cu": decode_step.kernel_names(), "decode_fused.cu": decode_fused.kernel_names,
-             "optimizers.cu": optimizers.kernel_names(), "tape_ops.cu": tape_ops.kernel_names()}
+             "optimizers.cu": optimizers.kernel_names(), "tape_ops.cu": tape_ops.kernel_names(),
+             "decode_sample.cu": decode_sample.kernel_names()}
 
 
 def _compile_nvrtc(source: str, names: list[str], arch: str) -> str:

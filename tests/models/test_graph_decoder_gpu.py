@@ -130,6 +130,69 @@ def test_sampling_follows_the_same_draws():
     np.testing.assert_array_equal(graph, eager)
 
 
+class _Draws:
+    """A stand-in for a numpy Generator in choose_next: hands out the rows of fixed draws in order."""
+
+    def __init__(self, rows):
+        self.rows = iter(rows)
+
+    def random(self, n):
+        row = next(self.rows)
+        assert row.shape == (n,)
+        return row.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype, fused, top_k", [("float32", False, None), ("bfloat16", False, 9),
+                                                  ("bfloat16", True, 30), ("float16", True, 1)])
+def test_sampled_steps_choose_what_the_host_chooses_from_their_logits(dtype, fused, top_k):
+    """decoder.sample draws on the device; decoder.step with choose_next on the host, from the same float32
+    draws, must pick the same tokens (both paths compute the same logits)."""
+    import cupy as cp
+
+    from pymglu.models.generation import choose_next
+
+    model = make_model("swimglu", 3, dtype, 31, tie_embeddings=False)
+    B, steps, temperature = 2, 14, 0.9
+    rng = np.random.default_rng(31)
+    prompt = rng.integers(0, 97, size=(B, 5))
+    draws = rng.random((steps, B)).astype(np.float32)
+    decoder = GraphDecoder(model, B, fused=fused)
+    first = decoder.prefill(prompt).argmax(-1)
+    decoder.history.fill(-1)
+    pool = cp.get_default_memory_pool()
+    decoder.sample(first, 1, temperature, top_k, draws[:1])  # builds and captures the sampling graph
+    decoder.prefill(prompt)
+    used = pool.used_bytes()
+    sampled = decoder.sample(first, steps, temperature, top_k, draws)
+    assert pool.used_bytes() == used
+    assert decoder.cache.length == 5 + steps and int(decoder.state[0].get()) == 5 + steps
+
+    decoder.prefill(prompt)
+    host_draws, previous, chosen = _Draws(draws), first, []
+    for _ in range(steps):
+        previous = choose_next(decoder.step(previous), temperature, top_k, host_draws)
+        chosen.append(previous)
+    np.testing.assert_array_equal(sampled, np.stack(chosen, axis=1))
+    if top_k == 1:
+        decoder.prefill(prompt)
+        np.testing.assert_array_equal(sampled, decoder.greedy(first, steps))
+
+
+def test_sample_refuses_bad_arguments_before_it_runs():
+    decoder = GraphDecoder(make_model("swiglu", None, "float32", 6), 2)
+    decoder.prefill(np.ones((2, 4), dtype=np.int64))
+    draws = np.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"draws: expected \(3, 2\) floats, got shape \(2, 3\)"):
+        decoder.sample([1, 2], 3, 1.0, None, draws.T)
+    with pytest.raises(ValueError, match="temperature: expected a finite number > 0, got 0.0"):
+        decoder.sample([1, 2], 3, 0.0, None, draws)
+    with pytest.raises(ValueError, match="top_k: expected None or an integer >= 1, got 0"):
+        decoder.sample([1, 2], 3, 1.0, 0, draws)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        decoder.sample([1, 2], 17, 1.0, None, np.full((17, 2), 0.5))
+    assert decoder.cache.length == 4 and "sample" not in decoder._graphs
+
+
 def test_replays_allocate_nothing_and_history_is_written():
     import cupy as cp
 
