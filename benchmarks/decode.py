@@ -74,7 +74,7 @@ def _silu_mul_kernel(dtype):
 #: seconds of back-to-back work each timing runs before it measures (``--warmup``), beyond the few calls
 #: and the one graph launch every timing starts with. Off by default: on the H200 a quarter second of it
 #: made the third configuration after each weight packing 13-16% slower, reproducibly, while without it
-#: the same configurations ran in line with their neighbours (docs/benchmarks.md, "Timing protocol").
+#: the same configurations ran in line with their neighbours (docs/flash_mglu_history.md, "Timing protocol").
 WARMUP_S = 0.0
 
 
