@@ -7,13 +7,15 @@ Usage (on a machine with several GPUs, CuPy with NCCL, mpi4py and mpiexec):
 Weak scaling: every GPU trains on the same per-GPU batch, so k GPUs take a global batch k times larger.
 Each job builds the model (bfloat16, fp32 master weights), averages gradients through
 :class:`pymglu.distributed.DataParallel` over NCCL, runs ``--warmup`` steps, then times ``--steps`` steps
-(wall clock between two device synchronisations, losses read back once at the end). Models:
+(wall clock between two device synchronisations, losses read back once at the end), with each step kind
+of ``--graphs``: replays of a captured CUDA graph that holds the NCCL reductions (``on``, since stop 24)
+and eager steps (``off``). Models:
 
 * ``compare_ffn``: the model of ``examples/compare_ffn.py`` (d 256, 4 layers, h 1024, SwiMGLU n = 4,
   256 tokens x 32 windows per GPU);
 * ``large``: d 1024, 8 layers, 8 heads, h 4096, SwiMGLU n = 4, 512 tokens x 16 windows per GPU.
 
-Efficiency = (tokens/s per GPU on k GPUs) / (tokens/s on 1 GPU). Writes ``scaling.md`` and
+Efficiency = (tokens/s per GPU on k GPUs) / (tokens/s on 1 GPU with the same step kind). Writes ``scaling.md`` and
 ``scaling.json``.
 """
 from __future__ import annotations
@@ -56,7 +58,8 @@ def worker(args) -> None:
     data = rng.integers(0, 256, size=4_000_000, dtype=np.uint8)
     settings = TrainSettings(steps=args.warmup + args.steps, batch_size=per_gpu * comm.size, lr=1e-3,
                              warmup_steps=2, eval_every=0, eval_batches=1, seed=0)
-    trainer = Trainer(model, settings, data[:3_900_000], data[3_900_000:], parallel=parallel)
+    trainer = Trainer(model, settings, data[:3_900_000], data[3_900_000:], parallel=parallel,
+                      graph={"on": True, "off": False}[args.graph])
     for _ in range(args.warmup):
         trainer.train_step(sync=False)
     trainer.flush()
@@ -70,7 +73,8 @@ def worker(args) -> None:
     if comm.rank == 0:
         tokens = args.steps * settings.batch_size * config.max_seq_len
         Path(args.result).write_text(json.dumps({
-            "model": args.model, "ffn": args.ffn, "gpus": comm.size, "step_ms": seconds / args.steps * 1e3,
+            "model": args.model, "ffn": args.ffn, "graph": args.graph, "gpus": comm.size,
+            "step_ms": seconds / args.steps * 1e3,
             "tokens_per_s": tokens / seconds, "tokens_per_s_per_gpu": tokens / seconds / comm.size,
             "per_gpu_batch": per_gpu, "seq_len": config.max_seq_len,
             "final_loss": trainer.history.train_loss[-1]}))
@@ -85,33 +89,34 @@ def driver(args) -> None:
 
         mpiexec = shutil.which("mpiexec") or "mpiexec"
     rows = []
-    for model in args.models.split(","):
-        for k in [int(v) for v in args.gpus.split(",")]:
-            result = out / f"scaling_{model}_{k}.json"
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--ffn", args.ffn, "--world", str(k),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--result", str(result)]
-            if k > 1:
-                cmd = [mpiexec, "-n", str(k)] + cmd
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            if proc.returncode != 0:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{model} on {k} GPUs failed (exit {proc.returncode})")
-            rows.append(json.loads(result.read_text()))
-            base = next(r for r in rows if r["model"] == model and r["gpus"] == 1)
-            rows[-1]["efficiency"] = rows[-1]["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
-            print(_row(rows[-1]), flush=True)
+    for model, graph, k in [(m, g, int(k)) for m in args.models.split(",") for g in args.graphs.split(",")
+                            for k in args.gpus.split(",")]:
+        result = out / f"scaling_{model}_{graph}_{k}.json"
+        cmd = [sys.executable, __file__, "--worker", "--model", model, "--ffn", args.ffn, "--world", str(k),
+               "--graph", graph, "--warmup", str(args.warmup), "--steps", str(args.steps), "--result", str(result)]
+        if k > 1:
+            cmd = [mpiexec, "-n", str(k)] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{model} on {k} GPUs failed (exit {proc.returncode})")
+        rows.append(json.loads(result.read_text()))
+        base = next(r for r in rows if r["model"] == model and r["graph"] == graph and r["gpus"] == 1)
+        rows[-1]["efficiency"] = rows[-1]["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        print(_row(rows[-1]), flush=True)
     table = HEADER + "\n" + "\n".join(_row(r) for r in rows) + "\n"
     (out / "scaling.md").write_text(table)
     (out / "scaling.json").write_text(json.dumps(rows, indent=1))
     print(table)
 
 
-HEADER = ("| model | FFN | GPUs | batch/GPU x seq | ms/step | tokens/s | tokens/s per GPU | efficiency |\n"
-          "|---|---|---:|---|---:|---:|---:|---:|")
+HEADER = ("| model | FFN | step | GPUs | batch/GPU x seq | ms/step | tokens/s | tokens/s per GPU | efficiency |\n"
+          "|---|---|---|---:|---|---:|---:|---:|---:|")
 
 
 def _row(r) -> str:
-    return (f"| {r['model']} | {r['ffn']} | {r['gpus']} | {r['per_gpu_batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
+    step = {"on": "graph", "off": "eager"}[r["graph"]]
+    return (f"| {r['model']} | {r['ffn']} | {step} | {r['gpus']} | {r['per_gpu_batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} |")
 
 
@@ -122,6 +127,9 @@ def main(argv=None) -> None:
     p.add_argument("--ffn", default="swimglu", choices=("swimglu", "swiglu"))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--graphs", default="on,off", help="step kinds, comma-separated: on (replays of a captured CUDA "
+                   "graph, the reductions recorded with it), off (eager)")
+    p.add_argument("--graph", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--out-dir", default="bench_out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -33,11 +33,15 @@ class Communicator(abc.ABC):
         size: number of processes (the world size).
         timeout: seconds a collective may wait for the other ranks before raising
             :class:`DistributedTimeoutError` (``None``: wait forever); what is bounded depends on the backend.
+        capturable: whether the gradient reductions (:meth:`all_reduce_sum_start`, :meth:`wait_all`) may
+            be recorded in a CUDA graph and replayed (:class:`pymglu.models.GraphTrainStep`); a replay's
+            reductions are then watched through :meth:`watch`.
     """
 
     rank: int
     size: int
     timeout: float | None
+    capturable: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +74,11 @@ class Communicator(abc.ABC):
         """Wait on the host, bounded by ``timeout``, for reductions that :meth:`wait_all` left running
         (nothing for backends whose ``wait_all`` blocks); raise if one failed or timed out."""
 
+    def watch(self, event: Any) -> None:
+        """Have :meth:`check_pending` wait for ``event`` too: a device event recorded after reductions that
+        no :meth:`wait_all` of this process handed over (those of a replayed CUDA graph). Default: nothing
+        (backends whose reductions block)."""
+
     @abc.abstractmethod
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
         """Overwrite the 1-d contiguous ``buf`` on every rank with ``root``'s values, in place; returns it."""
@@ -87,6 +96,8 @@ class Communicator(abc.ABC):
 class LocalCommunicator(Communicator):
     """The world of one process: every collective is the identity. Lets the same training code run
     without MPI (and resume a multi-rank checkpoint at world size 1)."""
+
+    capturable = True  # nothing to record
 
     def __init__(self) -> None:
         self.rank, self.size, self.timeout = 0, 1, None

@@ -43,7 +43,9 @@ __all__ = ["NCCLCommunicator"]
 
 
 class NCCLCommunicator(Communicator):
-    """Collectives over NCCL on CuPy arrays (see the module docstring).
+    """Collectives over NCCL on CuPy arrays (see the module docstring). Its gradient reductions can be
+    recorded in a CUDA graph (``capturable``): NCCL kernels enqueued on a capturing stream become graph
+    nodes, and every rank replays them in the same order.
 
     Args:
         bootstrap: the :class:`MPICommunicator` whose ranks form the NCCL communicator (``None``: a new one
@@ -75,6 +77,7 @@ class NCCLCommunicator(Communicator):
         self._aborted = False
         self._error: DistributedError | None = None  # raised again by every later call
         self._watched: list[Any] = []  # events of reductions the host has not seen complete
+        self.capturable = True
         # one reduction while every rank is known to be here, so that whatever NCCL still sets up lazily
         # (older versions connect at the first collective) happens now, under the watchdog
         self.all_reduce_sum_(cupy.ones(1 << 20, dtype=np.float32))
@@ -165,10 +168,17 @@ class NCCLCommunicator(Communicator):
         events are checked by :meth:`check_pending`."""
         self._raise_if_failed()
         stream = self._cp.cuda.get_current_stream()
+        capturing = stream.is_capturing()  # events of a recording: its replays are watched (watch())
         for h in handles:
             if h is not None:
                 stream.wait_event(h)
-                self._watched.append(h)
+                if not capturing:
+                    self._watched.append(h)
+
+    def watch(self, event: Any) -> None:
+        """Have :meth:`check_pending` poll ``event`` (recorded after a replayed graph's reductions)."""
+        self._raise_if_failed()
+        self._watched.append(event)
 
     def check_pending(self) -> None:
         """Wait on the host for the reductions handed to :meth:`wait_all` (polled, bounded by ``timeout``,

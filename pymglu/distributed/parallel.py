@@ -176,6 +176,18 @@ class DataParallel:
         read-back call it. Raises the communicator's error on a timeout or a failed reduction."""
         self.comm.check_pending()
 
+    def watch_replay(self, stream: Any) -> None:
+        """After a replayed CUDA graph that holds this step's reductions was launched on ``stream``: let
+        :meth:`synchronize` wait for it (bounded by the communicator's timeout), as it waits for the
+        reductions of an eager step."""
+        self.comm.watch(stream.record())
+
+    def reset_pending(self) -> None:
+        """Forget the buckets started since the last :meth:`reduce_gradients` (after a step that will not
+        run, e.g. a CUDA graph capture that failed)."""
+        self._pending = []
+        self._ready = [set() for _ in self.buckets]
+
     def mean(self, value: float) -> float:
         """The mean over ranks of a host scalar (e.g. the loss of each rank's shard)."""
         if self.size == 1:

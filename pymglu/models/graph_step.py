@@ -35,10 +35,19 @@ dropped and the step runs eagerly; the step after that records a new graph.
 
 Served (:func:`unsupported_reason` names what rules a trainer out, and the trainer then steps eagerly):
 a model on CuPy in float32 or bfloat16 (float16 training reads its loss scaler's overflow flag on the
-host every step), one process (no ``parallel``), the fused training and optimizer kernels enabled
+host every step), one process or data parallelism over a communicator that can record its reductions
+(``comm.capturable``: NCCL, or the one-process world), the fused training and optimizer kernels enabled
 (:mod:`pymglu.cuda.training`, :mod:`pymglu.cuda.optimizers`; with them off, products run through CuPy's
 cuBLAS wrappers, which refuse a capture), and an optimizer with
 :meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW, SGD).
+
+Data parallelism: the step's gradient reductions (started by the gradient hooks during the backward,
+finished by :meth:`pymglu.distributed.DataParallel.reduce_gradients`) are recorded with the rest, the NCCL
+kernels on the communicator's stream forked from and joined back into the capturing stream. Every rank
+records and replays the same graph at the same step, so the reductions keep their order across ranks.
+After each replay the communicator watches an event recorded behind it, so the next step's bounded host
+poll (:meth:`~pymglu.distributed.DataParallel.synchronize`) still turns a rank that stopped into an
+error instead of a hang.
 
 Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph.
 Arrays the eager steps create and keep (optimizer state, the first gradients) live in it too; the pools
@@ -68,8 +77,9 @@ def unsupported_reason(trainer: Any) -> str | None:
     params = list(trainer.model.parameters())
     if not params or not all(is_cupy_array(p.data) for p in params):
         return "the model is not on a GPU (CuPy arrays)"
-    if trainer.parallel is not None:
-        return "data-parallel training reduces the gradients through its communicator, outside the graph"
+    if trainer.parallel is not None and not getattr(getattr(trainer.parallel, "comm", None), "capturable", False):
+        return (f"the data-parallel communicator ({type(getattr(trainer.parallel, 'comm', None)).__name__}) cannot "
+                "record its reductions in a CUDA graph")
     if trainer.scaler is not None:
         return "float16 training reads its loss scaler's overflow flag on the host every step"
     if trainer.model.config.dtype not in ("float32", "bfloat16"):
@@ -187,9 +197,19 @@ class GraphTrainStep:
                                "replay would keep their masks fixed; train with graph=False")
         self.graph, self._kept, self._loss = graph, kept, loss.data
         self.captures += 1
-        self.graph.launch(stream=cp.cuda.get_current_stream())
+        self._launch()
         self._key = self._make_key()
         return self._loss.copy()
+
+    def _launch(self) -> None:
+        """Replay the graph on the current stream; with data parallelism, the communicator then watches it
+        (the next step's host poll is bounded by its timeout, as after an eager step)."""
+        import cupy as cp
+
+        stream = cp.cuda.get_current_stream()
+        self.graph.launch(stream=stream)
+        if self.trainer.parallel is not None:
+            self.trainer.parallel.watch_replay(stream)
 
     def _replay(self, x: np.ndarray, y: np.ndarray) -> Any:
         import cupy as cp
@@ -199,7 +219,7 @@ class GraphTrainStep:
         self._y[...] = cp.asarray(y)
         rows = optimizer.next_step_scalars()
         self._table[...] = cp.asarray(np.stack([r for _, r in rows]))
-        self.graph.launch(stream=cp.cuda.get_current_stream())
+        self._launch()
         optimizer.replayed_step()
         self._key = self._make_key()
         return self._loss.copy()
@@ -211,6 +231,8 @@ class GraphTrainStep:
             self.trainer.optimizer.state[k]["step"] = step
         for p in params:
             p.grad = None
+        if self.trainer.parallel is not None:
+            self.trainer.parallel.reset_pending()
         self.release()
 
     def _layers_packing_their_own_masks(self) -> list[str]:

@@ -112,7 +112,7 @@ class Trainer:
             ``settings.batch_size`` is then the global batch and must be a multiple of ``parallel.size``.
         graph: run the steps as replays of a captured CUDA graph (:class:`pymglu.models.GraphTrainStep`):
             ``None`` (default) where :func:`pymglu.models.graph_step.unsupported_reason` allows it (a
-            float32 or bfloat16 model on one GPU), else eagerly; ``True`` requires it (``ValueError`` naming the
+            float32 or bfloat16 model on GPUs, data parallelism over NCCL included), else eagerly; ``True`` requires it (``ValueError`` naming the
             reason otherwise); ``False`` never.
     """
 

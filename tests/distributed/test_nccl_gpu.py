@@ -83,3 +83,26 @@ def test_a_stalled_rank_stops_the_other_within_the_timeout():
     assert "rank 0 stopped" in proc.stdout and "after 3 s" in proc.stdout, proc.stdout
     assert "finished without an error" not in proc.stdout
     assert seconds < 60
+
+
+def test_graph_steps_over_two_gpus_follow_the_eager_steps(tmp_path):
+    """The same 2-GPU run with every step after the second replayed from a CUDA graph that holds the NCCL
+    reductions (--graph on fails if the trainer cannot record them), and with eager steps."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        proc, _ = run_mpi(*[[TRAIN_LM, "--distributed", "--world-size", "2", "--out", out, "--steps", "20",
+                             "--eval-every", "10", "--dtype", "bfloat16", "--graph", mode, *TINY]] * 2, timeout=180)
+        assert proc.returncode == 0, proc.stdout
+        runs[mode] = json.loads((out / "metrics.json").read_text())
+    np.testing.assert_allclose(runs["on"]["train_loss"], runs["off"]["train_loss"], rtol=2e-2)
+    np.testing.assert_allclose(runs["on"]["val_loss"], runs["off"]["val_loss"], rtol=2e-2)
+
+
+def test_a_stalled_rank_stops_the_other_during_graph_replays():
+    proc, seconds = run_mpi(*[[HERE / "graph_stall_worker.py", "3"]] * 2, timeout=120)
+    assert proc.returncode == 5, proc.stdout
+    assert "rank 1: 4 steps, the last two replayed" in proc.stdout, proc.stdout
+    assert "rank 0 stopped" in proc.stdout and ("after 3 s" in proc.stdout or "a rank died" in proc.stdout), proc.stdout
+    assert "finished without an error" not in proc.stdout
+    assert seconds < 60

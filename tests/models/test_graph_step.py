@@ -10,7 +10,7 @@ from pymglu.cuda import optimizers as fused
 DATA = np.frombuffer(("the quick brown fox jumps over the lazy dog. " * 100).encode(), dtype=np.uint8)
 
 
-def make(kind="swimglu", steps=10, device=None, graph=None, dtype="bfloat16", eval_every=5):
+def make(kind="swimglu", steps=10, device=None, graph=None, dtype="bfloat16", eval_every=5, parallel=None):
     config = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, ffn_kind=kind, max_seq_len=16, dtype=dtype)
     model = Transformer(config, rng=0)
     if device:
@@ -18,7 +18,7 @@ def make(kind="swimglu", steps=10, device=None, graph=None, dtype="bfloat16", ev
     train, val = split_corpus(DATA, 16)
     settings = TrainSettings(steps=steps, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=eval_every,
                              eval_batches=2, seed=0)
-    return Trainer(model, settings, train, val, graph=graph)
+    return Trainer(model, settings, train, val, graph=graph, parallel=parallel(model) if parallel else None)
 
 
 def test_graph_needs_a_model_on_a_gpu():
@@ -87,6 +87,50 @@ def test_graph_steps_follow_the_eager_steps(kind, dtype, monkeypatch):
         from pymglu.masks import pack_masks
 
         np.testing.assert_array_equal(layer._current_packed().get(), pack_masks(layer.mask_logits.data).get())
+
+
+class _Uncapturable:
+    """A DataParallel stand-in whose communicator cannot record its reductions (as MPI's cannot)."""
+
+    def __init__(self, model):
+        from pymglu.distributed import DataParallel
+        from pymglu.distributed.comm import LocalCommunicator
+
+        class Comm(LocalCommunicator):
+            capturable = False
+
+        self.inner = DataParallel(model, Comm())
+        self.size, self.comm = 1, self.inner.comm
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [True, False])
+def test_data_parallel_steps_are_recorded_with_their_reductions(overlap):
+    """The one-process world (its reductions are copies into the bucket buffers): the recorded step with
+    the reductions follows the eager data-parallel trainer, and every replay is watched."""
+    from pymglu.distributed import DataParallel
+
+    def parallel(model):
+        return DataParallel(model, overlap=overlap)
+
+    eager = make(device="cuda", graph=False, parallel=parallel, eval_every=0)
+    graph = make(device="cuda", graph=True, parallel=parallel, eval_every=0)
+    watched = []
+    real = graph.parallel.watch_replay
+    graph.parallel.watch_replay = lambda stream: (watched.append(stream), real(stream))[1]
+    start = _masters(eager)
+    eager.run(progress=False, log=None)
+    graph.run(progress=False, log=None)
+    assert graph.graph_step.captures == 1 and len(watched) == 9  # the recorded step's launch and 8 replays
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=1e-2)
+    for p0, pe, pg in zip(start, _masters(eager), _masters(graph)):
+        assert np.linalg.norm(pg - pe) <= 0.5 * np.linalg.norm(pe - p0)
+    with pytest.raises(ValueError, match=r"communicator \(Comm\) cannot record its reductions"):
+        make(device="cuda", graph=True, parallel=_Uncapturable)
+    assert make(device="cuda", parallel=_Uncapturable).graph_step is None  # auto: eager
 
 
 @pytest.mark.gpu
