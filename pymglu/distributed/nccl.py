@@ -168,7 +168,9 @@ class NCCLCommunicator(Communicator):
         events are checked by :meth:`check_pending`."""
         self._raise_if_failed()
         stream = self._cp.cuda.get_current_stream()
-        capturing = stream.is_capturing()  # events of a recording: its replays are watched (watch())
+        # events of a recording are not watched: its replays are (watch()). The legacy default stream never
+        # captures, and is not asked: cudaStreamIsCapturing on it waits for the reductions it depends on.
+        capturing = stream.ptr != 0 and stream.is_capturing()
         for h in handles:
             if h is not None:
                 stream.wait_event(h)
