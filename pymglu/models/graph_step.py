@@ -77,9 +77,10 @@ def unsupported_reason(trainer: Any) -> str | None:
     params = list(trainer.model.parameters())
     if not params or not all(is_cupy_array(p.data) for p in params):
         return "the model is not on a GPU (CuPy arrays)"
-    if trainer.parallel is not None and not getattr(getattr(trainer.parallel, "comm", None), "capturable", False):
-        return (f"the data-parallel communicator ({type(getattr(trainer.parallel, 'comm', None)).__name__}) cannot "
-                "record its reductions in a CUDA graph")
+    if trainer.parallel is not None:
+        reason = _parallel_reason(trainer.parallel)
+        if reason is not None:
+            return reason
     if trainer.scaler is not None:
         return "float16 training reads its loss scaler's overflow flag on the host every step"
     if trainer.model.config.dtype not in ("float32", "bfloat16"):
@@ -90,6 +91,17 @@ def unsupported_reason(trainer: Any) -> str | None:
 
     if type(trainer.optimizer).step_scalars is Optimizer.step_scalars:
         return f"{type(trainer.optimizer).__name__} does not provide step_scalars()"
+    return None
+
+
+def _parallel_reason(parallel: Any) -> str | None:
+    """Why the data-parallel object's reductions cannot be recorded with the step, or ``None``."""
+    comm = getattr(parallel, "comm", None)
+    if comm is None or not all(hasattr(parallel, m) for m in ("watch_replay", "reset_pending")):
+        return (f"the data-parallel object ({type(parallel).__name__}) is not a pymglu.distributed.DataParallel "
+                "(no comm, watch_replay, reset_pending)")
+    if not getattr(comm, "capturable", False):
+        return f"the data-parallel communicator ({type(comm).__name__}) cannot record its reductions in a CUDA graph"
     return None
 
 

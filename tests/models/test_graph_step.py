@@ -229,3 +229,22 @@ def test_the_eager_and_the_recorded_steps_share_one_pool():
         trainer.train_step()
     trainer.flush()
     assert default.used_bytes() - used_before < 0.1 * pool.used_bytes()
+
+
+def test_data_parallel_objects_the_graph_cannot_record():
+    from pymglu.distributed import DataParallel
+    from pymglu.distributed.comm import LocalCommunicator
+    from pymglu.models.graph_step import _parallel_reason
+
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=24, max_seq_len=8), rng=0)
+    assert _parallel_reason(DataParallel(model)) is None  # the one-process world records (nothing to record)
+
+    class Mpi(LocalCommunicator):
+        capturable = False
+
+    assert "communicator (Mpi) cannot record its reductions" in _parallel_reason(DataParallel(model, Mpi()))
+
+    class StandIn:
+        size = 1
+
+    assert "(StandIn) is not a pymglu.distributed.DataParallel" in _parallel_reason(StandIn())
