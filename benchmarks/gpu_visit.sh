@@ -10,7 +10,8 @@
 # model, stall summary), train-quick (train_layer --quick), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), sampling (benchmarks/decode_sampling.py:
-# tokens sampled on the device against on the host), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
+# tokens sampled on the device against on the host), nccl-hang (2 GPUs; source .gpu/mpi/setup.sh first: the NCCL
+# tests of a peer that leaves or stalls under CUDA_MODULE_LOADING=LAZY and EAGER, docs/distributed.md), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
 # (default 4) worker loops per visible GPU, which share the GPU (the default model is too small to fill an
@@ -107,6 +108,13 @@ case "$mode" in
     # run is tried again here, alone on the device)
     python3 "${common[@]}" --seeds $seeds --variants "$variants" --concurrent-jobs 1 > "$OUT/bench.log" 2>&1 || status=1
     tar czf "$OUT/compare.tgz" -C "$(dirname "$compare")" "$(basename "$compare")" ;;
+  nccl-hang)  # the NCCL tests of a peer that leaves or stalls, with CUDA's lazy and eager module loading
+    : > "$OUT/bench.log"
+    for loading in LAZY EAGER; do
+      CUDA_MODULE_LOADING=$loading timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/distributed/test_nccl_gpu.py \
+        -k "leaves or stalled" > "$OUT/nccl_hang_$loading.log" 2>&1 || status=1
+      echo "| CUDA_MODULE_LOADING=$loading | $(tail -n 1 "$OUT/nccl_hang_$loading.log") |" >> "$OUT/bench.log"
+    done ;;
   none) : > "$OUT/bench.log" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac
