@@ -169,7 +169,7 @@ class NCCLCommunicator(Communicator):
         self._raise_if_failed()
         stream = self._cp.cuda.get_current_stream()
         # events of a recording are not watched: its replays are (watch()). The legacy default stream never
-        # captures, and is not asked: cudaStreamIsCapturing on it waits for the reductions it depends on.
+        # captures, and is not asked: cudaStreamIsCapturing on it fails while another stream captures.
         capturing = stream.ptr != 0 and stream.is_capturing()
         for h in handles:
             if h is not None:
