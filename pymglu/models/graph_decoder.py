@@ -313,17 +313,7 @@ class GraphDecoder:
             ``(B, steps)`` int64 host array of the chosen tokens.
         """
         self._check_room(steps)
-        graph = self._graph("greedy")
-        with self.stream:
-            self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
-            self.state[1:] = 0
-            for _ in range(steps):
-                graph.launch(self.stream)
-            chosen = self.history[:, :steps].get(stream=self.stream)
-            self.stream.synchronize()
-        self.cache.advance(steps)
-        return chosen.astype(np.int64)
-
+        return self._replay_steps("greedy", last_ids, steps)
 
     def sample(self, last_ids: Any, steps: int, temperature: float, top_k: int | None, draws: Any) -> np.ndarray:
         """``steps`` sampled decode steps back to back, starting from the ``(B,)`` ``last_ids`` at position
@@ -349,12 +339,18 @@ class GraphDecoder:
         k = V if top_k is None else min(int(top_k), V)
         if k < 1:
             raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
-        graph = self._graph("sample")
         with self.stream:
-            self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
             self.uniforms[:steps].set(np.ascontiguousarray(draws, dtype=np.float32), stream=self.stream)
             self.inv_temperature.set(np.array([1.0 / temperature], dtype=np.float32), stream=self.stream)
             self.top_k.set(np.array([k], dtype=np.int32), stream=self.stream)
+        return self._replay_steps("sample", last_ids, steps)
+
+    def _replay_steps(self, mode: str, last_ids: Any, steps: int) -> np.ndarray:
+        """``steps`` replays of the ``mode`` graph back to back from ``last_ids``, each step's token feeding
+        the next; the ``(B, steps)`` int64 tokens from the history columns ``0 .. steps - 1``."""
+        graph = self._graph(mode)
+        with self.stream:
+            self.ids.set(np.asarray(last_ids, dtype=np.int32).reshape(self.batch), stream=self.stream)
             self.state[1:] = 0
             for _ in range(steps):
                 graph.launch(self.stream)
