@@ -111,7 +111,7 @@ case "$mode" in
   nccl-hang)  # the NCCL tests of a peer that leaves or stalls, with CUDA's lazy and eager module loading
     : > "$OUT/bench.log"
     for loading in LAZY EAGER; do
-      CUDA_MODULE_LOADING=$loading timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/distributed/test_nccl_gpu.py \
+      CUDA_MODULE_LOADING=$loading timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider tests/distributed/test_nccl_gpu.py \
         -k "leaves or stalled" > "$OUT/nccl_hang_$loading.log" 2>&1 || status=1
       echo "| CUDA_MODULE_LOADING=$loading | $(tail -n 1 "$OUT/nccl_hang_$loading.log") |" >> "$OUT/bench.log"
     done ;;

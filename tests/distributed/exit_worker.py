@@ -11,6 +11,7 @@ NCCL the gradient reductions do not block the host: the final blocking ``mean`` 
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -31,6 +32,9 @@ def main(mode: str, timeout: float, backend: str = "mpi") -> None:
         net.to("cuda")
     dp = DataParallel(net, comm)
     dp.handshake("same")
+    # a hang from here on prints every thread's Python stack and ends this rank, so the test fails with the place
+    # instead of running into its own time limit
+    faulthandler.dump_traceback_later(10 * timeout + 10, exit=True)
     if comm.rank == 1:
         if mode == "crash":
             os._exit(3)

@@ -9,6 +9,7 @@ raise the communicator's timeout error within TIMEOUT seconds, not hang.
 """
 from __future__ import annotations
 
+import faulthandler
 import sys
 import time
 
@@ -34,6 +35,9 @@ def main(timeout: float) -> None:
         trainer.train_step()
     assert trainer.graph_step.captures == 1 and trainer.graph_step.graph is not None
     print(f"rank {comm.rank}: 4 steps, the last two replayed", flush=True)
+    # a hang from here on prints every thread's Python stack and ends this rank, so the test fails with the place
+    # instead of running into its own time limit
+    faulthandler.dump_traceback_later(10 * timeout + 10, exit=True)
     if comm.rank == 1:
         time.sleep(4 * timeout)
         return
