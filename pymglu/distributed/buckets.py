@@ -88,16 +88,19 @@ def start_bucket(comm: Communicator, bucket: Bucket) -> PendingBucket:
     return PendingBucket(bucket, buf, comm.all_reduce_sum_start(buf))
 
 
-def finish_buckets(comm: Communicator, pending: Sequence[PendingBucket]) -> None:
+def finish_buckets(comm: Communicator, pending: Sequence[PendingBucket], confirm: bool = False) -> None:
     """Wait for the started reductions (:meth:`Communicator.wait_all`: on a GPU the host does not block),
     divide by the world size and point each ``p.grad`` at its averaged slice. A parameter that no rank gave
     a gradient keeps ``grad = None``; deciding that needs the summed presence flags on the host (one copy
     for all buckets, which waits for the reductions), so they are read only when this rank lacks a
-    gradient: when it has them all, every flag is at least 1."""
+    gradient: when it has them all, every flag is at least 1. ``confirm``: also wait on the host for the
+    reductions (:meth:`Communicator.check_pending`, bounded) before launching anything after them."""
     if not pending:
         return
     locally_missing = any(p.grad is None for pb in pending for p in pb.bucket.params)
     comm.wait_all([pb.handle for pb in pending])
+    if confirm:
+        comm.check_pending()
     if comm.size > 1:
         for pb in pending:
             pb.buf[:pb.bucket.numel] /= comm.size

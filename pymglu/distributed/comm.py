@@ -9,7 +9,7 @@ dtype. Backends: :class:`pymglu.distributed.mpi.MPICommunicator` (NumPy arrays, 
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,12 +36,19 @@ class Communicator(abc.ABC):
         capturable: whether the gradient reductions (:meth:`all_reduce_sum_start`, :meth:`wait_all`) may
             be recorded in a CUDA graph and replayed (:class:`pymglu.models.GraphTrainStep`); a replay's
             reductions are then watched through :meth:`watch`.
+        confirm_first_step: whether :class:`~pymglu.distributed.DataParallel` must see the reductions of its
+            first step complete on the host (bounded by ``timeout``) before that step goes on, and start none
+            of them during that step's backward. True for NCCL: a step's kernels are loaded at their first
+            launch, and loading a module (``cuModuleLoadData``) waits for the device, so a kernel first
+            launched behind a reduction that never ends (a peer that left) would hang the host where no
+            poll reaches it. After one complete step every kernel of a step is loaded.
     """
 
     rank: int
     size: int
     timeout: float | None
     capturable: bool = False
+    confirm_first_step: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +85,11 @@ class Communicator(abc.ABC):
         """Have :meth:`check_pending` wait for ``event`` too: a device event recorded after reductions that
         no :meth:`wait_all` of this process handed over (those of a replayed CUDA graph). Default: nothing
         (backends whose reductions block)."""
+
+    def register_graph_release(self, release: Callable[[], None]) -> None:
+        """Register ``release()``, which drops a CUDA graph that records this communicator's reductions.
+        Backends whose abort waits until such graphs are destroyed (NCCL's ``ncclCommAbort`` does) call it
+        first. A bound method is held weakly. Default: nothing (no backend without graphs needs it)."""
 
     @abc.abstractmethod
     def broadcast_(self, buf: Any, root: int = 0) -> Any:

@@ -30,7 +30,9 @@ CUDA call keeps the interpreter lock.) NCCL errors raised while enqueueing (e.g.
 """
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -78,6 +80,8 @@ class NCCLCommunicator(Communicator):
         self._error: DistributedError | None = None  # raised again by every later call
         self._watched: list[Any] = []  # events of reductions the host has not seen complete
         self.capturable = True
+        self.confirm_first_step = True  # see Communicator: a first kernel load behind a stuck reduction hangs
+        self._graph_releases: list[Callable[[], Any]] = []  # each returns the release callable or None
         # one reduction while every rank is known to be here, so that whatever NCCL still sets up lazily
         # (older versions connect at the first collective) happens now, under the watchdog
         self.all_reduce_sum_(cupy.ones(1 << 20, dtype=np.float32))
@@ -207,10 +211,27 @@ class NCCLCommunicator(Communicator):
         self._raise_if_failed()
         return self.bootstrap.allgather_int64(values)
 
+    def register_graph_release(self, release: Callable[[], None]) -> None:
+        """Register ``release()``, which drops a CUDA graph that recorded this communicator's reductions
+        (a bound method is held weakly). :meth:`_abort_nccl` calls every one first: ``ncclCommAbort`` polls
+        until every graph holding its kernels is destroyed, so it would never return while one exists."""
+        if hasattr(release, "__self__"):
+            self._graph_releases.append(weakref.WeakMethod(release))  # type: ignore[arg-type]
+        else:
+            self._graph_releases.append(lambda: release)
+
     def _abort_nccl(self) -> None:
-        """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing."""
+        """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing. The
+        graphs that recorded its reductions are dropped first (:meth:`register_graph_release`). A graph
+        still running is destroyed when its launch ends, which the abort brings about."""
         if not self._aborted:
             self._aborted = True
+            for ref in self._graph_releases:
+                release = ref()
+                if release is not None:
+                    release()
+            self._graph_releases = []
+            gc.collect()  # a graph held in a reference cycle must be gone before the abort waits for it
             self.comm.abort()
 
     def abort(self, code: int = 1) -> None:

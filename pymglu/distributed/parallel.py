@@ -16,6 +16,9 @@ reduction (NCCL: without blocking the host); the presence flags are read back, i
 rank lacks a gradient. :meth:`DataParallel.synchronize` is the bounded host wait for reductions still
 running; :meth:`DataParallel.shard_batch` calls it at the start of each step. Overlap assumes one backward
 pass per :meth:`reduce_gradients`; for gradient accumulation over several passes use ``overlap=False``.
+With NCCL (``comm.confirm_first_step``) the first step does not overlap and its reductions are waited for
+on the host: kernels are loaded at their first launch, and a load behind a reduction that never ends
+would hang beyond any poll.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ class DataParallel:
         self._pending: list[PendingBucket] = []
         self._ready: list[set[int]] = [set() for _ in self.buckets]
         self._removers = [p.register_grad_hook(self._on_grad) for p in self.params] if self.overlap else []
+        #: whether a step's reductions were seen complete on the host (``comm.confirm_first_step``): until
+        #: then no bucket starts during backward, and reduce_gradients waits for the reductions
+        self.confirmed = not getattr(self.comm, "confirm_first_step", False)
 
     def _on_grad(self, p: Any) -> None:
         """Gradient hook: note ``p`` ready and start every bucket, in order, whose gradients are all ready."""
@@ -70,7 +76,7 @@ class DataParallel:
                 f"{p.shape} before reduce_gradients(); with several backward passes per step (gradient "
                 "accumulation) use DataParallel(..., overlap=False)")
         self._ready[k].add(id(p))
-        while (len(self._pending) < len(self.buckets)
+        while (self.confirmed and len(self._pending) < len(self.buckets)
                and len(self._ready[len(self._pending)]) == len(self.buckets[len(self._pending)].params)):
             self._pending.append(start_bucket(self.comm, self.buckets[len(self._pending)]))
 
@@ -166,7 +172,8 @@ class DataParallel:
         self._ready = [set() for _ in self.buckets]
         for bucket in self.buckets[len(pending):]:
             pending.append(start_bucket(self.comm, bucket))
-        finish_buckets(self.comm, pending)
+        finish_buckets(self.comm, pending, confirm=not self.confirmed)
+        self.confirmed = True
 
     def synchronize(self) -> None:
         """Wait on the host, bounded by the communicator's timeout, for the gradient reductions still
@@ -181,6 +188,11 @@ class DataParallel:
         :meth:`synchronize` wait for it (bounded by the communicator's timeout), as it waits for the
         reductions of an eager step."""
         self.comm.watch(stream.record())
+
+    def register_graph_release(self, release: Any) -> None:
+        """``release()`` drops a CUDA graph that records this step's reductions; the communicator calls it
+        before it aborts (:meth:`Communicator.register_graph_release`)."""
+        self.comm.register_graph_release(release)
 
     def reset_pending(self) -> None:
         """Forget the buckets started since the last :meth:`reduce_gradients` (after a step that will not

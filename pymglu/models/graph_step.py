@@ -97,9 +97,10 @@ def unsupported_reason(trainer: Any) -> str | None:
 def _parallel_reason(parallel: Any) -> str | None:
     """Why the data-parallel object's reductions cannot be recorded with the step, or ``None``."""
     comm = getattr(parallel, "comm", None)
-    if comm is None or not all(hasattr(parallel, m) for m in ("watch_replay", "reset_pending")):
+    methods = ("watch_replay", "reset_pending", "register_graph_release")
+    if comm is None or not all(hasattr(parallel, m) for m in methods):
         return (f"the data-parallel object ({type(parallel).__name__}) is not a pymglu.distributed.DataParallel "
-                "(no comm, watch_replay, reset_pending)")
+                f"(no comm, {', '.join(methods)})")
     if not getattr(comm, "capturable", False):
         return f"the data-parallel communicator ({type(comm).__name__}) cannot record its reductions in a CUDA graph"
     return None
@@ -137,6 +138,8 @@ class GraphTrainStep:
         self._params: list[Any] = []
         self._kept: list = []
         self._key: tuple = ()
+        if trainer.parallel is not None:
+            trainer.parallel.register_graph_release(self._drop_graph)
 
     # ----------------------------------------------------------------- public
     def step(self, x: np.ndarray, y: np.ndarray) -> Any:
@@ -156,6 +159,12 @@ class GraphTrainStep:
         self._x = self._y = self._loss = self._table = None
         self._params, self._kept, self._key = [], [], ()
         self.pool.free_all_blocks()
+
+    def _drop_graph(self) -> None:
+        """Drop the graph but not its buffers (the communicator is about to abort: a replay may still be
+        running, and freeing device memory would wait for it)."""
+        self.graph = None
+        self._warm = False
 
     def __del__(self) -> None:
         try:

@@ -222,6 +222,8 @@ class Trainer:
         """Mean loss over the fixed validation windows (eval mode, no gradients); the training flag is
         restored afterwards. The batches' losses are read back together (one host synchronisation). With
         :attr:`graph_step`, the passes are replays of captured graphs (:class:`GraphEvaluation`)."""
+        if self.parallel is not None and hasattr(self.parallel, "synchronize"):
+            self.parallel.synchronize()  # the passes may load kernels, which must not queue behind a stuck reduction
         was_training = self.model.training
         self.model.eval()
         try:

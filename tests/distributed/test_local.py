@@ -150,6 +150,41 @@ def test_overlap_starts_buckets_during_backward_in_order_and_matches_no_overlap(
         np.testing.assert_array_equal(grads[True][n], grads[False][n], err_msg=n)
 
 
+class _ConfirmingComm(_RecordingComm):
+    """A communicator that, like NCCL's, wants the first step's reductions seen complete on the host."""
+
+    confirm_first_step = True
+
+    def check_pending(self) -> None:
+        self.events.append("host wait")
+
+
+def test_a_confirming_communicator_gets_a_first_step_without_overlap_and_a_host_wait():
+    """With ``confirm_first_step`` (NCCL) the first step starts no bucket during backward and waits for its
+    reductions on the host before dividing; from the second step on, buckets start during backward and
+    the host does not wait."""
+    ids = np.arange(8)[None] % 32
+    model = _tiny_model()
+    comm = _ConfirmingComm()
+    dp = DataParallel(model, comm, bucket_bytes=1024)
+    assert not dp.confirmed and len(dp.buckets) > 1
+    for step in range(2):
+        comm.events.clear()
+        model.zero_grad()
+        model.loss(ids, ids).backward()
+        started_in_backward = comm.events.count("start")
+        dp.reduce_gradients()
+        waits = [e for e in comm.events if e.startswith("wait")]
+        assert comm.events.count("start") == len(dp.buckets) and len(waits) == len(dp.buckets)
+        if step == 0:
+            assert started_in_backward == 0
+            assert comm.events[-1] == "host wait" and comm.events.index("host wait") > comm.events.index(waits[-1])
+        else:
+            assert started_in_backward == len(dp.buckets) and "host wait" not in comm.events
+        assert dp.confirmed
+    assert DataParallel(_tiny_model(), _RecordingComm()).confirmed  # MPI and the local world: nothing to confirm
+
+
 def test_overlap_refuses_a_second_backward_before_the_reduction():
     model = _tiny_model()
     dp = DataParallel(model, bucket_bytes=1024)

@@ -134,6 +134,31 @@ def test_data_parallel_steps_are_recorded_with_their_reductions(overlap):
 
 
 @pytest.mark.gpu
+def test_the_communicator_can_drop_the_recorded_graph_before_it_aborts():
+    """NCCL's abort waits until every graph holding its kernels is destroyed, so the graph step hands the
+    communicator a release; after it, the graph is gone, and the trainer steps eagerly, then records again."""
+    from pymglu.distributed import DataParallel
+    from pymglu.distributed.comm import LocalCommunicator
+
+    releases = []
+
+    class Comm(LocalCommunicator):
+        def register_graph_release(self, release):
+            releases.append(release)
+
+    trainer = make(device="cuda", graph=True, parallel=lambda m: DataParallel(m, Comm()), eval_every=0)
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.graph_step.captures == 1 and trainer.graph_step.graph is not None and len(releases) == 1
+    releases[0]()
+    assert trainer.graph_step.graph is None
+    for _ in range(2):
+        trainer.train_step()
+    assert trainer.graph_step.captures == 2 and trainer.graph_step.graph is not None
+    assert np.isfinite(trainer.history.train_loss).all()
+
+
+@pytest.mark.gpu
 def test_graph_is_recorded_again_after_a_parameter_changes():
     graph, eager = make(device="cuda", steps=20, eval_every=0), make(device="cuda", steps=20, graph=False, eval_every=0)
     for t in (graph, eager):
