@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
+import time
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -42,6 +44,9 @@ from pymglu.distributed.comm import Communicator, DistributedError
 from pymglu.distributed.mpi import DEFAULT_TIMEOUT, MPICommunicator
 
 __all__ = ["NCCLCommunicator"]
+
+#: how long an abort waits for ncclCommAbort once the graphs are dropped (it returns when they are destroyed).
+_ABORT_JOIN_SECONDS = 30.0
 
 
 class NCCLCommunicator(Communicator):
@@ -221,18 +226,35 @@ class NCCLCommunicator(Communicator):
             self._graph_releases.append(lambda: release)
 
     def _abort_nccl(self) -> None:
-        """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing. The
-        graphs that recorded its reductions are dropped first (:meth:`register_graph_release`). A graph
-        still running is destroyed when its launch ends, which the abort brings about."""
-        if not self._aborted:
-            self._aborted = True
-            for ref in self._graph_releases:
-                release = ref()
-                if release is not None:
-                    release()
-            self._graph_releases = []
-            gc.collect()  # a graph held in a reference cycle must be gone before the abort waits for it
+        """``ncclCommAbort`` once (it ends kernels stuck waiting for a peer); later calls do nothing.
+
+        With graphs registered (:meth:`register_graph_release`) the order matters. ``ncclCommAbort`` first
+        raises NCCL's abort flag, which ends the stuck kernels, and then polls until every graph holding its
+        kernels is destroyed; destroying a graph whose launch still runs waits for that launch to end. So
+        the abort runs on a thread (CuPy releases the interpreter lock inside it), and the graphs are
+        dropped here once it has begun."""
+        if self._aborted:
+            return
+        self._aborted = True
+        releases = [r for r in (ref() for ref in self._graph_releases) if r is not None]
+        self._graph_releases = []
+        if not releases:
             self.comm.abort()
+            return
+        begun = threading.Event()
+
+        def abort() -> None:
+            begun.set()
+            self.comm.abort()
+
+        worker = threading.Thread(target=abort, name="pymglu-nccl-abort", daemon=True)
+        worker.start()
+        begun.wait()
+        time.sleep(0.1)  # let the thread enter ncclCommAbort, which raises the flag before it waits
+        for release in releases:
+            release()
+        gc.collect()  # a graph held in a reference cycle must be gone too
+        worker.join(_ABORT_JOIN_SECONDS)
 
     def abort(self, code: int = 1) -> None:
         self._abort_nccl()
