@@ -77,9 +77,10 @@ class Communicator(abc.ABC):
         for h in handles:
             self.wait(h)
 
-    def check_pending(self) -> None:
-        """Wait on the host, bounded by ``timeout``, for reductions that :meth:`wait_all` left running
-        (nothing for backends whose ``wait_all`` blocks); raise if one failed or timed out."""
+    def check_pending(self, in_flight: int = 0) -> None:
+        """Wait on the host, bounded by ``timeout``, for reductions that :meth:`wait_all` left running and
+        events handed to :meth:`watch`, all but the ``in_flight`` most recent ones (nothing for backends
+        whose ``wait_all`` blocks); raise if one failed or timed out."""
 
     def watch(self, event: Any) -> None:
         """Have :meth:`check_pending` wait for ``event`` too: a device event recorded after reductions that

@@ -191,12 +191,13 @@ class NCCLCommunicator(Communicator):
         self._raise_if_failed()
         self._watched.append(event)
 
-    def check_pending(self) -> None:
-        """Wait on the host for the reductions handed to :meth:`wait_all` (polled, bounded by ``timeout``,
-        NCCL's async error checked); on a timeout or an error abort the communicator and raise."""
+    def check_pending(self, in_flight: int = 0) -> None:
+        """Wait on the host for the reductions handed to :meth:`wait_all` and the events handed to
+        :meth:`watch`, all but the ``in_flight`` most recent ones (polled, bounded by ``timeout``, NCCL's
+        async error checked); on a timeout or an error abort the communicator and raise."""
         self._raise_if_failed()
         try:
-            while self._watched:
+            while len(self._watched) > in_flight:
                 wait_until(lambda: self._done(self._watched[0]), self.timeout,
                            f"rank {self.rank}: NCCL all-reduce")
                 self._watched.pop(0)

@@ -151,11 +151,11 @@ class DataParallel:
                     p.mark_modified()
 
     # ----------------------------------------------------------------- every step
-    def shard_batch(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    def shard_batch(self, *arrays: np.ndarray, in_flight: int = 0) -> tuple[np.ndarray, ...]:
         """This rank's rows of each ``(B, ...)`` array: rows ``[rank * B/size, (rank + 1) * B/size)``.
         ``B`` must be a multiple of the world size (equal shards make the mean of the ranks' mean losses
-        the mean loss of the global batch)."""
-        self.synchronize()
+        the mean loss of the global batch). Calls :meth:`synchronize` first, with ``in_flight``."""
+        self.synchronize(in_flight)
         out = []
         for a in arrays:
             b = a.shape[0]
@@ -175,13 +175,18 @@ class DataParallel:
         finish_buckets(self.comm, pending, confirm=not self.confirmed)
         self.confirmed = True
 
-    def synchronize(self) -> None:
+    def synchronize(self, in_flight: int = 0) -> None:
         """Wait on the host, bounded by the communicator's timeout, for the gradient reductions still
         running (on a GPU they do not block the host). Call it before anything that reads results back
         to the host or copies data from pageable host memory, which could otherwise wait forever on a
         stream held up by a reduction that never ends; :meth:`shard_batch` and the Trainer's loss
-        read-back call it. Raises the communicator's error on a timeout or a failed reduction."""
-        self.comm.check_pending()
+        read-back call it. Raises the communicator's error on a timeout or a failed reduction.
+
+        ``in_flight``: how many of the most recent watched replays (:meth:`watch_replay`) may still run.
+        A CUDA-graph step whose host work before its launch never waits on the device (its inputs go
+        through pinned buffers) passes 1, so that the host prepares step ``k + 1`` while replay ``k`` runs;
+        a replay that never ends is then caught one step later."""
+        self.comm.check_pending(in_flight)
 
     def watch_replay(self, stream: Any) -> None:
         """After a replayed CUDA graph that holds this step's reductions was launched on ``stream``: let

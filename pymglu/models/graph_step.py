@@ -45,9 +45,13 @@ Data parallelism: the step's gradient reductions (started by the gradient hooks 
 finished by :meth:`pymglu.distributed.DataParallel.reduce_gradients`) are recorded with the rest, the NCCL
 kernels on the communicator's stream forked from and joined back into the capturing stream. Every rank
 records and replays the same graph at the same step, so the reductions keep their order across ranks.
-After each replay the communicator watches an event recorded behind it, so the next step's bounded host
+After each replay the communicator watches an event recorded behind it, so a later step's bounded host
 poll (:meth:`~pymglu.distributed.DataParallel.synchronize`) still turns a rank that stopped into an
-error instead of a hang.
+error instead of a hang. A replay's inputs (the batch, the optimizer's scalars) go to the device through
+two alternating pinned host buffers, so nothing on the host waits for the device before a launch; the
+trainer therefore lets one replay run while it prepares the next step (:attr:`GraphTrainStep.in_flight`),
+and a replay that never ends is caught by the poll of the step after next. Any step that is not a
+replay polls every pending reduction first (the eager step's uploads come from pageable memory).
 
 Memory: the private pool keeps the buffers of one step (the eager step's peak) for the life of the graph.
 Arrays the eager steps create and keep (optimizer state, the first gradients) live in it too; the pools
@@ -61,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from pymglu.backend import is_cupy_array
+from pymglu.cuda.staging import AlternatingUploads
 
 __all__ = ["GraphTrainStep", "unsupported_reason"]
 
@@ -138,14 +143,23 @@ class GraphTrainStep:
         self._params: list[Any] = []
         self._kept: list = []
         self._key: tuple = ()
+        self._uploads = AlternatingUploads()  # a replay's batch and scalars, never waiting on the device
         if trainer.parallel is not None:
             trainer.parallel.register_graph_release(self._drop_graph)
 
     # ----------------------------------------------------------------- public
+    @property
+    def in_flight(self) -> int:
+        """How many earlier replays may still run while the next step is prepared on the host: 1 while a
+        graph is held (a replay's host work never waits on the device), else 0."""
+        return 1 if self.graph is not None else 0
+
     def step(self, x: np.ndarray, y: np.ndarray) -> Any:
         """One training step on host batches ``x, y`` ``(B, T)``; returns its loss as a 0-d device array."""
         if self.graph is not None and not self._still_valid(x, y):
             self.release()
+        if self.graph is None and self.trainer.parallel is not None:
+            self.trainer.parallel.synchronize()  # the replay left in flight, before pageable uploads
         if self.graph is None and not self._warm:
             return self._eager(x, y)
         if self.graph is None:
@@ -236,10 +250,8 @@ class GraphTrainStep:
         import cupy as cp
 
         optimizer = self.trainer.optimizer
-        self._x[...] = cp.asarray(x)
-        self._y[...] = cp.asarray(y)
-        rows = optimizer.next_step_scalars()
-        self._table[...] = cp.asarray(np.stack([r for _, r in rows]))
+        rows = np.stack([r for _, r in optimizer.next_step_scalars()])
+        self._uploads.upload(((self._x, x), (self._y, y), (self._table, rows)), cp.cuda.get_current_stream())
         self._launch()
         optimizer.replayed_step()
         self._key = self._make_key()

@@ -160,7 +160,9 @@ class Trainer:
             self._pending_since = time.perf_counter()
         x, y = sample_windows(self.train_data, self.settings.batch_size, self.seq_len, self.rng)
         tokens = x.size  # of the global batch
-        if self.parallel is not None:
+        if self.parallel is not None and self.graph_step is not None:
+            x, y = self.parallel.shard_batch(x, y, in_flight=self.graph_step.in_flight)
+        elif self.parallel is not None:
             x, y = self.parallel.shard_batch(x, y)
         if self.graph_step is not None:
             loss_value = self.graph_step.step(x, y)

@@ -155,7 +155,7 @@ class _ConfirmingComm(_RecordingComm):
 
     confirm_first_step = True
 
-    def check_pending(self) -> None:
+    def check_pending(self, in_flight: int = 0) -> None:
         self.events.append("host wait")
 
 
