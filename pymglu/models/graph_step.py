@@ -156,10 +156,13 @@ class GraphTrainStep:
 
     def step(self, x: np.ndarray, y: np.ndarray) -> Any:
         """One training step on host batches ``x, y`` ``(B, T)``; returns its loss as a 0-d device array."""
-        if self.graph is not None and not self._still_valid(x, y):
+        replay = self.graph is not None and self._still_valid(x, y)
+        if not replay and self.trainer.parallel is not None:
+            # the replay left in flight must be done before anything here waits on the device: release()
+            # frees memory (cudaFree waits for it) and the eager step uploads from pageable memory
+            self.trainer.parallel.synchronize()
+        if self.graph is not None and not replay:
             self.release()
-        if self.graph is None and self.trainer.parallel is not None:
-            self.trainer.parallel.synchronize()  # the replay left in flight, before pageable uploads
         if self.graph is None and not self._warm:
             return self._eager(x, y)
         if self.graph is None:
