@@ -11,7 +11,9 @@
 # optimizer's kernels against its array expressions), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), sampling (benchmarks/decode_sampling.py:
 # tokens sampled on the device against on the host), nccl-hang (2 GPUs; source .gpu/mpi/setup.sh first: the NCCL
-# tests of a peer that leaves or stalls under CUDA_MODULE_LOADING=LAZY and EAGER, docs/distributed.md), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), experiment (compare_ffn in
+# tests of a peer that leaves or stalls under CUDA_MODULE_LOADING=LAZY and EAGER, docs/distributed.md), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), dp (2 GPUs, source .gpu/mpi/setup.sh
+# first: scaling.py --graphs on and benchmarks/allreduce_probe.py for both models; with the data-parallel gpu
+# tests: PYTEST=1 SANITIZE=0 bash benchmarks/gpu_visit.sh dp "distributed or graph_step or trainer or staging"), experiment (compare_ffn in
 # bfloat16 on tinyshakespeare: every (variant, seed) of the variants in $VARIANTS (default all) and the
 # seeds $SEEDS (default "0 1 2") is one call of compare_ffn.py; the calls are spread over $JOBS_PER_GPU
 # (default 4) worker loops per visible GPU, which share the GPU (the default model is too small to fill an
@@ -66,6 +68,11 @@ case "$mode" in
   fused-probe) python3 benchmarks/probe_fused_stages.py --quick --rounds 3 > "$OUT/bench.log" 2>&1 || status=1 ;;
   ncu-fused) OUT="$OUT" bash benchmarks/ncu_fused.sh > "$OUT/bench.log" 2>&1 || status=1 ;;
   scaling) python3 benchmarks/scaling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  dp)  # 2 GPUs, source .gpu/mpi/setup.sh first: graph-step scaling and each model's step all-reduces alone
+    { python3 benchmarks/scaling.py --graphs on --steps 40 --out-dir "$OUT" \
+        && echo "| model | ranks | buckets | MB per step | ms per step (median) | GB/s (algorithm) |" \
+        && for m in large compare_ffn; do mpiexec -n 2 python3 benchmarks/allreduce_probe.py --model $m | tail -n 1; done
+    } > "$OUT/bench.log" 2>&1 || status=1 ;;
   experiment)
     compare=${COMPARE_DIR:-$OUT/compare}
     variants=${VARIANTS:-swiglu,swiglu-pm,swimglu1,swimglu2,swimglu4,swimglu8,gemglu4,remglu4}
