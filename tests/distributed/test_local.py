@@ -109,6 +109,20 @@ def test_trainer_shards_the_global_batch_and_averages_gradients():
         Trainer(model, _settings(batch_size=3), data, data, parallel=DataParallel(model, _MirrorRank0()))
 
 
+def test_evaluate_polls_the_pending_reductions_first():
+    """Validation passes may load kernels of their own, which must not queue behind a stuck reduction."""
+    data = np.frombuffer(bytes(range(32)) * 32, dtype=np.uint8)
+    model = _tiny_model()
+    dp = DataParallel(model, _MirrorRank0())
+    trainer = Trainer(model, _settings(), data, data, parallel=dp)
+    order = []
+    dp.synchronize = lambda in_flight=0: order.append("poll")
+    loss = model.loss
+    model.loss = lambda x, y: (order.append("pass"), loss(x, y))[1]
+    trainer.evaluate()
+    assert order and order[0] == "poll" and "pass" in order
+
+
 class _RecordingComm(LocalCommunicator):
     """World size 1, recording when each reduction starts relative to the backward pass."""
 
