@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,12 +65,23 @@ def worker(args) -> None:
         trainer.train_step(sync=False)
     trainer.flush()
     cp.cuda.Device().synchronize()
-    start = time.perf_counter()
+    poll_seconds = [0.0]
+    if parallel is not None:  # host time spent waiting in the bounded poll of the pending reductions
+        synchronize = parallel.synchronize
+
+        def timed_synchronize(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return synchronize(*a, **k)
+            finally:
+                poll_seconds[0] += time.perf_counter() - t0
+        parallel.synchronize = timed_synchronize
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         trainer.train_step(sync=False)
     trainer.flush()
     cp.cuda.Device().synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if comm.rank == 0:
         tokens = args.steps * settings.batch_size * config.max_seq_len
         Path(args.result).write_text(json.dumps({
@@ -77,7 +89,10 @@ def worker(args) -> None:
             "step_ms": seconds / args.steps * 1e3,
             "tokens_per_s": tokens / seconds, "tokens_per_s_per_gpu": tokens / seconds / comm.size,
             "per_gpu_batch": per_gpu, "seq_len": config.max_seq_len,
-            "final_loss": trainer.history.train_loss[-1]}))
+            "final_loss": trainer.history.train_loss[-1],
+            # host diagnostics of rank 0: CPUs it may run on, its CPU time (all threads) and its time in the poll
+            "affinity_cpus": len(os.sched_getaffinity(0)), "cpu_ms_per_step": cpu_seconds / args.steps * 1e3,
+            "poll_ms_per_step": poll_seconds[0] / args.steps * 1e3}))
 
 
 def driver(args) -> None:
@@ -95,7 +110,7 @@ def driver(args) -> None:
         cmd = [sys.executable, __file__, "--worker", "--model", model, "--ffn", args.ffn, "--world", str(k),
                "--graph", graph, "--warmup", str(args.warmup), "--steps", str(args.steps), "--result", str(result)]
         if k > 1:
-            cmd = [mpiexec, "-n", str(k)] + cmd
+            cmd = [mpiexec, *args.mpiexec_args.split(), "-n", str(k)] + cmd
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
@@ -110,14 +125,16 @@ def driver(args) -> None:
     print(table)
 
 
-HEADER = ("| model | FFN | step | GPUs | batch/GPU x seq | ms/step | tokens/s | tokens/s per GPU | efficiency |\n"
-          "|---|---|---|---:|---|---:|---:|---:|---:|")
+HEADER = ("| model | FFN | step | GPUs | batch/GPU x seq | ms/step | tokens/s | tokens/s per GPU | efficiency "
+          "| rank 0: CPUs / CPU ms / poll ms per step |\n"
+          "|---|---|---|---:|---|---:|---:|---:|---:|---|")
 
 
 def _row(r) -> str:
     step = {"on": "graph", "off": "eager"}[r["graph"]]
     return (f"| {r['model']} | {r['ffn']} | {step} | {r['gpus']} | {r['per_gpu_batch']} x {r['seq_len']} | {r['step_ms']:.1f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} |")
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} | "
+            f"{r.get('affinity_cpus', '?')} / {r.get('cpu_ms_per_step', float('nan')):.1f} / {r.get('poll_ms_per_step', float('nan')):.1f} |")
 
 
 def main(argv=None) -> None:
@@ -131,6 +148,7 @@ def main(argv=None) -> None:
                    "graph, the reductions recorded with it), off (eager)")
     p.add_argument("--graph", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--mpiexec-args", default="", help="extra mpiexec options, e.g. '-bind-to none'")
     p.add_argument("--out-dir", default="bench_out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="compare_ffn", help=argparse.SUPPRESS)
