@@ -52,7 +52,10 @@ def worker(args) -> None:
     config = TransformerConfig(ffn_kind=args.ffn, n_masks=4 if args.ffn != "swiglu" else None, dtype="bfloat16",
                                **spec)
     model = Transformer(config, rng=0).to("cuda")
-    parallel = DataParallel(model, comm) if comm.size > 1 else None
+    dp_options = {"overlap": args.overlap == "on"}
+    if args.bucket_mb is not None:
+        dp_options["bucket_bytes"] = int(args.bucket_mb * 2**20)
+    parallel = DataParallel(model, comm, **dp_options) if comm.size > 1 else None
     if parallel is not None:
         parallel.broadcast_parameters()
     rng = np.random.default_rng(0)
@@ -88,7 +91,8 @@ def worker(args) -> None:
             "model": args.model, "ffn": args.ffn, "graph": args.graph, "gpus": comm.size,
             "step_ms": seconds / args.steps * 1e3,
             "tokens_per_s": tokens / seconds, "tokens_per_s_per_gpu": tokens / seconds / comm.size,
-            "per_gpu_batch": per_gpu, "seq_len": config.max_seq_len,
+            "per_gpu_batch": per_gpu, "seq_len": config.max_seq_len, "overlap": args.overlap,
+            "bucket_mb": args.bucket_mb,
             "final_loss": trainer.history.train_loss[-1],
             # host diagnostics of rank 0: CPUs it may run on, its CPU time (all threads) and its time in the poll
             "affinity_cpus": len(os.sched_getaffinity(0)), "cpu_ms_per_step": cpu_seconds / args.steps * 1e3,
@@ -108,7 +112,8 @@ def driver(args) -> None:
                             for k in args.gpus.split(",")]:
         result = out / f"scaling_{model}_{graph}_{k}.json"
         cmd = [sys.executable, __file__, "--worker", "--model", model, "--ffn", args.ffn, "--world", str(k),
-               "--graph", graph, "--warmup", str(args.warmup), "--steps", str(args.steps), "--result", str(result)]
+               "--graph", graph, "--warmup", str(args.warmup), "--steps", str(args.steps), "--result", str(result),
+               "--overlap", args.overlap] + ([] if args.bucket_mb is None else ["--bucket-mb", str(args.bucket_mb)])
         if k > 1:
             cmd = [mpiexec, *args.mpiexec_args.split(), "-n", str(k)] + cmd
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -116,8 +121,9 @@ def driver(args) -> None:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{model} on {k} GPUs failed (exit {proc.returncode})")
         rows.append(json.loads(result.read_text()))
-        base = next(r for r in rows if r["model"] == model and r["graph"] == graph and r["gpus"] == 1)
-        rows[-1]["efficiency"] = rows[-1]["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        base = next((r for r in rows if r["model"] == model and r["graph"] == graph and r["gpus"] == 1), None)
+        rows[-1]["efficiency"] = (rows[-1]["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+                                  if base is not None else float("nan"))  # no 1-GPU row in --gpus
         print(_row(rows[-1]), flush=True)
     table = HEADER + "\n" + "\n".join(_row(r) for r in rows) + "\n"
     (out / "scaling.md").write_text(table)
@@ -148,6 +154,9 @@ def main(argv=None) -> None:
                    "graph, the reductions recorded with it), off (eager)")
     p.add_argument("--graph", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--overlap", default="on", choices=("on", "off"),
+                   help="DataParallel(overlap=...): start each bucket's all-reduce during backward (on) or after it")
+    p.add_argument("--bucket-mb", type=float, default=None, help="DataParallel bucket_bytes in MiB (default: the library's)")
     p.add_argument("--mpiexec-args", default="", help="extra mpiexec options, e.g. '-bind-to none'")
     p.add_argument("--out-dir", default="bench_out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
