@@ -242,7 +242,15 @@ def _ops() -> Any:
 
 
 def _reverse_topological(root: Tensor) -> list[Tensor]:
-    """Tensors reachable from ``root`` through recorded ops, each after every tensor computed from it."""
+    """Tensors reachable from ``root`` through recorded ops, each after every tensor computed from it.
+
+    Among the valid orders this is the one that stores a parameter's gradient (and runs its gradient
+    hooks) as soon as its last consumer has been back-propagated: an op's inputs are expanded last to
+    first, so the depth-first search finishes a parameter (normally a later input, ``matmul(x, W)``)
+    only after the deep activation chain ``x``, and the reversed post-order puts it right after the op.
+    Expanded first to last, every parameter would wait until the whole backward pass had run, and data
+    parallelism could not start a gradient reduction before the backward ends.
+    """
     order: list[Tensor] = []
     visited: set[int] = set()
     stack: list[tuple[Tensor, bool]] = [(root, False)]
@@ -257,7 +265,7 @@ def _reverse_topological(root: Tensor) -> list[Tensor]:
         stack.append((node, True))
         fn = node._creator
         if fn is not None and not fn.released:
-            for inp in fn.inputs:
+            for inp in reversed(fn.inputs):
                 if inp is not None and inp.requires_grad and id(inp) not in visited:
                     stack.append((inp, False))
     order.reverse()

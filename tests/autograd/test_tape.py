@@ -4,6 +4,7 @@ import pytest
 
 import pymglu.backend
 from pymglu.autograd import GraphFreedError, Tensor, no_grad, ops
+from pymglu.autograd.function import Function
 from pymglu.backend import DeviceMismatchError, unwrap
 
 
@@ -135,3 +136,31 @@ def test_index_and_ids_on_another_device_raise(monkeypatch):
         ops.getitem(w, ids)
     with pytest.raises(DeviceMismatchError):
         ops.softmax_cross_entropy(w, ids)
+
+
+class _Spy(Function):
+    """The identity, noting in ``events`` when its backward runs."""
+
+    def forward(self, x, events):
+        self.events = events
+        return x.copy()
+
+    def backward(self, grad_output):
+        self.events.append("backward of the first layer's output")
+        return (grad_output,)
+
+
+def test_a_parameter_gradient_is_stored_before_the_earlier_layers_backpropagate():
+    """Data parallelism starts a bucket's reduction from the gradient hooks, so a later layer's weight must
+    get its gradient (and run its hooks) before backward reaches the earlier layers, not at the end."""
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((3, 4)))
+    w1 = Tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    w2 = Tensor(rng.standard_normal((5, 2)), requires_grad=True)
+    events: list[str] = []
+    w1.register_grad_hook(lambda p: events.append("w1 grad"))
+    w2.register_grad_hook(lambda p: events.append("w2 grad"))
+    h = _Spy.apply(ops.matmul(x, w1), events=events)
+    ops.matmul(h, w2).sum().backward()
+    assert events == ["w2 grad", "backward of the first layer's output", "w1 grad"]
+    np.testing.assert_allclose(w2.grad, (x.data @ w1.data).T @ np.ones((3, 2)), rtol=1e-12)
