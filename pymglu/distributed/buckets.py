@@ -77,14 +77,20 @@ class PendingBucket:
 
 
 def start_bucket(comm: Communicator, bucket: Bucket) -> PendingBucket:
-    """Copy ``bucket``'s gradients and presence flags into a fresh buffer and start its all-reduce."""
+    """Copy ``bucket``'s gradients and presence flags into a fresh buffer and start its all-reduce.
+
+    Only the slices of missing gradients and the flags are zeroed: the gradients overwrite the rest, so
+    the buffer is not cleared first (a whole pass over it, 0.94 GB per step for the large benchmark model).
+    """
     xp = get_array_module(bucket.params[0].data)
-    n = len(bucket.params)
-    buf = xp.zeros(bucket.numel + n, dtype=bucket.dtype)
+    buf = xp.empty(bucket.numel + len(bucket.params), dtype=bucket.dtype)
+    buf[bucket.numel:] = 0
     for i, (p, off) in enumerate(zip(bucket.params, bucket.offsets)):
         if p.grad is not None:
             buf[off:off + p.size] = unwrap(p.grad).reshape(-1)
             buf[bucket.numel + i] = 1.0
+        else:
+            buf[off:off + p.size] = 0
     return PendingBucket(bucket, buf, comm.all_reduce_sum_start(buf))
 
 

@@ -48,6 +48,28 @@ def test_local_world_reduces_to_the_identity_and_keeps_missing_gradients_missing
     assert dp.mean(2.5) == 2.5
 
 
+def test_a_bucket_buffer_zeroes_the_missing_gradients_and_the_flags_itself(monkeypatch):
+    """start_bucket does not clear its buffer first: a fresh buffer full of NaN must still reduce to the
+    gradients, zeros where a parameter has none, and the presence flags."""
+    import pymglu.distributed.buckets as buckets_module
+
+    params = [Parameter(np.ones(3, np.float32)), Parameter(np.ones(4, np.float32)), Parameter(np.ones(2, np.float32))]
+    params[0].grad, params[2].grad = np.arange(3, dtype=np.float32) + 1, np.full(2, 7.0, np.float32)
+    (bucket,) = plan_buckets(params, bucket_bytes=1024)
+
+    class PoisonedNumPy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float):
+            return np.full(shape, np.nan, dtype=dtype)
+
+    monkeypatch.setattr(buckets_module, "get_array_module", lambda *a: PoisonedNumPy())
+    pending = buckets_module.start_bucket(LocalCommunicator(), bucket)
+    np.testing.assert_array_equal(pending.buf, [1, 2, 3, 0, 0, 0, 0, 7, 7, 1, 0, 1])
+
+
 def test_handshake_names_a_world_size_mismatch():
     dp = DataParallel(_tiny_model())
     dp.handshake("config", expected_world_size=1)
