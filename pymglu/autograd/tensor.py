@@ -244,11 +244,11 @@ def _ops() -> Any:
 def _reverse_topological(root: Tensor) -> list[Tensor]:
     """Tensors reachable from ``root`` through recorded ops, each after every tensor computed from it.
 
-    Among the valid orders this is the one that stores a parameter's gradient (and runs its gradient
-    hooks) as soon as its last consumer has been back-propagated: an op's inputs are expanded last to
-    first, so the depth-first search finishes a parameter (normally a later input, ``matmul(x, W)``)
-    only after the deep activation chain ``x``, and the reversed post-order puts it right after the op.
-    Expanded first to last, every parameter would wait until the whole backward pass had run, and data
+    Among the valid orders this is one that stores a leaf's gradient (a parameter's; and runs its gradient
+    hooks) as soon as its last consumer has been back-propagated: the depth-first search expands an op's
+    computed inputs (the deep activation chain) before its leaf inputs, whatever their position, so it
+    finishes the leaves last and the reversed post-order puts them right after the op. Expanded in input
+    order, ``matmul(x, W)`` would leave every parameter until the whole backward pass had run, and data
     parallelism could not start a gradient reduction before the backward ends.
     """
     order: list[Tensor] = []
@@ -265,8 +265,9 @@ def _reverse_topological(root: Tensor) -> list[Tensor]:
         stack.append((node, True))
         fn = node._creator
         if fn is not None and not fn.released:
-            for inp in reversed(fn.inputs):
-                if inp is not None and inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
+            pending = [inp for inp in fn.inputs if inp is not None and inp.requires_grad and id(inp) not in visited]
+            # the stack pops last-pushed first: leaves go in first so that they are expanded last
+            stack.extend((inp, False) for inp in pending if inp._creator is None)
+            stack.extend((inp, False) for inp in reversed(pending) if inp._creator is not None)
     order.reverse()
     return order

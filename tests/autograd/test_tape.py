@@ -150,17 +150,22 @@ class _Spy(Function):
         return (grad_output,)
 
 
-def test_a_parameter_gradient_is_stored_before_the_earlier_layers_backpropagate():
+@pytest.mark.parametrize("weight_first", [False, True], ids=["matmul(h, w2)", "matmul(w2, h)"])
+def test_a_parameter_gradient_is_stored_before_the_earlier_layers_backpropagate(weight_first):
     """Data parallelism starts a bucket's reduction from the gradient hooks, so a later layer's weight must
-    get its gradient (and run its hooks) before backward reaches the earlier layers, not at the end."""
+    get its gradient (and run its hooks) before backward reaches the earlier layers, not at the end, whether
+    the weight is the op's first input or a later one."""
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((3, 4)))
     w1 = Tensor(rng.standard_normal((4, 5)), requires_grad=True)
-    w2 = Tensor(rng.standard_normal((5, 2)), requires_grad=True)
+    w2 = Tensor(rng.standard_normal((2, 3) if weight_first else (5, 2)), requires_grad=True)
     events: list[str] = []
     w1.register_grad_hook(lambda p: events.append("w1 grad"))
     w2.register_grad_hook(lambda p: events.append("w2 grad"))
     h = _Spy.apply(ops.matmul(x, w1), events=events)
-    ops.matmul(h, w2).sum().backward()
+    y = ops.matmul(w2, h) if weight_first else ops.matmul(h, w2)
+    y.sum().backward()
     assert events == ["w2 grad", "backward of the first layer's output", "w1 grad"]
-    np.testing.assert_allclose(w2.grad, (x.data @ w1.data).T @ np.ones((3, 2)), rtol=1e-12)
+    h_value = x.data @ w1.data
+    expected = np.ones((2, 5)) @ h_value.T if weight_first else h_value.T @ np.ones((3, 2))
+    np.testing.assert_allclose(w2.grad, expected, rtol=1e-12)
