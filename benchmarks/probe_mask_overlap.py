@@ -38,7 +38,7 @@ def apply_mask(W, plane, out, blocks):
     if blocks is None:
         training.apply_mask(W, plane, out)
     else:
-        fn((blocks,), (training._THREADS,), (W, plane, out, np.int32(h), np.int32(d), np.int32(plane.shape[-1])))
+        fn((blocks,), (training._THREADS,), (W, plane, out, np.int32(1), np.int32(h), np.int32(d), np.int32(plane.shape[-1])))
 
 
 def main(argv=None) -> int:

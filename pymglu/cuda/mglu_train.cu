@@ -1,10 +1,11 @@
 // Elementwise kernels of the GPU training path (pymglu/cuda/training.py launches them between the
 // cuBLAS products of the n + 1 scheme, DESIGN.md section 2):
 //
-//   apply_mask<T, VEC>          out = M_i * W for one bit-plane (the masked weight, built on the fly)
+//   apply_mask<T, VEC>          out_p = M_p * W for one or more bit-planes (the masked weights, built on the fly)
 //   mglu_epilogue_fwd<T, VEC>   y = sum_i g(s_i) * (t - s_i)
 //   mglu_epilogue_bwd<T, VEC>   e_i = dy * (t - s_i) * g'(s_i) - dy * g(s_i) and sum_i dy * g(s_i)
 //   mglu_weight_grads<T, VEC>   dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32)
+//   narrow_float32<T, VEC>      dst = src rounded to T (dx's float32 accumulator, once per backward)
 //   glu_epilogue_fwd<T, VEC>    y = g(gate) * value
 //   glu_epilogue_bwd<T, VEC>    d_gate = dy * value * g'(gate), d_value = dy * g(gate)
 //
@@ -40,20 +41,25 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
 #define PYMGLU_GRID_STRIDE(idx, count) \
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < (count); idx += (long long)gridDim.x * blockDim.x)
 
-// W, out: (h, d) row-major; bits: (h, words) one bit-plane. VEC divides d and 32.
+// W: (h, d) row-major; bits: `count` bit-planes of (h, words); out: `count` planes of (h, d). Each element
+// of W is read once for all the planes. VEC divides d and 32.
 template <typename T, int VEC>
 __global__ void apply_mask(const T* __restrict__ W, const uint32_t* __restrict__ bits, T* __restrict__ out,
-                           int h, int d, int words) {
+                           int count, int h, int d, int words) {
   const long long chunks = d / VEC;
+  const long long hd = (long long)h * d, hw = (long long)h * words;
   PYMGLU_GRID_STRIDE(idx, (long long)h * chunks) {
     const long long r = idx / chunks;
     const int c0 = (int)(idx - r * chunks) * VEC;
-    const uint32_t word = bits[r * words + (c0 >> 5)] >> (c0 & 31);
-    Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(W + r * d + c0);
+    const Pack<T, VEC> w = *reinterpret_cast<const Pack<T, VEC>*>(W + r * d + c0);
+    for (int p = 0; p < count; ++p) {
+      const uint32_t word = bits[p * hw + r * words + (c0 >> 5)] >> (c0 & 31);
+      Pack<T, VEC> pk = w;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (!((word >> j) & 1u)) pk.v[j] = from_float<T>(0.0f);
-    *reinterpret_cast<Pack<T, VEC>*>(out + r * d + c0) = pk;
+      for (int j = 0; j < VEC; ++j)
+        if (!((word >> j) & 1u)) pk.v[j] = from_float<T>(0.0f);
+      *reinterpret_cast<Pack<T, VEC>*>(out + p * hd + r * d + c0) = pk;
+    }
   }
 }
 
@@ -135,6 +141,16 @@ __global__ void mglu_weight_grads(float* __restrict__ G, const T* __restrict__ W
       store_vec<float, VEC>(G + i * hd + k, g);
     }
     store_vec<T, VEC>(dW_out + k, acc);
+  }
+}
+
+// dst = src rounded to T (the float32 dx accumulator into the input dtype). VEC divides count.
+template <typename T, int VEC>
+__global__ void narrow_float32(const float* __restrict__ src, T* __restrict__ dst, long long count) {
+  PYMGLU_GRID_STRIDE(idx, count / VEC) {
+    float v[VEC];
+    load_vec<float, VEC>(src + idx * VEC, v);
+    store_vec<T, VEC>(dst + idx * VEC, v);
   }
 }
 

@@ -8,8 +8,9 @@ are the point of the path:
   accumulation; ``t``, ``s_i`` (and GLU's gate and value) are stored in the input dtype, as PyTorch
   stores a SwiGLU's activations; the elementwise math is float32 in fused kernels;
 * ``dx`` and ``dW`` are accumulated over the ``n + 1`` products in float32 buffers and rounded once;
-* the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weight ``M_i * W`` is built
-  by one kernel into a single reused buffer of ``W``'s size (never ``n`` masked copies at once);
+* the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weights ``M_i * W`` are built
+  by one kernel into a reused buffer, two at a time from one read of ``W`` when ``n > 2``
+  (:data:`MASKED_AT_ONCE`), else one at a time (never ``n`` masked copies at once);
 * the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
   ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them, and when the cache
   is handed over as a list it drops ``t`` before the ``G_i`` are allocated and ``s`` before the
@@ -50,7 +51,7 @@ ENABLED = True
 _SOURCE = "mglu_train.cu"
 _CUDA_TYPES = _cuda.CUDA_TYPE_NAMES
 _ACTIVATION_CODES = _cuda.ACTIVATION_CODES
-_KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight_grads",
+_KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight_grads", "narrow_float32",
             "glu_epilogue_fwd", "glu_epilogue_bwd")
 _THREADS = 256
 
@@ -79,7 +80,7 @@ def kernel_names() -> list[str]:
     names = []
     for dt in _CUDA_TYPES:
         for kernel in _KERNELS:
-            vecs = (4, 1) if kernel == "mglu_weight_grads" else (_wide_vec(dt), 1)
+            vecs = (4, 1) if kernel in ("mglu_weight_grads", "narrow_float32") else (_wide_vec(dt), 1)
             names += [_name(kernel, dt, v) for v in vecs]
     return names
 
@@ -103,13 +104,47 @@ def _elementwise_vec(dtype: Any, length: int) -> int:
     return wide if length % wide == 0 else 1
 
 
-def apply_mask(W: Any, bits_plane: Any, out: Any) -> Any:
-    """``out = M * W`` for one bit-plane ``(h, ceil(d/32))`` uint32; ``W``, ``out`` ``(h, d)`` contiguous."""
+def apply_mask(W: Any, bits: Any, out: Any) -> Any:
+    """``out = M * W`` for one bit-plane ``bits`` ``(h, ceil(d/32))`` uint32 into ``out`` ``(h, d)``, or
+    ``out[p] = M_p * W`` for ``k`` planes ``(k, h, ceil(d/32))`` into ``(k, h, d)``, reading ``W`` once;
+    ``W`` ``(h, d)``, ``bits`` and ``out`` C-contiguous."""
     h, d = W.shape
+    count = 1 if bits.ndim == 2 else bits.shape[0]
     vec = _wide_vec(W.dtype) if d % _wide_vec(W.dtype) == 0 else 1
     _launch("apply_mask", W.dtype, vec, h * (d // vec),
-            (W, bits_plane, out, _i32(h), _i32(d), _i32(bits_plane.shape[-1])))
+            (W, bits, out, _i32(count), _i32(h), _i32(d), _i32(bits.shape[-1])))
     return out
+
+
+#: Masked weights built per pass over ``W`` when a layer has more than two masks: at most this many
+#: masked copies of ``W`` are alive at once (never ``n``), and ``apply_mask`` reads ``W`` once for them.
+MASKED_AT_ONCE = 2
+
+
+def narrow(src: Any, dtype: Any) -> Any:
+    """``src`` (float32, C-contiguous) rounded to ``dtype`` in a new array (``src`` itself when ``dtype`` is
+    float32): one vectorised pass, as the backward rounds its float32 ``dx`` accumulator."""
+    import cupy as cp
+
+    if np.dtype(dtype) == float32:
+        return src
+    out = cp.empty(src.shape, dtype=dtype)
+    vec = 4 if src.size % 4 == 0 else 1
+    _launch("narrow_float32", dtype, vec, src.size // vec, (src, out, np.int64(src.size)))
+    return out
+
+
+def _masked_groups(n: int) -> list[slice]:
+    """The masks whose weights one ``apply_mask`` call builds together (one at a time for ``n <= 2``)."""
+    size = MASKED_AT_ONCE if n > MASKED_AT_ONCE else 1
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _masked_buffer(W: Any, n: int) -> Any:
+    import cupy as cp
+
+    size = MASKED_AT_ONCE if n > MASKED_AT_ONCE else 1
+    return cp.empty((size,) + W.shape, dtype=W.dtype)
 
 
 def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:
@@ -124,10 +159,12 @@ def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple
     n = bits.shape[0]
     t = gemm(x, W, cp.empty((N, h), dtype=x.dtype), trans_b=True)
     s = cp.empty((n, N, h), dtype=x.dtype)
-    masked = cp.empty_like(W)
-    for i in range(n):
-        gemm(x, apply_mask(W, bits[i], masked), s[i], trans_b=True)
-    del masked
+    masked = _masked_buffer(W, n)
+    for group in _masked_groups(n):
+        built = apply_mask(W, bits[group], masked[: group.stop - group.start])
+        for j, i in enumerate(range(group.start, group.stop)):
+            gemm(x, built[j], s[i], trans_b=True)
+    del masked, built
     y = cp.empty((N, h), dtype=x.dtype)
     nh = N * h
     vec = _elementwise_vec(x.dtype, nh)
@@ -215,11 +252,13 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
 
     # dx = (sum_i dv_i) W + sum_i e_i (M_i * W), accumulated in float32 and rounded once.
     dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
-    masked = cp.empty_like(W)
-    for i in range(n):
-        gemm(e[i], apply_mask(W, bits[i], masked), dx, accumulate=True)
-    del masked
-    dx = dx.astype(x.dtype, copy=False)  # before the weight gradients: the float32 buffer is freed here
+    masked = _masked_buffer(W, n)
+    for group in _masked_groups(n):
+        built = apply_mask(W, bits[group], masked[: group.stop - group.start])
+        for j, i in enumerate(range(group.start, group.stop)):
+            gemm(e[i], built[j], dx, accumulate=True)
+    del masked, built
+    dx = narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
 
     accumulate = dW_acc is not None
     if not accumulate:
@@ -279,4 +318,4 @@ def glu_backward(dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str, ca
     gemm(d_value, W_value, dx, accumulate=True)
     dW_gate = gemm(d_gate, x, cp.empty_like(W_gate), trans_a=True)
     dW_value = gemm(d_value, x, cp.empty_like(W_value), trans_a=True)
-    return dx.astype(x.dtype, copy=False), dW_gate, dW_value
+    return narrow(dx, x.dtype), dW_gate, dW_value
