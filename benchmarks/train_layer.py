@@ -21,8 +21,14 @@ training does). Variants, all in the same run:
   straight-through masks and masked copies of W built by multiplication, in torch with autograd; when
   torch is missing, ``naive``: the same scheme written with CuPy. Run for n <= ``--naive-max-n``.
 
-Each variant runs ``--warmup`` steps, then ``--reps`` timed groups of ``--steps`` back-to-back steps
-between two CUDA events; the median per-step time is reported. TFLOP/s counts the products only:
+The CuPy variants of a shape (SwiGLU and every MGLU variant at every n) are timed together, taking turns:
+after ``--warmup`` steps of each and at least ``--warm-seconds`` of steps in turn (the GPU's clocks ramp
+up from idle while the host prepares the inputs), each round times one group of ``--steps`` back-to-back
+steps of every variant between two CUDA events, for ``--reps`` rounds; the median per-step time over the
+rounds is reported. So a change of clocks during the run reaches SwiGLU and MGLU alike (before stop 27
+SwiGLU was timed first and alone, and its time moved by up to 13% between runs of the same code). torch's
+variants are timed on their own, after them; "x SwiGLU" is against pymglu's SwiGLU, the one timed in turns
+(the faster of the two SwiGLUs in every run so far; the script prints a note if torch's is faster). TFLOP/s counts the products only:
 ``3 (n + 1) * 2 T d h`` for MGLU (``4 (n + 1)`` with recompute), ``6 * 2 T d h`` for SwiGLU, ``6n * 2 T d h``
 for the naive MGLU. Peak memory is the high-water mark of memory in use during one step, inputs and
 outputs included (CuPy: an allocator wrapper around the pool; torch: ``max_memory_allocated``). Outputs
@@ -78,6 +84,32 @@ def time_steps(step, warmup: int, reps: int, steps: int) -> float:
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / steps)
     return statistics.median(times)
+
+
+def time_in_turns(steps: dict, warmup: int, reps: int, group: int, warm_seconds: float) -> dict:
+    """Median seconds per step of each callable in ``steps``, timed in turns (module docstring)."""
+    import time
+
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    cp.cuda.Device().synchronize()
+    start_wall = time.perf_counter()
+    while time.perf_counter() - start_wall < warm_seconds:
+        for fn in steps.values():
+            fn()
+        cp.cuda.Device().synchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            start.record()
+            for _ in range(group):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name].append(cp.cuda.get_elapsed_time(start, end) / 1e3 / group)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_bytes(step, tracker: PeakTracker, live: int) -> int:
@@ -198,73 +230,80 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
     dy = cp.asarray(rng.standard_normal((T, h), dtype=np.float32).astype(bfloat16))
     flop_unit = 2.0 * T * d * h
     xdy_bytes = x.nbytes + dy.nbytes
+    base = {"T": T, "d": d, "h": h}
 
     Wg = cp.asarray((rng.standard_normal((h, d), dtype=np.float32) * d ** -0.5).astype(bfloat16))
     Wv = cp.asarray((rng.standard_normal((h, d), dtype=np.float32) * d ** -0.5).astype(bfloat16))
+    W = Wg
 
     def glu_step():
         _, cache = functional.glu_forward(x, Wg, Wv, "silu")
         return functional.glu_backward(dy, x, Wg, Wv, "silu", cache, consume_cache=True)
 
-    t = time_steps(glu_step, args.warmup, args.reps, args.steps)
-    peak = peak_bytes(glu_step, tracker, xdy_bytes + Wg.nbytes + Wv.nbytes)
-    base = {"T": T, "d": d, "h": h}
-    add({**base, "variant": "swiglu", "n": 0, "ms": t * 1e3, "tflops": 6 * flop_unit / t / 1e12,
-                 "peak_gb": peak / 1e9})
-    swiglu_ms = t * 1e3
-    if have_torch:
-        t, peak = bench_torch(T, d, h, args)
-        add({**base, "variant": "swiglu-torch", "n": 0, "ms": t * 1e3,
-                     "tflops": 6 * flop_unit / t / 1e12, "peak_gb": peak / 1e9})
-        swiglu_ms = min(swiglu_ms, t * 1e3)
-    W = Wg
-    swiglu_peak = min(r["peak_gb"] for r in rows)
+    # (name, n, step, products per 2Tdh, bytes alive besides the step's own), timed in turns
+    variants = [("swiglu", 0, glu_step, 6, xdy_bytes + Wg.nbytes + Wv.nbytes)]
+    logits_of = {}
     for n in n_list:
-        logits = cp.asarray(rng.standard_normal((n, h, d), dtype=np.float32) * 0.01)
+        logits = logits_of[n] = cp.asarray(rng.standard_normal((n, h, d), dtype=np.float32) * 0.01)
+        given = mask_ops.pack_masks(logits)
+        live = xdy_bytes + W.nbytes + logits.nbytes
 
-        def mglu_step():
+        def mglu_step(logits=logits):
             bits = mask_ops.pack_masks(logits)
             _, cache = functional.mglu_forward(x, W, bits, "silu")
             return functional.mglu_backward(dy, x, W, bits, "silu", cache, consume_cache=True)
 
-        t = time_steps(mglu_step, args.warmup, args.reps, args.steps)
-        peak = peak_bytes(mglu_step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
-        add({**base, "variant": "mglu", "n": n, "ms": t * 1e3, "tflops": 3 * (n + 1) * flop_unit / t / 1e12,
-                     "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
-                     "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
+        def bits_given_step(given=given):
+            _, cache = functional.mglu_forward(x, W, given, "silu")
+            return functional.mglu_backward(dy, x, W, given, "silu", cache, consume_cache=True)
+
+        def recompute_step(logits=logits):
+            bits = mask_ops.pack_masks(logits)
+            y, _ = functional.mglu_forward(x, W, bits, "silu", keep_cache=False)
+            del y
+            return functional.mglu_backward(dy, x, W, bits, "silu", None)
+
+        variants.append(("mglu", n, mglu_step, 3 * (n + 1), live))
         if args.bits_given:
-            given = mask_ops.pack_masks(logits)
-
-            def bits_given_step():
-                _, cache = functional.mglu_forward(x, W, given, "silu")
-                return functional.mglu_backward(dy, x, W, given, "silu", cache, consume_cache=True)
-
-            t = time_steps(bits_given_step, args.warmup, args.reps, args.steps)
-            peak = peak_bytes(bits_given_step, tracker, xdy_bytes + W.nbytes + logits.nbytes + given.nbytes)
-            add({**base, "variant": "mglu-bits-given", "n": n, "ms": t * 1e3,
-                 "tflops": 3 * (n + 1) * flop_unit / t / 1e12, "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
-                 "bound": 3 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
+            variants.append(("mglu-bits-given", n, bits_given_step, 3 * (n + 1), live + given.nbytes))
         if n in args.recompute_n:
-            def recompute_step():
-                bits = mask_ops.pack_masks(logits)
-                y, _ = functional.mglu_forward(x, W, bits, "silu", keep_cache=False)
-                del y
-                return functional.mglu_backward(dy, x, W, bits, "silu", None)
-
-            t = time_steps(recompute_step, args.warmup, args.reps, args.steps)
-            peak = peak_bytes(recompute_step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
-            add({**base, "variant": "mglu-recompute", "n": n, "ms": t * 1e3,
-                 "tflops": 4 * (n + 1) * flop_unit / t / 1e12, "peak_gb": peak / 1e9, "vs_swiglu": t * 1e3 / swiglu_ms,
-                 "bound": 4 * (n + 1) / 6, "mem_allowance_gb": swiglu_peak + 3 * logits.nbytes / 1e9})
-        if args.naive and n <= args.naive_max_n:
-            if have_torch:
-                tn, peak = bench_torch_naive(T, d, h, n, args)
-            else:
-                step = lambda: naive_step(x, W, logits, dy, n)  # noqa: E731
-                tn = time_steps(step, 1, max(3, args.reps // 2), 1)
-                peak = peak_bytes(step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
-            add({**base, "variant": "naive-torch" if have_torch else "naive", "n": n, "ms": tn * 1e3, "tflops": 6 * n * flop_unit / tn / 1e12,
-                         "peak_gb": peak / 1e9, "vs_swiglu": tn * 1e3 / swiglu_ms, "vs_fused": tn / t})
+            variants.append(("mglu-recompute", n, recompute_step, 4 * (n + 1), live))
+    times = time_in_turns({(name, n): step for name, n, step, _, _ in variants}, args.warmup, args.reps,
+                          args.steps, args.warm_seconds)
+    swiglu_ms = times[("swiglu", 0)] * 1e3
+    swiglu_peak = None
+    for name, n, step, products, live in variants:
+        t = times[(name, n)]
+        peak = peak_bytes(step, tracker, live)
+        row = {**base, "variant": name, "n": n, "ms": t * 1e3, "tflops": products * flop_unit / t / 1e12,
+               "peak_gb": peak / 1e9}
+        if name == "swiglu":
+            swiglu_peak = peak / 1e9
+        else:
+            row.update(vs_swiglu=t * 1e3 / swiglu_ms, bound=products / 6,
+                       mem_allowance_gb=swiglu_peak + 3 * logits_of[n].nbytes / 1e9)
+        add(row)
+    if have_torch:
+        t, peak = bench_torch(T, d, h, args)
+        add({**base, "variant": "swiglu-torch", "n": 0, "ms": t * 1e3,
+                     "tflops": 6 * flop_unit / t / 1e12, "peak_gb": peak / 1e9})
+        if t * 1e3 < swiglu_ms:
+            print(f"# note: torch's SwiGLU ({t * 1e3:.2f} ms, timed alone) beat pymglu's ({swiglu_ms:.2f} ms) at "
+                  f"T={T}, d={d}, h={h}; the x SwiGLU column is against pymglu's", flush=True)
+    for n in n_list:
+        if not (args.naive and n <= args.naive_max_n):
+            continue
+        logits = logits_of[n]
+        if have_torch:
+            tn, peak = bench_torch_naive(T, d, h, n, args)
+        else:
+            step = lambda: naive_step(x, W, logits, dy, n)  # noqa: E731
+            tn = time_steps(step, 1, max(3, args.reps // 2), 1)
+            peak = peak_bytes(step, tracker, xdy_bytes + W.nbytes + logits.nbytes)
+        fused = times[("mglu", n)]
+        add({**base, "variant": "naive-torch" if have_torch else "naive", "n": n, "ms": tn * 1e3,
+             "tflops": 6 * n * flop_unit / tn / 1e12, "peak_gb": peak / 1e9, "vs_swiglu": tn * 1e3 / swiglu_ms,
+             "vs_fused": tn / fused})
     return rows
 
 
@@ -282,7 +321,9 @@ def breakdown(T, d, h, n, args):
     th = cp.asarray(rng.standard_normal((T, h), dtype=f32).astype(bfloat16))
     s = cp.asarray(rng.standard_normal((n, T, h), dtype=f32).astype(bfloat16))
     e = s.copy()
-    out_th, masked = cp.empty_like(th), cp.empty_like(W)
+    groups = training._masked_groups(n)
+    size = groups[0].stop - groups[0].start  # masked weights per apply_mask call (the last may build fewer)
+    out_th, masked = cp.empty_like(th), cp.empty((size, h, d), dtype=W.dtype)
     dx32, dW32 = cp.empty((T, d), dtype=f32), cp.empty((h, d), dtype=f32)
     G = cp.empty((n, h, d), dtype=f32)
     dW = cp.empty_like(W)
@@ -293,7 +334,7 @@ def breakdown(T, d, h, n, args):
         "x W^T -> bf16 (forward product)": (n + 1, lambda: gemm(x, W, out_th, trans_b=True)),
         "e W -> fp32 += (dx product)": (n + 1, lambda: gemm(th, W, dx32, accumulate=True)),
         "e^T x -> fp32 (dW/dlogits product)": (n + 1, lambda: gemm(th, x, dW32, trans_a=True)),
-        "apply_mask (masked W)": (2 * n, lambda: training.apply_mask(W, bits[0], masked)),
+        f"apply_mask ({size} masked W per call)": (2 * len(groups), lambda: training.apply_mask(W, bits[:size], masked)),
         "epilogue forward": (1, lambda: training._launch(
             "mglu_epilogue_fwd", W.dtype, 8, nh // 8, (th, s, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
         "epilogue backward": (1, lambda: training._launch(
@@ -301,7 +342,7 @@ def breakdown(T, d, h, n, args):
         "weight grads (all masks)": (1, lambda: training._launch(
             "mglu_weight_grads", W.dtype, 4, h * d // 4,
             (G, W, bits, dW32, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])))),
-        "dx fp32 -> bf16 cast": (1, lambda: dx32.astype(bfloat16)),
+        "dx fp32 -> bf16 (narrow)": (1, lambda: training.narrow(dx32, bfloat16)),
     }
     rows = []
     for name, (count, fn) in pieces.items():
@@ -357,7 +398,11 @@ def main(argv=None):
     p.add_argument("--out-dir", default="bench_out")
     p.add_argument("--quick", action="store_true", help="d=4096, h=14336, T=4096, n in {1, 4}")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=7, help="timed rounds")
+    p.add_argument("--warm-seconds", type=float, default=1.0,
+                   help="seconds of steps in turn before the timed rounds (clocks ramp up from idle)")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the piece-by-piece timing of one MGLU step")
     p.add_argument("--steps", type=int, default=3, help="back-to-back steps per timed group")
     p.add_argument("--naive-max-n", type=int, default=4)
     p.add_argument("--no-naive", dest="naive", action="store_false")
@@ -396,13 +441,15 @@ def main(argv=None):
         for T in tokens:
             rows += bench_shape(T, d, h, n_list, args, have_torch, tracker)
             cp.get_default_memory_pool().free_all_blocks()
-    T, (d, h), n = tokens[0], shapes[-1], 4
-    parts = breakdown(T, d, h, n, args)
-    lines = [f"\nOne fused MGLU step at T={T}, d={d}, h={h}, n={n}, piece by piece (each timed alone):\n",
-             "| piece | per step | ms each | ms per step |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['piece']} | {r['count']} | {r['ms']:.3f} | {r['total_ms']:.2f} |" for r in parts]
-    lines.append(f"| sum | | | {sum(r['total_ms'] for r in parts):.2f} |")
-    print("\n".join(lines))
+    parts, lines = [], []
+    if args.breakdown:
+        T, (d, h), n = tokens[0], shapes[-1], 4
+        parts = breakdown(T, d, h, n, args)
+        lines = [f"\nOne fused MGLU step at T={T}, d={d}, h={h}, n={n}, piece by piece (each timed alone):\n",
+                 "| piece | per step | ms each | ms per step |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['piece']} | {r['count']} | {r['ms']:.3f} | {r['total_ms']:.2f} |" for r in parts]
+        lines.append(f"| sum | | | {sum(r['total_ms'] for r in parts):.2f} |")
+        print("\n".join(lines))
     (out / "train_layer.json").write_text(json.dumps({"rows": rows, "breakdown": parts}, indent=1))
     (out / "train_layer.md").write_text(HEADER + "\n" + "\n".join(_row_md(r) for r in rows) + "\n"
                                         + "\n".join(lines) + "\n")
