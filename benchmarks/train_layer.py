@@ -27,7 +27,12 @@ up from idle while the host prepares the inputs), each round times one group of 
 steps of every variant between two CUDA events, for ``--reps`` rounds; the median per-step time over the
 rounds is reported. So a change of clocks during the run reaches SwiGLU and MGLU alike (before stop 27
 SwiGLU was timed first and alone, and its time moved by up to 13% between runs of the same code). torch's
-variants are timed on their own, after them; "x SwiGLU" is against pymglu's SwiGLU, the one timed in turns
+variants are timed on their own, after them.
+With ``--graphs`` (the default) SwiGLU's step and the ``mglu-bits-given`` steps are also captured as CUDA
+graphs (``pymglu.cuda.capture.record_graph``, each with its own memory pool) and their replays, on the
+current stream, join the turns as ``swiglu (graph)`` and ``mglu-bits-given (graph)``: the
+same kernels without the host's launches between them, which is how ``GraphTrainStep`` runs a training
+step; their ratio is against ``swiglu (graph)``. "x SwiGLU" is against pymglu's SwiGLU, the one timed in turns
 (the faster of the two SwiGLUs in every run so far; the script prints a note if torch's is faster). TFLOP/s counts the products only:
 ``3 (n + 1) * 2 T d h`` for MGLU (``4 (n + 1)`` with recompute), ``6 * 2 T d h`` for SwiGLU, ``6n * 2 T d h``
 for the naive MGLU. Peak memory is the high-water mark of memory in use during one step, inputs and
@@ -110,6 +115,23 @@ def time_in_turns(steps: dict, warmup: int, reps: int, group: int, warm_seconds:
             end.synchronize()
             times[name].append(cp.cuda.get_elapsed_time(start, end) / 1e3 / group)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def captured(step):
+    """``step`` captured as a CUDA graph with its own memory pool; returns a callable that replays it on the
+    current stream, where the other variants run and the timing events are recorded (the graph and pool
+    live as long as the callable)."""
+    from pymglu.cuda.capture import record_graph
+
+    step()  # compiles the kernels and sizes cuBLAS's workspace outside the capture
+    cp.cuda.Device().synchronize()
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    graph, _ = record_graph(stream, step, pool)
+
+    def replay(graph=graph, pool=pool):
+        graph.launch(stream=cp.cuda.get_current_stream())
+
+    return replay
 
 
 def peak_bytes(step, tracker: PeakTracker, live: int) -> int:
@@ -240,6 +262,7 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
         _, cache = functional.glu_forward(x, Wg, Wv, "silu")
         return functional.glu_backward(dy, x, Wg, Wv, "silu", cache, consume_cache=True)
 
+    rows_peak = {}
     # (name, n, step, products per 2Tdh, bytes alive besides the step's own), timed in turns
     variants = [("swiglu", 0, glu_step, 6, xdy_bytes + Wg.nbytes + Wv.nbytes)]
     logits_of = {}
@@ -268,21 +291,32 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             variants.append(("mglu-bits-given", n, bits_given_step, 3 * (n + 1), live + given.nbytes))
         if n in args.recompute_n:
             variants.append(("mglu-recompute", n, recompute_step, 4 * (n + 1), live))
+    replays = {}
+    if args.graphs:
+        for name, n, step, products, live in list(variants):
+            if name in ("swiglu", "mglu-bits-given"):
+                replays[(name, n)] = captured(step)
+                variants.append((f"{name} (graph)", n, replays[(name, n)], products, live))
     times = time_in_turns({(name, n): step for name, n, step, _, _ in variants}, args.warmup, args.reps,
                           args.steps, args.warm_seconds)
-    swiglu_ms = times[("swiglu", 0)] * 1e3
     swiglu_peak = None
     for name, n, step, products, live in variants:
         t = times[(name, n)]
-        peak = peak_bytes(step, tracker, live)
+        graph = name.endswith("(graph)")
+        # a replay allocates nothing: its peak is the eager step's
+        peak = peak_bytes(step, tracker, live) if not graph else rows_peak[name[: -len(" (graph)")], n]
         row = {**base, "variant": name, "n": n, "ms": t * 1e3, "tflops": products * flop_unit / t / 1e12,
                "peak_gb": peak / 1e9}
         if name == "swiglu":
             swiglu_peak = peak / 1e9
-        else:
+        elif name != "swiglu (graph)":
+            swiglu_ms = times[("swiglu (graph)" if graph else "swiglu", 0)] * 1e3
             row.update(vs_swiglu=t * 1e3 / swiglu_ms, bound=products / 6,
                        mem_allowance_gb=swiglu_peak + 3 * logits_of[n].nbytes / 1e9)
+        rows_peak[name, n] = peak
         add(row)
+    swiglu_ms = times[("swiglu", 0)] * 1e3
+    del replays
     if have_torch:
         t, peak = bench_torch(T, d, h, args)
         add({**base, "variant": "swiglu-torch", "n": 0, "ms": t * 1e3,
@@ -401,6 +435,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7, help="timed rounds")
     p.add_argument("--warm-seconds", type=float, default=1.0,
                    help="seconds of steps in turn before the timed rounds (clocks ramp up from idle)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="no CUDA-graph replays of the SwiGLU and bits-given steps")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the piece-by-piece timing of one MGLU step")
     p.add_argument("--steps", type=int, default=3, help="back-to-back steps per timed group")
