@@ -13,7 +13,10 @@ typedef unsigned short uint16_t;
 
 enum Activation { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SIGMOID = 4 };
 
-__device__ __forceinline__ float sigmoidf_(float s) { return 1.0f / (1.0f + __expf(-s)); }
+// 1 / (1 + e^-s) with one approximate reciprocal (__fdividef, 2 ulp; 0 once 1 + e^-s passes 2^126, where
+// the quotient is below float's normal range anyway) instead of the IEEE division's longer sequence: the
+// training epilogues run it on every activation and were bound by it (benchmarks/probe_epilogues.py).
+__device__ __forceinline__ float sigmoidf_(float s) { return __fdividef(1.0f, 1.0f + __expf(-s)); }
 
 __device__ __forceinline__ float gate_fn(float s, int act) {
   switch (act) {

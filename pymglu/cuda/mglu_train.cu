@@ -11,8 +11,9 @@
 //
 // T is the storage dtype (__nv_bfloat16, __half or float); all arithmetic is float32. VEC elements per
 // thread and iteration: 16 bytes of T when the caller has checked that sizes and offsets allow it
-// (every plane length a multiple of VEC), else 1. The activation is a runtime argument (uniform
-// branch). Grid-stride loops; no atomics, so results are deterministic.
+// (every plane length a multiple of VEC), else 1. The activation is a runtime argument on which each
+// epilogue branches once, into a loop compiled for that activation. Grid-stride loops; no atomics, so
+// results are deterministic.
 
 #include "common.cuh"
 
@@ -63,10 +64,21 @@ __global__ void apply_mask(const T* __restrict__ W, const uint32_t* __restrict__
   }
 }
 
-// t, y: (N*h); s: n planes of N*h. VEC divides N*h.
-template <typename T, int VEC>
-__global__ void mglu_epilogue_fwd(const T* __restrict__ t, const T* __restrict__ s, T* __restrict__ y,
-                                  int n, long long nh, int act) {
+// The epilogues run the activation's formula with the activation a compile-time constant: the kernel
+// branches once on `act` to the loop of that activation (the same arithmetic as gate_fn(s, act), so the
+// same bits), instead of once per element.
+#define PYMGLU_FOR_ACTIVATION(act, BODY)          \
+  switch (act) {                                  \
+    case ACT_SILU: BODY(ACT_SILU); break;         \
+    case ACT_GELU: BODY(ACT_GELU); break;         \
+    case ACT_GELU_TANH: BODY(ACT_GELU_TANH); break; \
+    case ACT_RELU: BODY(ACT_RELU); break;         \
+    default: BODY(ACT_SIGMOID); break;            \
+  }
+
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void mglu_epilogue_fwd_loop(const T* __restrict__ t, const T* __restrict__ s,
+                                                       T* __restrict__ y, int n, long long nh) {
   PYMGLU_GRID_STRIDE(idx, nh / VEC) {
     const long long k = idx * VEC;
     float tv[VEC], acc[VEC];
@@ -77,16 +89,24 @@ __global__ void mglu_epilogue_fwd(const T* __restrict__ t, const T* __restrict__
       float sv[VEC];
       load_vec<T, VEC>(s + i * nh + k, sv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += gate_fn(sv[j], act) * (tv[j] - sv[j]);
+      for (int j = 0; j < VEC; ++j) acc[j] += gate_fn(sv[j], ACT) * (tv[j] - sv[j]);
     }
     store_vec<T, VEC>(y + k, acc);
   }
 }
 
-// e may alias s and dv_sum may alias t (each element is read before the same element is written).
+// t, y: (N*h); s: n planes of N*h. VEC divides N*h.
 template <typename T, int VEC>
-__global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T* s, T* e, T* dv_sum, int n,
-                                  long long nh, int act) {
+__global__ void mglu_epilogue_fwd(const T* __restrict__ t, const T* __restrict__ s, T* __restrict__ y,
+                                  int n, long long nh, int act) {
+#define PYMGLU_BODY(A) mglu_epilogue_fwd_loop<T, VEC, A>(t, s, y, n, nh)
+  PYMGLU_FOR_ACTIVATION(act, PYMGLU_BODY)
+#undef PYMGLU_BODY
+}
+
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void mglu_epilogue_bwd_loop(const T* __restrict__ dy, const T* t, const T* s, T* e,
+                                                       T* dv_sum, int n, long long nh) {
   PYMGLU_GRID_STRIDE(idx, nh / VEC) {
     const long long k = idx * VEC;
     float dyv[VEC], tv[VEC], dvs[VEC];
@@ -100,7 +120,7 @@ __global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T*
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float g, dg;
-        gate_and_derivative(sv[j], act, g, dg);
+        gate_and_derivative(sv[j], ACT, g, dg);
         const float dv = dyv[j] * g;
         ev[j] = dyv[j] * (tv[j] - sv[j]) * dg - dv;
         dvs[j] += dv;
@@ -109,6 +129,15 @@ __global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T*
     }
     store_vec<T, VEC>(dv_sum + k, dvs);
   }
+}
+
+// e may alias s and dv_sum may alias t (each element is read before the same element is written).
+template <typename T, int VEC>
+__global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T* s, T* e, T* dv_sum, int n,
+                                  long long nh, int act) {
+#define PYMGLU_BODY(A) mglu_epilogue_bwd_loop<T, VEC, A>(dy, t, s, e, dv_sum, n, nh)
+  PYMGLU_FOR_ACTIVATION(act, PYMGLU_BODY)
+#undef PYMGLU_BODY
 }
 
 // After the products G_i = e_i^T x (float32, written into the n planes of G) and dW_acc = (sum_i dv_i)^T x:
@@ -154,24 +183,31 @@ __global__ void narrow_float32(const float* __restrict__ src, T* __restrict__ ds
   }
 }
 
-template <typename T, int VEC>
-__global__ void glu_epilogue_fwd(const T* __restrict__ gate, const T* __restrict__ value, T* __restrict__ y,
-                                 long long nh, int act) {
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void glu_epilogue_fwd_loop(const T* __restrict__ gate, const T* __restrict__ value,
+                                                      T* __restrict__ y, long long nh) {
   PYMGLU_GRID_STRIDE(idx, nh / VEC) {
     const long long k = idx * VEC;
     float gv[VEC], vv[VEC];
     load_vec<T, VEC>(gate + k, gv);
     load_vec<T, VEC>(value + k, vv);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) gv[j] = gate_fn(gv[j], act) * vv[j];
+    for (int j = 0; j < VEC; ++j) gv[j] = gate_fn(gv[j], ACT) * vv[j];
     store_vec<T, VEC>(y + k, gv);
   }
 }
 
-// d_gate may alias gate and d_value may alias value.
 template <typename T, int VEC>
-__global__ void glu_epilogue_bwd(const T* __restrict__ dy, const T* gate, const T* value, T* d_gate, T* d_value,
+__global__ void glu_epilogue_fwd(const T* __restrict__ gate, const T* __restrict__ value, T* __restrict__ y,
                                  long long nh, int act) {
+#define PYMGLU_BODY(A) glu_epilogue_fwd_loop<T, VEC, A>(gate, value, y, nh)
+  PYMGLU_FOR_ACTIVATION(act, PYMGLU_BODY)
+#undef PYMGLU_BODY
+}
+
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void glu_epilogue_bwd_loop(const T* __restrict__ dy, const T* gate, const T* value,
+                                                      T* d_gate, T* d_value, long long nh) {
   PYMGLU_GRID_STRIDE(idx, nh / VEC) {
     const long long k = idx * VEC;
     float dyv[VEC], gv[VEC], vv[VEC];
@@ -181,7 +217,7 @@ __global__ void glu_epilogue_bwd(const T* __restrict__ dy, const T* gate, const 
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float g, dg;
-      gate_and_derivative(gv[j], act, g, dg);
+      gate_and_derivative(gv[j], ACT, g, dg);
       gv[j] = dyv[j] * vv[j] * dg;
       vv[j] = dyv[j] * g;
     }
@@ -190,6 +226,16 @@ __global__ void glu_epilogue_bwd(const T* __restrict__ dy, const T* gate, const 
   }
 }
 
+// d_gate may alias gate and d_value may alias value.
+template <typename T, int VEC>
+__global__ void glu_epilogue_bwd(const T* __restrict__ dy, const T* gate, const T* value, T* d_gate, T* d_value,
+                                 long long nh, int act) {
+#define PYMGLU_BODY(A) glu_epilogue_bwd_loop<T, VEC, A>(dy, gate, value, d_gate, d_value, nh)
+  PYMGLU_FOR_ACTIVATION(act, PYMGLU_BODY)
+#undef PYMGLU_BODY
+}
+
+#undef PYMGLU_FOR_ACTIVATION
 #undef PYMGLU_GRID_STRIDE
 
 }  // namespace pymglu
