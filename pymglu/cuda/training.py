@@ -104,34 +104,55 @@ def _elementwise_vec(dtype: Any, length: int) -> int:
     return wide if length % wide == 0 else 1
 
 
+def _check_contiguous(name: str, a: Any) -> None:
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array, got {_checks.describe(a)} with strides {a.strides}")
+
+
 def apply_mask(W: Any, bits: Any, out: Any) -> Any:
     """``out = M * W`` for one bit-plane ``bits`` ``(h, ceil(d/32))`` uint32 into ``out`` ``(h, d)``, or
     ``out[p] = M_p * W`` for ``k`` planes ``(k, h, ceil(d/32))`` into ``(k, h, d)``, reading ``W`` once;
-    ``W`` ``(h, d)``, ``bits`` and ``out`` C-contiguous."""
+    ``W`` ``(h, d)`` and ``out`` of one dtype (float32, float16 or bfloat16), all three C-contiguous
+    CuPy arrays. Bad arguments raise ``ValueError``/``TypeError`` naming the argument, before any launch."""
+    _checks.check_ndim("W", W, 2)
+    _checks.check_dtype("W", W, _CUDA_TYPES)
     h, d = W.shape
+    _checks.check_ndim("bits", bits, (2, 3))
+    _checks.check_dtype("bits", bits, (np.uint32,))
     count = 1 if bits.ndim == 2 else bits.shape[0]
+    lead = () if bits.ndim == 2 else (count,)
+    _checks.check_shape("bits", bits, lead + (h, -(-d // 32)))
+    _checks.check_shape("out", out, lead + (h, d))
+    _checks.check_same_dtype(("W", "out"), W, out)
+    for name, a in (("W", W), ("bits", bits), ("out", out)):
+        _check_contiguous(name, a)
     vec = _wide_vec(W.dtype) if d % _wide_vec(W.dtype) == 0 else 1
     _launch("apply_mask", W.dtype, vec, h * (d // vec),
             (W, bits, out, _i32(count), _i32(h), _i32(d), _i32(bits.shape[-1])))
     return out
 
 
-#: Masked weights built per pass over ``W`` when a layer has more than two masks: at most this many
-#: masked copies of ``W`` are alive at once (never ``n``), and ``apply_mask`` reads ``W`` once for them.
-MASKED_AT_ONCE = 2
-
-
 def narrow(src: Any, dtype: Any) -> Any:
-    """``src`` (float32, C-contiguous) rounded to ``dtype`` in a new array (``src`` itself when ``dtype`` is
-    float32): one vectorised pass, as the backward rounds its float32 ``dx`` accumulator."""
-    import cupy as cp
-
+    """``src`` (float32, C-contiguous) rounded to ``dtype`` (float32, float16 or bfloat16) in a new array
+    (``src`` itself when ``dtype`` is float32): one vectorised pass, as the backward rounds its float32
+    ``dx`` accumulator."""
+    _checks.check_dtype("src", src, (float32,))
+    _check_contiguous("src", src)
+    if np.dtype(dtype) not in _CUDA_TYPES:
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {np.dtype(dtype)}")
     if np.dtype(dtype) == float32:
         return src
+    import cupy as cp
+
     out = cp.empty(src.shape, dtype=dtype)
     vec = 4 if src.size % 4 == 0 else 1
     _launch("narrow_float32", dtype, vec, src.size // vec, (src, out, np.int64(src.size)))
     return out
+
+
+#: Masked weights built per pass over ``W`` when a layer has more than two masks: at most this many
+#: masked copies of ``W`` are alive at once (never ``n``), and ``apply_mask`` reads ``W`` once for them.
+MASKED_AT_ONCE = 2
 
 
 def _masked_groups(n: int) -> list[slice]:
