@@ -7,7 +7,9 @@
 # (the stop-19 probe_flash_stages.py comparison: the library against the stop-18 mask loads, with the loads-only and
 # one-product variants, n = 8, 4, 2 at T = 1, 8, 16; SHAPES, MASKS override), fused-probe
 # (probe_fused_stages.py --quick), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
-# model, stall summary), train-quick (train_layer --quick), optim (optimizer_step.py and train_model.py: the
+# model, stall summary), train-quick (train_layer --quick), fp16-graph (compute-sanitizer memcheck on the
+# device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
+# against the captured ones, the scaler on the device), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
 # sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), sampling (benchmarks/decode_sampling.py:
 # tokens sampled on the device against on the host), nccl-hang (2 GPUs; source .gpu/mpi/setup.sh first: the NCCL
@@ -54,6 +56,10 @@ case "$mode" in
   optim) { python3 benchmarks/optimizer_step.py --out-dir "$OUT" && python3 benchmarks/train_model.py --out-dir "$OUT"; } \
        > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  fp16-graph) { compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 \
+         python3 -m pytest -q -m gpu -p no:cacheprovider tests/cuda/test_device_skips_gpu.py > "$OUT/sanitize_device_skips.log" 2>&1 \
+         && echo "compute-sanitizer memcheck test_device_skips_gpu.py: clean" || { echo "compute-sanitizer memcheck test_device_skips_gpu.py: FAILED"; status=1; }
+       python3 benchmarks/train_model.py --dtype float16 --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1; } ;;
   sampling) python3 benchmarks/decode_sampling.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   pdl-sweep) python3 benchmarks/decode.py --dtypes bfloat16,float16 --shapes 4096x14336 --tokens 1,2,4,8 --masks 1,2,8 \
        --warps lib,4 --ahead lib,2 --pdl end --rounds 3 --replays 10 --no-naive --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;

@@ -5,7 +5,7 @@ Usage (on a machine with a CUDA GPU and CuPy):
 
     python benchmarks/train_model.py --out-dir bench_out
 
-Models (bfloat16 with fp32 master weights, or ``--dtype float32``; AdamW with warmup + cosine and
+Models (bfloat16 with fp32 master weights, or ``--dtype float32`` / ``float16``; AdamW with warmup + cosine and
 gradient clipping, through :class:`pymglu.models.training.Trainer`, random bytes as data):
 
 * ``large``: d 1024, 8 layers, 8 heads, h 4096, 512 tokens x 16 windows per step;
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="parameter dtype")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                   help="parameter dtype (float16: with the dynamic loss scaler, on the host when eager, on the device in the graph)")
     p.add_argument("--eval-batches", type=int, default=16,
                    help="validation batches of Trainer.evaluate, timed once per round for the eager and the graph trainer")
     p.add_argument("--out-dir", default="bench_out")

@@ -30,6 +30,16 @@ reduction over that buffer; :meth:`~DynamicLossScaler.step` reads the resulting 
 (a one-byte device-to-host copy, the only synchronisation; for a model on one device it is one read per
 step). The scale itself is a Python number kept on the host, so scaling the loss and unscaling the
 gradients upload nothing.
+
+**On the device** (:meth:`~DynamicLossScaler.hold_on_device`): the scale and the counts move into device
+memory and a step reads nothing back. :meth:`~DynamicLossScaler.scale` multiplies by the device scale,
+:meth:`~DynamicLossScaler.unscale_` divides by it, :meth:`~DynamicLossScaler.step` hands the found-inf
+flag to the optimizer's fused kernels (``Optimizer.step(skip=...)``: they leave everything unchanged
+when it is set, and count steps on the device) and returns ``None``, and :meth:`~DynamicLossScaler.update`
+backs off or grows the scale in a one-thread kernel. Such a step can be captured in a CUDA graph
+(:class:`pymglu.models.GraphTrainStep` does this for float16 trainers). Reading the scale or the counts
+on the host (:meth:`~DynamicLossScaler.get_scale`, :attr:`~DynamicLossScaler.skipped_steps`,
+:meth:`~DynamicLossScaler.state_dict`) copies them back first, which waits for the queued steps.
 """
 from __future__ import annotations
 
@@ -91,17 +101,80 @@ class DynamicLossScaler:
         self.growth_factor: float = hp["growth_factor"]
         self.backoff_factor: float = hp["backoff_factor"]
         self.growth_interval: int = hp["growth_interval"]
-        #: consecutive clean steps since the scale last changed.
-        self.growth_tracker = 0
-        #: number of optimizer steps skipped because of non-finite gradients, since construction.
-        self.skipped_steps = 0
-        # id(optimizer) -> {"stage": _UNSCALED | _STEPPED, "flags": [0-d device bool arrays], "found": bool}
+        self._growth_tracker = 0
+        self._skipped_steps = 0
+        # id(optimizer) -> {"stage": _UNSCALED | _STEPPED, "flags": [0-d device bool arrays],
+        #                   "found": bool (on the host) or a (1,) int32 device array (held on the device)}
         self._per_optimizer: dict[int, dict[str, Any]] = {}
+        # the scale and the counts in device memory (hold_on_device), else None
+        self._device: _DeviceState | None = None
 
-    # ----------------------------------------------------------------- scaling
+    # ----------------------------------------------------------------- values read on the host
     def get_scale(self) -> float:
-        """The current scale ``S`` (a Python float)."""
+        """The current scale ``S`` (a Python float; copied back from the device when held there)."""
+        self._settle()
         return self._scale
+
+    @property
+    def growth_tracker(self) -> int:
+        """Consecutive clean steps since the scale last changed."""
+        self._settle()
+        return self._growth_tracker
+
+    @growth_tracker.setter
+    def growth_tracker(self, value: int) -> None:
+        self._set_counts(tracker=_checks.check_positive_int("growth_tracker", value, minimum=0))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of optimizer steps skipped because of non-finite gradients, since construction."""
+        self._settle()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._set_counts(skipped=_checks.check_positive_int("skipped_steps", value, minimum=0))
+
+    def _set_counts(self, tracker: int | None = None, skipped: int | None = None) -> None:
+        self._settle()
+        if tracker is not None:
+            self._growth_tracker = tracker
+        if skipped is not None:
+            self._skipped_steps = skipped
+        if self._device is not None:
+            self._device.write(self._scale, self._growth_tracker, self._skipped_steps)
+
+    # ----------------------------------------------------------------- state on the device
+    @property
+    def on_device(self) -> bool:
+        """Whether the scale and the counts are held in device memory (:meth:`hold_on_device`)."""
+        return self._device is not None
+
+    def hold_on_device(self, like: Any) -> None:
+        """Keep the scale and the counts in the memory of ``like``'s device (a CuPy array) from now on,
+        so that a step reads nothing back (module docstring, "On the device"). Nothing changes when they
+        are held there already; refused between :meth:`unscale_`/:meth:`step` and :meth:`update`.
+        """
+        if not is_cupy_array(like):
+            raise TypeError(f"like: expected a CuPy array on the device to use, got {_checks.describe(like)}")
+        if self._per_optimizer:
+            raise RuntimeError("hold_on_device: a step is in progress (unscale_() or step() without update())")
+        if self._device is not None and self._device.device_id == like.device.id:
+            return
+        self.release_device()
+        self._device = _DeviceState(like, self._scale, self._growth_tracker, self._skipped_steps)
+
+    def release_device(self) -> None:
+        """Copy the scale and the counts back to the host (waiting for the queued steps) and keep them
+        there from now on. Nothing happens when they are on the host."""
+        if self._per_optimizer:
+            raise RuntimeError("release_device: a step is in progress (unscale_() or step() without update())")
+        self._settle()
+        self._device = None
+
+    def _settle(self) -> None:
+        if self._device is not None:
+            self._scale, self._growth_tracker, self._skipped_steps = self._device.read()
 
     def scale(self, loss: Any) -> Tensor:
         """``loss * S``, a Tensor of ``loss``'s shape, dtype and device, recorded on the tape.
@@ -117,6 +190,9 @@ class DynamicLossScaler:
             raise TypeError(f"loss: expected a float Tensor, got {_checks.describe(loss.data)}")
         if not loss.requires_grad:
             raise ValueError(f"loss: the Tensor does not require a gradient, nothing to scale ({loss!r})")
+        if self._device is not None:  # the device's scale, rounded to the loss dtype there
+            self._device.check_device("loss", loss.data)
+            return ops.mul(loss, self._device.scale.astype(loss.dtype).reshape(()))
         # a NumPy scalar of the loss dtype: a kernel argument on CuPy (no upload), and the product keeps
         # the loss dtype (a Python float would promote bfloat16 to float32). S beyond the dtype's range
         # becomes inf, so that step's gradients are non-finite and the step is skipped.
@@ -148,12 +224,15 @@ class DynamicLossScaler:
             optimizer._validate_grads()
         except ValueError as e:
             raise ValueError(f"unscale_: {e}") from None
-        inv_scale = 1.0 / self._scale
+        device = self._device
+        inv_scale = 1.0 / self._scale if device is None else None
         buckets: dict[tuple[str, np.dtype], list[Any]] = defaultdict(list)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     grad = unwrap(p.grad)
+                    if device is not None:
+                        device.check_device("a gradient", grad)
                     buckets[(device_of(grad), _dtypes.compute_dtype(grad.dtype))].append((p, grad))
         flags = []
         with no_grad():
@@ -165,19 +244,23 @@ class DynamicLossScaler:
                     view[...] = grad
                     offset += grad.size
                     p.grad = view
-                if inv_scale != 1.0:
+                if device is not None:
+                    flat *= device.inverse_scale(ct)  # a (1,) device array: the division happens there
+                elif inv_scale != 1.0:
                     flat *= inv_scale
                 flags.append(get_array_module(flat).isfinite(flat).all())
         self._per_optimizer[id(optimizer)] = {"stage": _UNSCALED, "flags": flags, "found": None}
 
-    def step(self, optimizer: Optimizer) -> bool:
+    def step(self, optimizer: Optimizer) -> bool | None:
         """Unscale (unless :meth:`unscale_` ran already) and run ``optimizer.step()`` unless a gradient is
         inf or NaN.
 
         A skipped step changes nothing: no parameter, no optimizer state array, no step counter. This is
         where the host reads the found-inf flag (once per device and dtype family; once for a model on one
         device). Returns ``True`` when the optimizer stepped, ``False`` when the step was skipped (advance
-        a learning-rate schedule only on ``True`` if its steps should count updates).
+        a learning-rate schedule only on ``True`` if its steps should count updates). Held on the device
+        (:meth:`hold_on_device`) nothing is read: the flag goes to ``optimizer.step(skip=...)``, whose
+        kernels skip the update there, and ``None`` is returned.
         """
         _check_optimizer(optimizer)
         record = self._per_optimizer.get(id(optimizer))
@@ -186,10 +269,16 @@ class DynamicLossScaler:
             record = self._per_optimizer[id(optimizer)]
         elif record["stage"] == _STEPPED:
             raise RuntimeError("step: step() was already called for this optimizer since the last update()")
+        if self._device is not None:
+            found = self._device.found(record["flags"])
+            record["stage"], record["found"], record["flags"] = _STEPPED, found, []
+            self._device.skipped += found  # int64 += int32, on the device
+            optimizer.step(skip=found)
+            return None
         found = not all(bool(flag) for flag in record["flags"])
         record["stage"], record["found"], record["flags"] = _STEPPED, found, []
         if found:
-            self.skipped_steps += 1
+            self._skipped_steps += 1
             return False
         optimizer.step()
         return True
@@ -203,21 +292,27 @@ class DynamicLossScaler:
         pending = [r for r in self._per_optimizer.values() if r["stage"] != _STEPPED]
         if pending:
             raise RuntimeError(f"update: unscale_() was called for {len(pending)} optimizer(s) without step()")
-        found = any(r["found"] for r in self._per_optimizer.values())
+        records = list(self._per_optimizer.values())
         self._per_optimizer.clear()
+        if self._device is not None:
+            self._device.update([r["found"] for r in records], self.growth_factor, self.backoff_factor,
+                                self.growth_interval)
+            return
+        found = any(r["found"] for r in records)
         if found:
             self._scale = max(self._scale * self.backoff_factor, MIN_SCALE)
-            self.growth_tracker = 0
+            self._growth_tracker = 0
             return
-        self.growth_tracker += 1
-        if self.growth_tracker >= self.growth_interval:
+        self._growth_tracker += 1
+        if self._growth_tracker >= self.growth_interval:
             self._scale = min(self._scale * self.growth_factor, MAX_SCALE)
-            self.growth_tracker = 0
+            self._growth_tracker = 0
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """``{"scale", "growth_factor", "backoff_factor", "growth_interval", "growth_tracker",
-        "skipped_steps"}`` as Python numbers."""
+        "skipped_steps"}`` as Python numbers (copied back from the device when held there)."""
+        self._settle()
         return {"scale": self._scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
                 "growth_interval": self.growth_interval, "growth_tracker": self.growth_tracker,
                 "skipped_steps": self.skipped_steps}
@@ -251,12 +346,72 @@ class DynamicLossScaler:
         self._scale = hp["init_scale"]
         self.growth_factor, self.backoff_factor = hp["growth_factor"], hp["backoff_factor"]
         self.growth_interval = hp["growth_interval"]
-        self.growth_tracker, self.skipped_steps = counters["growth_tracker"], counters["skipped_steps"]
+        self._growth_tracker, self._skipped_steps = counters["growth_tracker"], counters["skipped_steps"]
+        if self._device is not None:  # in place: a captured step keeps reading the same arrays
+            self._device.write(self._scale, self._growth_tracker, self._skipped_steps)
 
     def __repr__(self) -> str:
-        return (f"DynamicLossScaler(scale={self._scale!r}, growth_factor={self.growth_factor!r}, "
+        where = ", on the device" if self._device is not None else ""
+        return (f"DynamicLossScaler(scale={self.get_scale()!r}, growth_factor={self.growth_factor!r}, "
                 f"backoff_factor={self.backoff_factor!r}, growth_interval={self.growth_interval}, "
-                f"growth_tracker={self.growth_tracker})")
+                f"growth_tracker={self.growth_tracker}{where})")
+
+
+class _DeviceState:
+    """The scale (float64), the growth count and the skipped-step count (int64) of a loss scaler, each a
+    ``(1,)`` CuPy array on one device, and the device side of its step."""
+
+    def __init__(self, like: Any, scale: float, tracker: int, skipped: int) -> None:
+        import cupy as cp
+
+        self.device_id = like.device.id
+        with like.device:
+            self.scale = cp.asarray(np.array([scale], dtype=np.float64))
+            self.tracker = cp.asarray(np.array([tracker], dtype=np.int64))
+            self.skipped = cp.asarray(np.array([skipped], dtype=np.int64))
+
+    def check_device(self, name: str, a: Any) -> None:
+        if not is_cupy_array(a) or a.device.id != self.device_id:
+            raise ValueError(f"{name}: expected a CuPy array on device {self.device_id}, where the loss scaler is "
+                             f"held, got {_checks.describe(a)} on {device_of(a)}")
+
+    def inverse_scale(self, dtype: Any) -> Any:
+        """``1 / S`` rounded to ``dtype``, as the host's ``flat *= 1 / S`` rounds its Python float."""
+        return (1.0 / self.scale).astype(dtype)
+
+    def found(self, flags: list) -> Any:
+        """``(1,)`` int32: 1 when any ``isfinite(...).all()`` flag is false."""
+        import cupy as cp
+
+        with cp.cuda.Device(self.device_id):
+            if not flags:
+                return cp.zeros(1, dtype=np.int32)
+            ok = flags[0]
+            for flag in flags[1:]:
+                ok = ok & flag
+            return cp.logical_not(ok).astype(np.int32).reshape(1)
+
+    def update(self, founds: list, growth_factor: float, backoff_factor: float, growth_interval: int) -> None:
+        import cupy as cp
+
+        from pymglu.cuda import optimizers as _fused
+
+        with cp.cuda.Device(self.device_id):
+            found = founds[0]
+            for other in founds[1:]:
+                found = found | other
+            _fused.loss_scale_update(found, self.scale, self.tracker, growth_factor=growth_factor,
+                                     backoff_factor=backoff_factor, growth_interval=growth_interval,
+                                     min_scale=MIN_SCALE, max_scale=MAX_SCALE)
+
+    def read(self) -> tuple[float, int, int]:
+        """The values on the host (waits for the queued steps)."""
+        return float(self.scale.get()[0]), int(self.tracker.get()[0]), int(self.skipped.get()[0])
+
+    def write(self, scale: float, tracker: int, skipped: int) -> None:
+        self.scale.set(np.array([scale], dtype=np.float64))
+        self.tracker.set(np.array([tracker], dtype=np.int64))
+        self.skipped.set(np.array([skipped], dtype=np.int64))
 
 
 def _validate_hparams(hp: dict[str, Any]) -> dict[str, Any]:

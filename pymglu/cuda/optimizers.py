@@ -29,7 +29,8 @@ from pymglu.cuda.capture import upload
 from pymglu.dtypes import float32
 
 __all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_scalars", "sgd_scalars",
-           "adamw_step", "sgd_step", "clip_supports", "clip_grads"]
+           "adamw_step", "sgd_step", "clip_supports", "clip_grads", "adamw_device_rows", "sgd_device_rows",
+           "loss_scale_update"]
 
 #: Whether :mod:`pymglu.optim` uses these kernels for CuPy parameters.
 ENABLED = True
@@ -76,7 +77,11 @@ def kernel_names() -> list[str]:
                 names += [_name(kernel, pdt, gdt, bits) for bits in (False, True)]
     for kernel in ("sum_squares", "scaled_copies"):
         names += [f"pymglu::{kernel}<{_CUDA_TYPES[dt]}>" for dt in _CUDA_TYPES]
-    return names
+    return names + [f"pymglu::{k}" for k in _PLAIN_KERNELS]
+
+
+#: the kernels of ``optimizers.cu`` that are not templates
+_PLAIN_KERNELS = ("adamw_device_rows", "sgd_device_rows", "loss_scale_update")
 
 
 #: blocks per gradient of the clipping kernels (each walks its gradient with this stride)
@@ -175,14 +180,16 @@ def _work_items(param: Any, bits: Any, row_len: int, words: int) -> int:
 
 
 def adamw_scalars(*, lr: float, beta1: float, beta2: float, weight_decay: float, step: int) -> np.ndarray:
-    """The AdamW kernel's step-dependent scalars ``[step_size, bias_correction2, decay_factor]``
-    (float32): ``lr / (1 - beta1^step)``, ``1 - beta2^step``, ``1 - lr weight_decay``."""
-    return np.array([lr / (1.0 - beta1 ** step), 1.0 - beta2 ** step, 1.0 - lr * weight_decay], dtype=np.float32)
+    """The AdamW kernel's step-dependent scalars ``[step_size, bias_correction2, decay_factor, skip]``
+    (float32): ``lr / (1 - beta1^step)``, ``1 - beta2^step``, ``1 - lr weight_decay``, and 0 (the kernel
+    leaves everything unchanged when the last is nonzero; :func:`adamw_device_rows` sets it)."""
+    return np.array([lr / (1.0 - beta1 ** step), 1.0 - beta2 ** step, 1.0 - lr * weight_decay, 0.0],
+                    dtype=np.float32)
 
 
-def sgd_scalars(*, lr: float) -> np.ndarray:
-    """The SGD kernel's step-dependent scalars ``[lr]`` (float32)."""
-    return np.array([lr], dtype=np.float32)
+def sgd_scalars(*, lr: float, first_step: bool = False) -> np.ndarray:
+    """The SGD kernel's step-dependent scalars ``[lr, skip, first_step]`` (float32; skip 0)."""
+    return np.array([lr, 0.0, 1.0 if first_step else 0.0], dtype=np.float32)
 
 
 def _check_step_scalars(step_scalars: Any, count: int, param: Any) -> None:
@@ -203,14 +210,15 @@ def adamw_step(param: Any, grad: Any, master: Any, exp_avg: Any, exp_avg_sq: Any
     ``master`` is the float32 master of a 16-bit parameter or ``None`` (then ``param`` itself is
     updated, in float32 arithmetic). ``sign_bits``: ``None`` or the array of :func:`new_sign_bits`,
     filled with ``param > 0`` of the new values. ``step_scalars``: ``None``, or a float32 CuPy array of
-    the 3 values of :func:`adamw_scalars` that the kernel reads when it runs instead of those of
+    the 4 values of :func:`adamw_scalars` that the kernel reads when it runs instead of those of
     ``lr``, ``step`` and ``weight_decay`` given here (what a captured CUDA graph replays with new
-    values); whether weight decay applies still follows ``weight_decay != 0``.
+    values), and whose last, when nonzero, makes the update change nothing; whether weight decay
+    applies still follows ``weight_decay != 0``.
     """
     row_len, words = _layout(param, sign_bits)
-    _check_step_scalars(step_scalars, 3, param)
+    _check_step_scalars(step_scalars, 4, param)
     f = np.float32
-    step_size, bias2, decay = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step)
+    step_size, bias2, decay, _ = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, step=step)
     args = (param, _ptr(master), exp_avg, exp_avg_sq, grad, _ptr(sign_bits), np.int64(param.size),
             np.int32(row_len), np.int32(words), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2),
             bias2, f(eps), step_size, decay, np.int32(1 if weight_decay else 0), _ptr(step_scalars))
@@ -224,14 +232,67 @@ def sgd_step(param: Any, grad: Any, master: Any, momentum_buffer: Any, *, lr: fl
 
     ``momentum_buffer`` is ``None`` without momentum; on the ``first_step`` it is written with the
     (decayed) gradient and its old contents are not read. ``master``, ``sign_bits``: as in
-    :func:`adamw_step`; ``step_scalars``: ``None`` or the 1 value of :func:`sgd_scalars`, read by the
-    kernel instead of ``lr``.
+    :func:`adamw_step`; ``step_scalars``: ``None`` or the 3 values of :func:`sgd_scalars`, read by the
+    kernel instead of ``lr`` and ``first_step`` (and a nonzero second skips the update).
     """
     row_len, words = _layout(param, sign_bits)
-    _check_step_scalars(step_scalars, 1, param)
+    _check_step_scalars(step_scalars, 3, param)
     f = np.float32
     args = (param, _ptr(master), _ptr(momentum_buffer), grad, _ptr(sign_bits), np.int64(param.size),
             np.int32(row_len), np.int32(words), sgd_scalars(lr=lr)[0], f(momentum), f(weight_decay),
             np.int32(1 if weight_decay else 0), np.int32(1 if first_step else 0), np.int32(1 if nesterov else 0),
             _ptr(step_scalars))
     _launch("sgd_step", param, grad, sign_bits, _work_items(param, sign_bits, row_len, words), args)
+
+
+def _check_device_rows(hyper: Any, steps: Any, found: Any, rows: Any, width: int, row_width: int) -> None:
+    count = steps.shape[0] if getattr(steps, "ndim", 0) == 1 else -1
+    want = (("hyper", hyper, np.float64, (count, width)), ("steps", steps, np.int64, (count,)),
+            ("found", found, np.int32, (1,)), ("rows", rows, float32, (count, row_width)))
+    for name, a, dtype, shape in want:
+        if not (is_cupy_array(a) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+            raise ValueError(f"{name}: expected a C-contiguous {np.dtype(dtype)} CuPy array of shape {shape}, got "
+                             f"{type(a).__name__} {getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
+    if len({a.device.id for a in (hyper, steps, found, rows)}) != 1:
+        raise ValueError("hyper, steps, found, rows: expected arrays on one device")
+
+
+def _launch_rows(kernel: str, hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+    count = steps.shape[0]
+    if count:
+        _cuda.get_function(_SOURCE, f"pymglu::{kernel}")((-(-count // _THREADS),), (_THREADS,),
+                                                         (hyper, steps, found, rows, np.int32(count)))
+
+
+def adamw_device_rows(hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+    """The rows of :func:`adamw_scalars` for ``count`` parameters, computed on the device.
+
+    ``hyper`` ``(count, 4)`` float64 ``[lr, beta1, beta2, weight_decay]`` per parameter; ``steps``
+    ``(count,)`` int64, each parameter's step count, incremented in place unless ``found`` ``(1,)`` int32
+    holds a nonzero value; ``rows`` ``(count, 4)`` float32, written for the new counts with the skip flag
+    ``found != 0``. Nothing is read on the host, so a captured graph replays it with the device's values.
+    """
+    _check_device_rows(hyper, steps, found, rows, 4, 4)
+    _launch_rows("adamw_device_rows", hyper, steps, found, rows)
+
+
+def sgd_device_rows(hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+    """The rows of :func:`sgd_scalars` computed on the device, as :func:`adamw_device_rows`: ``hyper``
+    ``(count, 1)`` float64 ``[lr]``, ``rows`` ``(count, 3)``; ``first_step`` is set where the count goes
+    from 0 to 1."""
+    _check_device_rows(hyper, steps, found, rows, 1, 3)
+    _launch_rows("sgd_device_rows", hyper, steps, found, rows)
+
+
+def loss_scale_update(found: Any, scale: Any, tracker: Any, *, growth_factor: float, backoff_factor: float,
+                      growth_interval: int, min_scale: float, max_scale: float) -> None:
+    """The scale update of :meth:`pymglu.amp.DynamicLossScaler.update` on device values, in place:
+    ``found`` ``(1,)`` int32 (nonzero: the step was skipped), ``scale`` ``(1,)`` float64, ``tracker``
+    ``(1,)`` int64 (the clean steps in a row). One thread, double arithmetic, as on the host."""
+    for name, a, dtype in (("found", found, np.int32), ("scale", scale, np.float64), ("tracker", tracker, np.int64)):
+        if not (is_cupy_array(a) and a.dtype == dtype and a.shape == (1,)):
+            raise ValueError(f"{name}: expected a {np.dtype(dtype)} CuPy array of shape (1,), got "
+                             f"{type(a).__name__} {getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
+    _cuda.get_function(_SOURCE, "pymglu::loss_scale_update")(
+        (1,), (1,), (found, scale, tracker, np.float64(growth_factor), np.float64(backoff_factor),
+                     np.int64(growth_interval), np.float64(min_scale), np.float64(max_scale)))

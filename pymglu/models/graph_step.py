@@ -34,12 +34,20 @@ dtype. If anything differs (a loaded checkpoint, an edited weight, a new weight 
 dropped and the step runs eagerly; the step after that records a new graph.
 
 Served (:func:`unsupported_reason` names what rules a trainer out, and the trainer then steps eagerly):
-a model on CuPy in float32 or bfloat16 (float16 training reads its loss scaler's overflow flag on the
-host every step), one process or data parallelism over a communicator that can record its reductions
+a model on CuPy in float32, bfloat16 or float16, one process or data parallelism over a communicator that can record its reductions
 (``comm.capturable``: NCCL, or the one-process world), the fused training and optimizer kernels enabled
 (:mod:`pymglu.cuda.training`, :mod:`pymglu.cuda.optimizers`; with them off, products run through CuPy's
 cuBLAS wrappers, which refuse a capture), and an optimizer with
 :meth:`~pymglu.optim.Optimizer.step_scalars` (AdamW, SGD).
+
+Float16: the trainer's loss scaler is held on the device from the first step on
+(:meth:`pymglu.amp.DynamicLossScaler.hold_on_device`), so the recorded step scales the loss by the device's
+scale, decides on the device whether a gradient overflowed, and passes that flag to the optimizer's
+kernels, which then leave everything unchanged. Since a skipped step must not count, the optimizer keeps
+its step counts on the device too, and computes the rows of step scalars there from a table of
+hyper-parameters that the host uploads before each replay (:meth:`pymglu.optim.Optimizer.next_hyper_rows`;
+``Optimizer.step(skip=...)``). The host reads the scale, the skipped steps and the step counts back only
+when asked (the scaler's and the optimizer's ``state_dict``, a checkpoint).
 
 Data parallelism: the step's gradient reductions (started by the gradient hooks during the backward,
 finished by :meth:`pymglu.distributed.DataParallel.reduce_gradients`) are recorded with the rest, the NCCL
@@ -86,15 +94,16 @@ def unsupported_reason(trainer: Any) -> str | None:
         reason = _parallel_reason(trainer.parallel)
         if reason is not None:
             return reason
-    if trainer.scaler is not None:
-        return "float16 training reads its loss scaler's overflow flag on the host every step"
-    if trainer.model.config.dtype not in ("float32", "bfloat16"):
-        return f"the model is {trainer.model.config.dtype}, not float32 or bfloat16"
+    if trainer.model.config.dtype not in ("float32", "bfloat16", "float16"):
+        return f"the model is {trainer.model.config.dtype}, not float32, bfloat16 or float16"
     if not (optimizers.ENABLED and training.ENABLED):
         return "the fused optimizer or training kernels are disabled (pymglu.cuda.optimizers / training)"
     from pymglu.optim.optimizer import Optimizer
 
-    if type(trainer.optimizer).step_scalars is Optimizer.step_scalars:
+    if trainer.scaler is not None and type(trainer.optimizer).step_hyper is Optimizer.step_hyper:
+        return (f"{type(trainer.optimizer).__name__} does not provide step_hyper(), which a loss-scaled step "
+                "needs to skip its updates on the device")
+    if trainer.scaler is None and type(trainer.optimizer).step_scalars is Optimizer.step_scalars:
         return f"{type(trainer.optimizer).__name__} does not provide step_scalars()"
     return None
 
@@ -196,6 +205,8 @@ class GraphTrainStep:
         from cupy_backends.cuda.libs import cublas
 
         caller = cp.cuda.get_current_stream()
+        if self.trainer.scaler is not None:  # float16: overflowing steps are then skipped on the device
+            self.trainer.scaler.hold_on_device(next(iter(self.trainer.model.parameters())).data)
         self.stream.wait_event(caller.record())
         with self.stream, cp.cuda.using_allocator(self.pool.malloc):  # the capture reuses these buffers
             cublas.setStream(cp.cuda.device.get_cublas_handle(), self.stream.ptr)
@@ -210,13 +221,16 @@ class GraphTrainStep:
         from pymglu.cuda.capture import keeping_uploads, record_graph
 
         optimizer = self.trainer.optimizer
-        rows = optimizer.next_step_scalars()
+        rows = self._next_rows()
         self._params = [p for p, _ in rows]
         self._table = cp.asarray(np.stack([r for _, r in rows]))
         self._x, self._y = cp.asarray(x), cp.asarray(y)
         saved_steps = {k: st["step"] for k, st in optimizer.state.items()}
         params = list(self.trainer.model.parameters())
-        optimizer._step_scalar_rows = {id(p): self._table[i] for i, p in enumerate(self._params)}
+        if self._skips_on_device:  # the optimizer computes its rows on the device from this table
+            optimizer._hyper_table = self._table
+        else:
+            optimizer._step_scalar_rows = {id(p): self._table[i] for i, p in enumerate(self._params)}
         try:
             with keeping_uploads() as kept:
                 graph, loss = record_graph(self.stream, lambda: self.body(self._x, self._y), self.pool)
@@ -228,6 +242,7 @@ class GraphTrainStep:
             raise
         finally:
             optimizer._step_scalar_rows = None
+            optimizer._hyper_table = None
         stale = self._layers_packing_their_own_masks()
         if stale:
             self._undo_recorded_step(saved_steps, params)
@@ -253,12 +268,24 @@ class GraphTrainStep:
         import cupy as cp
 
         optimizer = self.trainer.optimizer
-        rows = np.stack([r for _, r in optimizer.next_step_scalars()])
+        rows = np.stack([r for _, r in self._next_rows()])
         self._uploads.upload(((self._x, x), (self._y, y), (self._table, rows)), cp.cuda.get_current_stream())
         self._launch()
-        optimizer.replayed_step()
+        optimizer.replayed_step(count_steps=not self._skips_on_device)
         self._key = self._make_key()
         return self._loss.copy()
+
+    @property
+    def _skips_on_device(self) -> bool:
+        """Whether the step is loss-scaled (float16): its skip, and so the optimizer's step counts and
+        bias corrections, are decided on the device, and the uploaded table holds hyper-parameters."""
+        return self.trainer.scaler is not None
+
+    def _next_rows(self) -> list[tuple[Any, np.ndarray]]:
+        """The rows of the table uploaded before a replay: each parameter's step scalars for its next
+        update, or, for a loss-scaled step, the hyper-parameters the device computes them from."""
+        optimizer = self.trainer.optimizer
+        return optimizer.next_hyper_rows() if self._skips_on_device else optimizer.next_step_scalars()
 
     def _undo_recorded_step(self, saved_steps: dict, params: list) -> None:
         """After a capture that will not be launched: the step counts its host side advanced go back, the
@@ -267,6 +294,8 @@ class GraphTrainStep:
             self.trainer.optimizer.state[k]["step"] = step
         for p in params:
             p.grad = None
+        if self.trainer.scaler is not None:
+            self.trainer.scaler._per_optimizer.clear()  # the recorded step may have stopped between its calls
         if self.trainer.parallel is not None:
             self.trainer.parallel.reset_pending()
         self.release()
@@ -295,6 +324,10 @@ class GraphTrainStep:
         grads = tuple(p.grad is not None for p in trainer.model.parameters())
         settings = (trainer.settings.grad_clip, optimizers.ENABLED, training.ENABLED,
                     tuple(m.recompute for m in trainer.model.modules() if isinstance(m, MGLU)))
+        scaler = trainer.scaler
+        if scaler is not None:  # its factors are kernel arguments; its device arrays are read in place
+            settings += (scaler, scaler.growth_factor, scaler.backoff_factor, scaler.growth_interval,
+                         scaler.on_device)
         return params, state, hyper, grads, tuple(optimizer._sign_bits.values()), settings
 
     def _still_valid(self, x: np.ndarray, y: np.ndarray) -> bool:

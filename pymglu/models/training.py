@@ -15,9 +15,10 @@ same global batch of ``batch_size`` windows from the same sampler state, keeps i
 before clipping and the optimizer step; the recorded loss is the mean over ranks. The sampler state is
 thus global, and a checkpoint resumes at any world size that divides ``batch_size``.
 
-On a GPU, the steps of a float32 or bfloat16 model in one process are replays of a captured CUDA graph
-(:class:`pymglu.models.GraphTrainStep`; ``Trainer(graph=False)`` steps eagerly). No step waits for the
-device: losses are read back every :attr:`Trainer.sync_every` steps.
+On a GPU, the steps are replays of a captured CUDA graph (:class:`pymglu.models.GraphTrainStep`;
+``Trainer(graph=False)`` steps eagerly); a float16 model's loss scaler is then held on the device, so
+that overflowing steps are skipped there. No step waits for the device: losses are read back every
+:attr:`Trainer.sync_every` steps.
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ class Trainer:
             ``settings.batch_size`` is then the global batch and must be a multiple of ``parallel.size``.
         graph: run the steps as replays of a captured CUDA graph (:class:`pymglu.models.GraphTrainStep`):
             ``None`` (default) where :func:`pymglu.models.graph_step.unsupported_reason` allows it (a
-            float32 or bfloat16 model on GPUs, data parallelism over NCCL included), else eagerly; ``True`` requires it (``ValueError`` naming the
-            reason otherwise); ``False`` never.
+            float32, bfloat16 or float16 model on GPUs, data parallelism over NCCL included), else
+            eagerly; ``True`` requires it (``ValueError`` naming the reason otherwise); ``False`` never.
     """
 
     def __init__(self, model: Transformer, settings: TrainSettings, train_data: np.ndarray,
@@ -153,8 +154,9 @@ class Trainer:
         """One optimizer step on a fresh random batch.
 
         Returns its loss; with ``sync=False`` the loss stays on the device (no host synchronisation)
-        until the next synchronised step or :meth:`flush`, and ``None`` is returned. (A float16 model's
-        loss scaler still reads one flag per step.)
+        until the next synchronised step or :meth:`flush`, and ``None`` is returned. (A float16 model
+        stepped eagerly still reads its loss scaler's flag every step; under the graph step the scaler
+        is held on the device and reads nothing.)
         """
         if not self._pending:
             self._pending_since = time.perf_counter()
@@ -166,21 +168,8 @@ class Trainer:
             x, y = self.parallel.shard_batch(x, y)
         if self.graph_step is not None:
             loss_value = self.graph_step.step(x, y)
-        elif self.scaler is None:
+        else:
             loss_value = self._step_body(self.xp.asarray(x), self.xp.asarray(y)).data
-        else:  # float16: overflows are expected under a too large scale (the step is then skipped)
-            self.model.train()
-            loss = self.model.loss(self.xp.asarray(x), self.xp.asarray(y))
-            self.optimizer.zero_grad()
-            with np.errstate(over="ignore", invalid="ignore"):
-                self.scaler.scale(loss).backward()
-                self._reduce_gradients()  # every rank has the same scale; an inf anywhere reaches all
-                self.scaler.unscale_(self.optimizer)
-                if self.settings.grad_clip > 0:
-                    optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            loss_value = loss.data
         self.schedule.step()
         self.step += 1
         self.history.tokens += tokens
@@ -189,15 +178,27 @@ class Trainer:
 
     def _step_body(self, x: Any, y: Any) -> Any:
         """Forward, backward, gradient reduction and clipping, optimizer update on device batches; the
-        loss Tensor. (What :class:`GraphTrainStep` records.)"""
+        loss Tensor. (What :class:`GraphTrainStep` records.) A float16 model's step goes through its loss
+        scaler: the step is skipped when a gradient overflowed."""
         self.model.train()
         loss = self.model.loss(x, y)
         self.optimizer.zero_grad()
-        loss.backward()
-        self._reduce_gradients()
-        if self.settings.grad_clip > 0:
-            optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self._reduce_gradients()
+            if self.settings.grad_clip > 0:
+                optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+            self.optimizer.step()
+            return loss
+        # overflows are expected under a too large scale (the step is then skipped)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.scaler.scale(loss).backward()
+            self._reduce_gradients()  # every rank has the same scale; an inf anywhere reaches all
+            self.scaler.unscale_(self.optimizer)
+            if self.settings.grad_clip > 0:
+                optim.clip_grad_norm(self.model.parameters(), self.settings.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss
 
     def flush(self) -> float | None:

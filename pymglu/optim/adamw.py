@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from pymglu import _checks
 from pymglu.backend import get_array_module
 from pymglu.cuda import optimizers as _fused
@@ -42,6 +44,16 @@ class AdamW(Optimizer):
         if "weight_decay" in hp:
             out["weight_decay"] = _checks.check_finite("weight_decay", hp["weight_decay"], minimum=0.0)
         return out
+
+    hyper_width = 4
+    step_scalar_width = 4
+
+    def step_hyper(self, p: Any, group: dict[str, Any]) -> np.ndarray:
+        b1, b2 = group["betas"]
+        return np.array([group["lr"], b1, b2, _weight_decay(p, group)], dtype=np.float64)
+
+    def _device_rows(self, hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+        _fused.adamw_device_rows(hyper, steps, found, rows)
 
     def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> Any:
         b1, b2 = group["betas"]

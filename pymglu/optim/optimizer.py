@@ -9,7 +9,8 @@ import numpy as np
 from pymglu import _checks, dtypes as _dtypes
 from pymglu.autograd.function import no_grad
 from pymglu.autograd.tensor import Tensor
-from pymglu.backend import device_of, get_array_module, unwrap
+from pymglu.backend import device_of, get_array_module, is_cupy_array, unwrap
+from pymglu.optim.device_steps import DeviceSteps
 from pymglu.optim.state_dict import StateDictMixin
 
 
@@ -102,6 +103,13 @@ class Optimizer(StateDictMixin):
         #: while a training step is being captured: ``id(parameter) -> float32 device array`` of the
         #: step-dependent scalars its fused kernel reads (see :meth:`step_scalars`); else ``None``.
         self._step_scalar_rows: dict[int, Any] | None = None
+        #: the step counts of updates whose skip is decided on the device (:meth:`step` with ``skip``),
+        #: else ``None``; copied back into :attr:`state` by :meth:`settle_steps`.
+        self._device_steps: DeviceSteps | None = None
+        #: a float64 device table of :meth:`step_hyper` rows that :meth:`step` with ``skip`` reads instead
+        #: of uploading its own (set by a captured step, which refreshes the table before each replay).
+        self._hyper_table: Any = None
+        self._rows_from_device = False
 
     # ----------------------------------------------------------------- groups and hyper-parameters
     def _validate_hparams(self, hp: dict[str, Any], where: str) -> dict[str, Any]:
@@ -235,15 +243,34 @@ class Optimizer(StateDictMixin):
             )
         return problems
 
-    def step(self) -> None:
-        """Update every parameter that has a gradient (validated first; see the module docstring)."""
+    def step(self, skip: Any = None) -> None:
+        """Update every parameter that has a gradient (validated first; see the module docstring).
+
+        Args:
+            skip: ``None``, or a CuPy int32 array of shape ``(1,)`` on the parameters' device, read by the
+                update kernels when they run: nonzero leaves every parameter, state array, bit-plane and
+                step count as it was (a float16 step with an overflow, decided on the device by
+                :meth:`pymglu.amp.DynamicLossScaler.step` without a host read). With ``skip`` the step
+                counts live on the device (:meth:`settle_steps` copies them back; :meth:`state_dict`
+                does) and every update must run on the fused kernels (:mod:`pymglu.cuda.optimizers`).
+        """
         self._validate_grads()
         with no_grad():
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is None:
-                        continue
-                    self._record_update(p, self._update(p, unwrap(p.grad), g))
+            if skip is None:
+                self.settle_steps(drop=True)  # the host counts are the ones the updates advance
+            else:
+                rows = self._rows_on_device(skip)
+            saved = self._step_scalar_rows, self._rows_from_device
+            if skip is not None:
+                self._step_scalar_rows, self._rows_from_device = rows, True
+            try:
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is None:
+                            continue
+                        self._record_update(p, self._update(p, unwrap(p.grad), g))
+            finally:
+                self._step_scalar_rows, self._rows_from_device = saved
 
     def _record_update(self, p: Any, sign_bits: Any) -> None:
         """The host side of an update of ``p`` once its kernels are queued: ``p`` is marked modified, the
@@ -274,6 +301,86 @@ class Optimizer(StateDictMixin):
                     rows.append((p, self.step_scalars(p, g, (st["step"] if st else 0) + 1)))
         return rows
 
+    # ----------------------------------------------------------------- skips decided on the device
+    #: columns of :meth:`step_hyper`'s rows and of the step-scalar rows the device computes from them.
+    hyper_width: int = 0
+    step_scalar_width: int = 0
+
+    def step_hyper(self, p: Any, group: dict[str, Any]) -> np.ndarray:
+        """The float64 hyper-parameters of ``p``'s update (e.g. AdamW's ``[lr, beta1, beta2,
+        weight_decay]``) from which :meth:`_device_rows` computes its step scalars on the device."""
+        raise NotImplementedError(f"{type(self).__name__} cannot skip its steps on the device")
+
+    def _device_rows(self, hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+        """Launch the kernel that advances ``steps`` unless ``found`` and writes the step-scalar ``rows``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot skip its steps on the device")
+
+    def next_hyper_rows(self) -> list[tuple[Any, np.ndarray]]:
+        """``(parameter, step_hyper)`` of every parameter with a gradient, in the order of the rows."""
+        return [(p, self.step_hyper(p, g)) for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _rows_on_device(self, skip: Any) -> dict[int, Any]:
+        """The step-scalar rows of this step computed on the device from the device step counts, which the
+        same kernel advances unless ``skip``; ``id(parameter) -> row``."""
+        import cupy as cp
+
+        from pymglu.cuda.capture import upload
+
+        if not (is_cupy_array(skip) and skip.dtype == np.int32 and skip.shape == (1,)):
+            raise ValueError(f"skip: expected a CuPy int32 array of shape (1,), got {_checks.describe(skip)}")
+        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p, _ in entries]
+        devices = {unwrap(p.data).device.id if is_cupy_array(unwrap(p.data)) else None for p in params}
+        if devices != {skip.device.id}:
+            raise ValueError(f"skip: expected an array on the parameters' device, got one on device {skip.device.id} "
+                             f"for parameters on {sorted(devices, key=str)}")
+        ds = self._device_steps
+        if ds is None or not ds.matches(params):
+            if cp.cuda.get_current_stream().is_capturing():
+                raise RuntimeError(f"{type(self).__name__}: the step counts on the device must be made by an eager "
+                                   "step with skip before a capture (the parameters with gradients changed)")
+            self.settle_steps(drop=True)
+            ds = self._device_steps = DeviceSteps(params, [self.state.get(id(p), {}).get("step", 0) for p in params],
+                                                  like=skip)
+        with skip.device:
+            hyper = self._hyper_table
+            if hyper is None:
+                hyper = upload(np.stack([self.step_hyper(p, g) for p, g in entries]).astype(np.float64))
+            if hyper.shape != (len(params), self.hyper_width):
+                raise ValueError(f"{type(self).__name__}: the hyper-parameter table has shape {hyper.shape}, expected "
+                                 f"({len(params)}, {self.hyper_width})")
+            rows = cp.empty((len(params), self.step_scalar_width), dtype=np.float32)
+            self._device_rows(hyper, ds.counts, skip, rows)
+        return {id(p): rows[i] for i, p in enumerate(params)}
+
+    def settle_steps(self, drop: bool = False) -> None:
+        """Copy the step counts kept on the device (by :meth:`step` with ``skip``) into :attr:`state`; a
+        device-to-host copy that waits for the queued steps. With ``drop`` the host counts are the only
+        ones afterwards. Nothing happens when no counts are on the device."""
+        ds = self._device_steps
+        if ds is None:
+            return
+        for p, count in zip(ds.params, ds.read()):
+            st = self.state.get(id(p))
+            if st is not None:
+                st["step"] = count
+        if drop:
+            self._device_steps = None
+
+    def state_dict(self) -> dict[str, Any]:
+        self.settle_steps()
+        return super().state_dict()
+
+    state_dict.__doc__ = StateDictMixin.state_dict.__doc__
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        super().load_state_dict(state_dict)
+        ds = self._device_steps
+        if ds is not None:  # a captured step keeps reading the same array: the loaded counts go into it
+            ds.write([self.state.get(id(p), {}).get("step", 0) for p in ds.params])
+
+    load_state_dict.__doc__ = StateDictMixin.load_state_dict.__doc__
+
     def _captured_row(self, p: Any) -> Any:
         """The device row of step scalars for ``p`` while a step is captured (``None`` otherwise);
         raises when the update of ``p`` cannot be captured (it runs as array expressions)."""
@@ -286,23 +393,30 @@ class Optimizer(StateDictMixin):
         return row
 
     def _refuse_capture(self, p: Any) -> None:
-        """Called by the array-expression path: its scalars would be frozen into a captured graph."""
+        """Called by the array-expression path: its scalars would be frozen into a captured graph, and it
+        cannot read a skip decided on the device."""
+        if self._rows_from_device:
+            raise RuntimeError(
+                f"{type(self).__name__}: the update of a {_dtypes.name(p.dtype)} parameter of shape {p.shape} runs "
+                "as array expressions (no fused kernel serves it), which cannot skip a step on the device; "
+                "step without skip (a loss scaler on the host)")
         if self._step_scalar_rows is not None:
             raise RuntimeError(
                 f"{type(self).__name__}: the update of a {_dtypes.name(p.dtype)} parameter of shape {p.shape} runs "
                 "as array expressions (no fused kernel serves it), which a captured training step cannot replay "
                 "with new learning rates; train it without the graph (graph=False)")
 
-    def replayed_step(self) -> None:
+    def replayed_step(self, count_steps: bool = True) -> None:
         """What :meth:`step` does on the host after its kernels, for a replay of a captured step: every
-        parameter with a gradient counts one more step, is marked modified, gets its sign bit-planes
+        parameter with a gradient counts one more step (unless ``count_steps`` is false: a step whose
+        skip is decided on the device counts there), is marked modified, gets its sign bit-planes
         re-offered and its master key renewed."""
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
                     continue
                 st = self.state.get(id(p))
-                if st is not None:
+                if st is not None and count_steps:
                     st["step"] += 1
                 bits = self._sign_bits.get(id(p)) if getattr(p, "wants_sign_bits", False) else None
                 self._record_update(p, bits)
@@ -317,7 +431,13 @@ class Optimizer(StateDictMixin):
         buf = self._sign_bits.get(id(p))
         words = -(-p.shape[-1] // 32) if p.ndim else 0
         if buf is None or buf.shape != tuple(p.shape[:-1]) + (words,) or buf.device.id != p.data.device.id:
-            buf = self._sign_bits[id(p)] = _fused.new_sign_bits(p.data)
+            if self._rows_from_device:  # the update may be skipped on the device: start from the current signs
+                from pymglu.masks import pack_masks
+
+                _fused.new_sign_bits(p.data)  # its argument checks
+                buf = self._sign_bits[id(p)] = pack_masks(p.data)
+            else:
+                buf = self._sign_bits[id(p)] = _fused.new_sign_bits(p.data)
         return buf
 
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:  # pragma: no cover - abstract

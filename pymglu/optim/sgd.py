@@ -88,7 +88,7 @@ class SGD(Optimizer):
         if momentum and buf is None:
             buf = st["momentum_buffer"] = get_array_module(p.data).empty(p.shape, dtype=_state_dtype(p.dtype))
             first_step = True
-            if self._step_scalar_rows is not None:
+            if self._step_scalar_rows is not None and not self._rows_from_device:  # device rows say when it is first
                 raise RuntimeError("SGD: a captured training step needs the momentum buffers from an earlier step")
         if st is not None:
             st["step"] += 1
@@ -97,6 +97,15 @@ class SGD(Optimizer):
                         weight_decay=_weight_decay(p, group), nesterov=group["nesterov"], first_step=first_step,
                         sign_bits=bits, step_scalars=self._captured_row(p))
         return bits
+
+    hyper_width = 1
+    step_scalar_width = 3
+
+    def step_hyper(self, p: Any, group: dict[str, Any]) -> np.ndarray:
+        return np.array([group["lr"]], dtype=np.float64)
+
+    def _device_rows(self, hyper: Any, steps: Any, found: Any, rows: Any) -> None:
+        _fused.sgd_device_rows(hyper, steps, found, rows)
 
     def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> Any:
         return _fused.sgd_scalars(lr=group["lr"])

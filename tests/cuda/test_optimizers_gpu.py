@@ -336,6 +336,6 @@ def test_step_scalars_in_device_memory_replace_the_arguments(kind):
         results.append(param)
     assert not bool(cp.all(results[0] == start))
     assert bool(cp.all(results[0] == results[1]))
-    with pytest.raises(ValueError, match=r"step_scalars: expected .*float32 CuPy array of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"step_scalars: expected .*float32 CuPy array of shape \(4,\)"):
         optimizers.adamw_step(param, grad, None, state[0], state[1], lr=lr, beta1=0.9, beta2=0.99, eps=1e-8,
-                              weight_decay=0.1, step=1, step_scalars=cp.zeros(2, dtype=np.float32))
+                              weight_decay=0.1, step=1, step_scalars=cp.zeros(3, dtype=np.float32))

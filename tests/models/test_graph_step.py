@@ -89,6 +89,47 @@ def test_graph_steps_follow_the_eager_steps(kind, dtype, monkeypatch):
         np.testing.assert_array_equal(layer._current_packed().get(), pack_masks(layer.mask_logits.data).get())
 
 
+@pytest.mark.gpu
+def test_float16_graph_steps_skip_on_the_device_as_the_eager_steps_do(monkeypatch):
+    """A run whose scale overflows, backs off, grows and overflows again: the replays skip the same steps
+    as the eager trainer (which reads the flag on the host), with the same scales, losses and updates."""
+    from pymglu.amp import DynamicLossScaler
+
+    steps = 16
+    eager = make("swimglu", steps=steps, device="cuda", graph=False, dtype="float16", eval_every=0)
+    graph = make("swimglu", steps=steps, device="cuda", graph=True, dtype="float16", eval_every=0)
+    for trainer in (eager, graph):
+        trainer.scaler = DynamicLossScaler(init_scale=2.0 ** 40, backoff_factor=2.0 ** -8, growth_factor=2.0 ** 8,
+                                           growth_interval=2)
+    start = _masters(eager)
+    calls = []
+    real = fused.adamw_step
+    history = {"eager": [], "graph": []}
+    for name, trainer in (("eager", eager), ("graph", graph)):
+        if name == "graph":
+            monkeypatch.setattr(fused, "adamw_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        for _ in range(steps):
+            trainer.train_step()
+            history[name].append((trainer.scaler.get_scale(), trainer.scaler.skipped_steps))
+    assert history["graph"] == history["eager"]
+    skipped = history["graph"][-1][1]
+    clean_then_skip = any(b[1] > a[1] and a[1] == c[1] for c, a, b in zip(history["graph"], history["graph"][1:],
+                                                                          history["graph"][2:]))
+    assert skipped >= 3 and clean_then_skip and graph.scaler.on_device and not eager.scaler.on_device
+    assert graph.graph_step.captures == 1
+    assert len(calls) == 2 * len(list(graph.model.parameters()))  # eager first step and the recorded one
+    np.testing.assert_allclose(graph.history.train_loss, eager.history.train_loss, rtol=2e-2)
+    for p0, pe, pg in zip(start, _masters(eager), _masters(graph)):
+        assert np.linalg.norm(pg - pe) <= 0.5 * np.linalg.norm(pe - p0)
+    assert {st["step"] for st in eager.optimizer.state.values()} == {steps - skipped}
+    graph.optimizer.settle_steps()  # the replays counted on the device
+    assert {st["step"] for st in graph.optimizer.state.values()} == {steps - skipped}
+    for layer in graph.model.mglu_layers():
+        from pymglu.masks import pack_masks
+
+        np.testing.assert_array_equal(layer._current_packed().get(), pack_masks(layer.mask_logits.data).get())
+
+
 class _Uncapturable:
     """A DataParallel stand-in whose communicator cannot record its reductions (as MPI's cannot)."""
 

@@ -121,7 +121,7 @@ def test_unsynchronised_steps_record_the_same_losses_at_flush():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, dtype", [("swimglu", "bfloat16"), ("swiglu", "float32")])
+@pytest.mark.parametrize("kind, dtype", [("swimglu", "bfloat16"), ("swiglu", "float32"), ("swimglu", "float16")])
 def test_gpu_steps_never_wait_for_the_device(kind, dtype):
     """Behind a kernel that keeps the GPU busy for two seconds, two training steps are queued before it
     ends: no op of the step reads a device value back (ids, targets, loss, clipping, optimizer). With a
