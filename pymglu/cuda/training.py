@@ -126,6 +126,14 @@ def apply_mask(W: Any, bits: Any, out: Any) -> Any:
     _checks.check_same_dtype(("W", "out"), W, out)
     for name, a in (("W", W), ("bits", bits), ("out", out)):
         _check_contiguous(name, a)
+    return _apply_mask(W, bits, out)
+
+
+def _apply_mask(W: Any, bits: Any, out: Any) -> Any:
+    """:func:`apply_mask` without its checks, for this module's own calls: ``out`` is made here, ``W`` and
+    ``bits`` passed :func:`_check_weight_and_bits` at the entry."""
+    h, d = W.shape
+    count = 1 if bits.ndim == 2 else bits.shape[0]
     vec = _wide_vec(W.dtype) if d % _wide_vec(W.dtype) == 0 else 1
     _launch("apply_mask", W.dtype, vec, h * (d // vec),
             (W, bits, out, _i32(count), _i32(h), _i32(d), _i32(bits.shape[-1])))
@@ -140,6 +148,11 @@ def narrow(src: Any, dtype: Any) -> Any:
     _check_contiguous("src", src)
     if np.dtype(dtype) not in _CUDA_TYPES:
         raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {np.dtype(dtype)}")
+    return _narrow(src, dtype)
+
+
+def _narrow(src: Any, dtype: Any) -> Any:
+    """:func:`narrow` without its checks, for this module's own float32 accumulators."""
     if np.dtype(dtype) == float32:
         return src
     import cupy as cp
@@ -168,11 +181,22 @@ def _masked_buffer(W: Any, n: int) -> Any:
     return cp.empty((size,) + W.shape, dtype=W.dtype)
 
 
+def _check_weight_and_bits(W: Any, bits: Any) -> None:
+    """What the masked-weight kernel needs of ``W`` and ``bits`` (once per layer call, not per launch)."""
+    _checks.check_ndim("W", W, 2)
+    _checks.check_dtype("W", W, _CUDA_TYPES)
+    _checks.check_dtype("bits", bits, (np.uint32,))
+    _checks.check_shape("bits", bits, (None, W.shape[0], -(-W.shape[1] // 32)))
+    for name, a in (("W", W), ("bits", bits)):
+        _check_contiguous(name, a)
+
+
 def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple[Any, Any]]:
     """``y`` ``(N, h)`` in ``x.dtype`` and the cache ``(t (N, h), s (n, N, h))`` in ``x.dtype``.
 
     ``x`` ``(N, d)`` and ``W`` ``(h, d)`` C-contiguous, same dtype; ``bits`` ``(n, h, ceil(d/32))`` uint32.
     """
+    _check_weight_and_bits(W, bits)
     import cupy as cp
 
     N = x.shape[0]
@@ -182,7 +206,7 @@ def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple
     s = cp.empty((n, N, h), dtype=x.dtype)
     masked = _masked_buffer(W, n)
     for group in _masked_groups(n):
-        built = apply_mask(W, bits[group], masked[: group.stop - group.start])
+        built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
         for j, i in enumerate(range(group.start, group.stop)):
             gemm(x, built[j], s[i], trans_b=True)
     del masked, built
@@ -255,6 +279,7 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     float32 buffer is freed, or added into the given ``dW_acc`` and ``G``. A consumed ``cache`` list is
     emptied: ``t`` (then holding ``sum_i dv_i``) is dropped before ``G`` is allocated, ``s`` (then
     holding the ``e_i``) after the last product."""
+    _check_weight_and_bits(W, bits)
     import cupy as cp
 
     t, s = cache
@@ -275,11 +300,11 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
     masked = _masked_buffer(W, n)
     for group in _masked_groups(n):
-        built = apply_mask(W, bits[group], masked[: group.stop - group.start])
+        built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
         for j, i in enumerate(range(group.start, group.stop)):
             gemm(e[i], built[j], dx, accumulate=True)
     del masked, built
-    dx = narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
+    dx = _narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
 
     accumulate = dW_acc is not None
     if not accumulate:
@@ -339,4 +364,4 @@ def glu_backward(dy: Any, x: Any, W_gate: Any, W_value: Any, activation: str, ca
     gemm(d_value, W_value, dx, accumulate=True)
     dW_gate = gemm(d_gate, x, cp.empty_like(W_gate), trans_a=True)
     dW_value = gemm(d_value, x, cp.empty_like(W_value), trans_a=True)
-    return narrow(dx, x.dtype), dW_gate, dW_value
+    return _narrow(dx, x.dtype), dW_gate, dW_value

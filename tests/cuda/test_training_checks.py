@@ -52,3 +52,17 @@ def test_narrow_refuses_other_sources_and_targets():
         training.narrow(np.ones(4, dtype=float32), np.float64)
     src = np.ones(4, dtype=float32)
     assert training.narrow(src, float32) is src
+
+
+def test_layer_entries_check_the_weight_and_bits_once_before_any_launch():
+    """mglu_forward / mglu_backward launch the masked-weight kernel unchecked per mask group: their entry
+    checks W and the bit-planes instead."""
+    x = np.ones((3, 40), dtype=float32)
+    W, bits, _ = _args(planes=2)
+    with pytest.raises(ValueError, match=r"bits: expected shape \(\*, 5, 2\)"):
+        training.mglu_forward(x, W, bits[:, :4], "silu")
+    with pytest.raises(ValueError, match="W: expected a C-contiguous array"):
+        training.mglu_forward(x, np.ones((5, 80), dtype=float32)[:, ::2], bits, "silu")
+    with pytest.raises(TypeError, match="bits: expected dtype in \\(uint32\\)"):
+        training.mglu_backward(np.ones((3, 5), dtype=float32), x, W, bits.astype(np.int64), "silu",
+                               (np.ones((3, 5), dtype=float32), np.ones((2, 3, 5), dtype=float32)))
