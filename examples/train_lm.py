@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     t.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
-                   help="replay each step from a captured CUDA graph (auto: float32/bfloat16 on GPUs)")
+                   help="replay each step from a captured CUDA graph (auto: on GPUs; float16 keeps its loss scaler on the device)")
     d = p.add_argument_group("data parallelism (launch with mpiexec -n N)")
     d.add_argument("--distributed", action="store_true", help="average gradients over the MPI ranks "
                    "(NCCL on GPUs); --batch-size is the global batch")

@@ -101,6 +101,8 @@ class Optimizer(StepScalarsMixin, StateDictMixin):
         #: ``id(parameter) -> uint32 array``: where the fused update writes the sign bit-planes of a
         #: parameter that wants them, reused every step (so a captured step writes where it reads).
         self._sign_bits: dict[int, Any] = {}
+        #: ``id(parameter) -> (data array, version)`` when its bit-planes were last offered.
+        self._sign_bits_keys: dict[int, tuple[Any, Any]] = {}
         #: while a training step is being captured: ``id(parameter) -> float32 device array`` of the
         #: step-dependent scalars its fused kernel reads (see :meth:`step_scalars`); else ``None``.
         self._step_scalar_rows: dict[int, Any] | None = None
@@ -280,27 +282,35 @@ class Optimizer(StepScalarsMixin, StateDictMixin):
             p.mark_modified()
         if sign_bits is not None:
             p.offer_sign_bits(sign_bits)
+            self._sign_bits_keys[id(p)] = (p.data, getattr(p, "version", None))
         st = self.state.get(id(p))
         if st is not None and "master" in st:
             self._master_keys[id(p)] = (p.data, getattr(p, "version", None))
 
     def _sign_bits_buffer(self, p: Any) -> Any:
         """The array the fused update of ``p`` writes its sign bit-planes into (``None`` unless ``p``
-        wants them); made on first use and whenever ``p``'s shape or device changed."""
+        wants them); made on first use and whenever ``p``'s shape or device changed.
+
+        When the update may be skipped on the device (:meth:`step` with ``skip``), a skipped update leaves
+        the buffer as it is and it is still offered as the bit-planes of ``p``: so it must already hold
+        those of ``p``'s current values. A new buffer is therefore packed from them, and so is an old one
+        when ``p`` changed outside this optimizer since the buffer was last offered (a loaded checkpoint).
+        """
         if not getattr(p, "wants_sign_bits", False):
             return None
         from pymglu.cuda import optimizers as _fused
 
         buf = self._sign_bits.get(id(p))
         words = -(-p.shape[-1] // 32) if p.ndim else 0
-        if buf is None or buf.shape != tuple(p.shape[:-1]) + (words,) or buf.device.id != p.data.device.id:
-            if self._rows_from_device:  # the update may be skipped on the device: start from the current signs
+        fresh = buf is None or buf.shape != tuple(p.shape[:-1]) + (words,) or buf.device.id != p.data.device.id
+        if fresh:
+            buf = self._sign_bits[id(p)] = _fused.new_sign_bits(p.data)
+        if self._rows_from_device:
+            key = self._sign_bits_keys.get(id(p))
+            if fresh or key is None or key[0] is not p.data or key[1] != getattr(p, "version", None):
                 from pymglu.masks import pack_masks
 
-                _fused.new_sign_bits(p.data)  # its argument checks
-                buf = self._sign_bits[id(p)] = pack_masks(p.data)
-            else:
-                buf = self._sign_bits[id(p)] = _fused.new_sign_bits(p.data)
+                buf[...] = pack_masks(p.data)
         return buf
 
     def _update(self, p: Any, grad: Any, group: dict[str, Any]) -> Any:  # pragma: no cover - abstract

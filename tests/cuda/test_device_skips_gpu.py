@@ -210,3 +210,22 @@ def test_a_step_held_on_the_device_does_not_wait_for_it():
     queued_while_busy = not busy.done
     assert queued_while_busy, f"the step waited for the device ({time.perf_counter() - start:.2f} s)"
     assert scaler.skipped_steps == 1 and scaler.get_scale() == 2.0 ** 15  # read back: waits, and sees the skip
+
+
+def test_a_skipped_update_offers_the_bits_of_logits_changed_outside_the_optimizer():
+    """A skipped update leaves its bit-plane buffer alone but still offers it: after the logits were
+    replaced (a loaded checkpoint), the buffer must first be repacked from them."""
+    params = _params(0)
+    logits = params[2]
+    opt = _optimizer("adamw", params)
+    zero, one = cp.zeros(1, dtype=np.int32), cp.ones(1, dtype=np.int32)
+    for p in params:
+        p.grad = cp.ones(p.shape, dtype=p.dtype)
+    opt.step(skip=zero)
+    logits.data = -logits.data  # every sign flips, outside the optimizer
+    opt.step(skip=one)
+    np.testing.assert_array_equal(logits.sign_bits().get(), pack_masks(logits.data).get())
+    logits.data[...] = cp.abs(logits.data)  # in place, version bumped by the caller
+    logits.mark_modified()
+    opt.step(skip=one)
+    np.testing.assert_array_equal(logits.sign_bits().get(), pack_masks(logits.data).get())

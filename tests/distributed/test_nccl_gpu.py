@@ -85,14 +85,16 @@ def test_a_stalled_rank_stops_the_other_within_the_timeout():
     assert seconds < 60
 
 
-def test_graph_steps_over_two_gpus_follow_the_eager_steps(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_graph_steps_over_two_gpus_follow_the_eager_steps(tmp_path, dtype):
     """The same 2-GPU run with every step after the second replayed from a CUDA graph that holds the NCCL
-    reductions (--graph on fails if the trainer cannot record them), and with eager steps."""
+    reductions (--graph on fails if the trainer cannot record them), and with eager steps; in float16 the
+    graph's ranks keep their loss scalers on the device, the eager ones on the host."""
     runs = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
         proc, _ = run_mpi(*[[TRAIN_LM, "--distributed", "--world-size", "2", "--out", out, "--steps", "20",
-                             "--eval-every", "10", "--dtype", "bfloat16", "--graph", mode, *TINY]] * 2, timeout=180)
+                             "--eval-every", "10", "--dtype", dtype, "--graph", mode, *TINY]] * 2, timeout=180)
         assert proc.returncode == 0, proc.stdout
         runs[mode] = json.loads((out / "metrics.json").read_text())
     np.testing.assert_allclose(runs["on"]["train_loss"], runs["off"]["train_loss"], rtol=2e-2)

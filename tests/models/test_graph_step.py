@@ -130,6 +130,47 @@ def test_float16_graph_steps_skip_on_the_device_as_the_eager_steps_do(monkeypatc
         np.testing.assert_array_equal(layer._current_packed().get(), pack_masks(layer.mask_logits.data).get())
 
 
+@pytest.mark.gpu
+def test_float16_graph_checkpoints_carry_the_state_kept_on_the_device(tmp_path):
+    """A checkpoint of a float16 graph trainer holds the scale, the skipped steps and the step counts that
+    the device kept; loaded into a fresh trainer and back into the running one, both continue alike."""
+    from pymglu.amp import DynamicLossScaler
+    from pymglu.models.checkpoint import load_training_checkpoint, save_training_checkpoint
+
+    def trainer():
+        t = make("swimglu", steps=40, device="cuda", dtype="float16", eval_every=0)
+        t.scaler = DynamicLossScaler(init_scale=2.0 ** 40, backoff_factor=2.0 ** -8, growth_factor=2.0 ** 8,
+                                     growth_interval=3)
+        return t
+
+    first = trainer()
+    for _ in range(10):
+        first.train_step(sync=False)
+    first.flush()
+    assert first.scaler.on_device and first.graph_step.captures == 1
+    path = tmp_path / "ckpt.safetensors"
+    save_training_checkpoint(path, first)
+    saved = first.scaler.state_dict()
+    steps = {st["step"] for st in first.optimizer.state.values()}  # settled by the checkpoint's state_dict
+    assert saved["skipped_steps"] >= 2 and steps == {10 - saved["skipped_steps"]}
+    resumed = trainer()
+    load_training_checkpoint(path, resumed)
+    assert resumed.scaler.state_dict() == saved
+    for _ in range(5):  # the running trainer moves on, then goes back to the checkpoint
+        first.train_step()
+    load_training_checkpoint(path, first)
+    assert first.scaler.state_dict() == saved
+    assert {st["step"] for st in first.optimizer.state.values()} == steps
+    a = [first.train_step() for _ in range(8)]
+    b = [resumed.train_step() for _ in range(8)]
+    np.testing.assert_allclose(a, b, rtol=2e-2)
+    assert first.scaler.state_dict() == resumed.scaler.state_dict()
+    first.optimizer.settle_steps()
+    resumed.optimizer.settle_steps()
+    assert {st["step"] for st in first.optimizer.state.values()} == \
+        {st["step"] for st in resumed.optimizer.state.values()} == {18 - first.scaler.skipped_steps}
+
+
 class _Uncapturable:
     """A DataParallel stand-in whose communicator cannot record its reductions (as MPI's cannot)."""
 
