@@ -271,9 +271,9 @@ class DynamicLossScaler:
             raise RuntimeError("step: step() was already called for this optimizer since the last update()")
         if self._device is not None:
             found = self._device.found(record["flags"])
+            optimizer.step(skip=found)  # first: a refused step leaves the scaler's record as it was
             record["stage"], record["found"], record["flags"] = _STEPPED, found, []
             self._device.skipped += found  # int64 += int32, on the device
-            optimizer.step(skip=found)
             return None
         found = not all(bool(flag) for flag in record["flags"])
         record["stage"], record["found"], record["flags"] = _STEPPED, found, []

@@ -81,6 +81,15 @@ class StepScalarsMixin:
         if devices != {skip.device.id}:
             raise ValueError(f"skip: expected an array on the parameters' device, got one on device {skip.device.id} "
                              f"for parameters on {sorted(devices, key=str)}")
+        from pymglu.cuda import optimizers as _fused
+
+        for p in params:  # before the counts advance: every update must be able to read the skip
+            if not _fused.supports(unwrap(p.data), unwrap(p.grad)):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the update of a {_dtypes.name(p.dtype)} parameter of shape {p.shape} "
+                    "cannot run on the fused kernels (pymglu.cuda.optimizers disabled, or its gradient not a "
+                    "C-contiguous CuPy array of its dtype or float32), so it cannot skip a step on the device; "
+                    "step without skip (a loss scaler on the host)")
         ds = self._device_steps
         if ds is None or not ds.matches(params):
             if cp.cuda.get_current_stream().is_capturing():

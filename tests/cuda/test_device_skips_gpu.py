@@ -122,6 +122,14 @@ def test_skip_is_checked_before_anything_changes():
         opt.step(skip=cp.zeros(1, dtype=np.int64))
     assert all(np.array_equal(a, b) for a, b in zip(before, _arrays(params, opt)))
     assert opt._device_steps is None and opt.state == {}
+    with fused.disabled(), pytest.raises(RuntimeError, match="cannot skip a step on the device"):
+        opt.step(skip=cp.zeros(1, dtype=np.int32))
+    assert opt._device_steps is None and opt.state == {}
+    opt.step(skip=cp.zeros(1, dtype=np.int32))
+    counts = opt._device_steps.counts
+    with fused.disabled(), pytest.raises(RuntimeError, match="cannot skip a step on the device"):
+        opt.step(skip=cp.zeros(1, dtype=np.int32))
+    assert opt._device_steps.counts is counts and counts.get().tolist() == [1, 1, 1]  # not advanced
 
 
 def _scaled_step(scaler, opt, params, grads):
@@ -229,3 +237,18 @@ def test_a_skipped_update_offers_the_bits_of_logits_changed_outside_the_optimize
     logits.mark_modified()
     opt.step(skip=one)
     np.testing.assert_array_equal(logits.sign_bits().get(), pack_masks(logits.data).get())
+
+
+def test_a_refused_device_step_leaves_the_scaler_where_it_was():
+    params = _params(0)
+    opt = _optimizer("adamw", params)
+    scaler = DynamicLossScaler(init_scale=4.0)
+    scaler.hold_on_device(params[0].data)
+    _set_grads(params, [cp.full(p.shape, np.inf, dtype=p.dtype) for p in params])
+    scaler.unscale_(opt)
+    with fused.disabled(), pytest.raises(RuntimeError, match="cannot skip a step on the device"):
+        scaler.step(opt)
+    assert scaler.skipped_steps == 0 and opt.state == {}
+    scaler.step(opt)  # the same step, now served: skipped (the gradients are inf)
+    scaler.update()
+    assert scaler.skipped_steps == 1 and scaler.get_scale() == 2.0
