@@ -314,8 +314,8 @@ class DynamicLossScaler:
         "skipped_steps"}`` as Python numbers (copied back from the device when held there)."""
         self._settle()
         return {"scale": self._scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
-                "growth_interval": self.growth_interval, "growth_tracker": self.growth_tracker,
-                "skipped_steps": self.skipped_steps}
+                "growth_interval": self.growth_interval, "growth_tracker": self._growth_tracker,
+                "skipped_steps": self._skipped_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Every entry is validated first (``ValueError`` naming each bad
@@ -351,10 +351,11 @@ class DynamicLossScaler:
             self._device.write(self._scale, self._growth_tracker, self._skipped_steps)
 
     def __repr__(self) -> str:
+        self._settle()
         where = ", on the device" if self._device is not None else ""
-        return (f"DynamicLossScaler(scale={self.get_scale()!r}, growth_factor={self.growth_factor!r}, "
+        return (f"DynamicLossScaler(scale={self._scale!r}, growth_factor={self.growth_factor!r}, "
                 f"backoff_factor={self.backoff_factor!r}, growth_interval={self.growth_interval}, "
-                f"growth_tracker={self.growth_tracker}{where})")
+                f"growth_tracker={self._growth_tracker}{where})")
 
 
 class _DeviceState:

@@ -1,4 +1,5 @@
-"""Shared pytest setup: skip ``gpu``-marked tests without a usable CUDA device; the ``xp`` fixture.
+"""Shared pytest setup: skip ``gpu``-marked tests without a usable CUDA device; the ``xp`` and ``busy_gpu``
+fixtures.
 
 The markers themselves (``gpu``, ``slow``) are registered in setup.cfg.
 """
@@ -35,3 +36,26 @@ def xp(request: pytest.FixtureRequest) -> ModuleType:
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def busy_gpu():
+    """``busy_gpu(seconds)`` queues a one-thread kernel that spins for about ``seconds`` on the current
+    CuPy stream and returns an event recorded behind it: code that never waits for the device finishes
+    its host work while ``not event.done``."""
+    import cupy as cp
+
+    spin = cp.RawKernel(r"""
+    extern "C" __global__ void spin(long long cycles) {
+        long long start = clock64();
+        while (clock64() - start < cycles) { }
+    }""", "spin")
+
+    def keep_busy(seconds: float) -> "cp.cuda.Event":
+        rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, cp.cuda.Device().id)
+        spin((1,), (1,), (np.int64(seconds * 1000 * rate_khz),))
+        event = cp.cuda.Event()
+        event.record()
+        return event
+
+    return keep_busy

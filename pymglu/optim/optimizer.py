@@ -259,19 +259,14 @@ class Optimizer(StepScalarsMixin, StateDictMixin):
         """
         self._validate_grads()
         with no_grad():
+            saved = self._step_scalar_rows, self._rows_from_device
             if skip is None:
                 self.settle_steps(drop=True)  # the host counts are the ones the updates advance
             else:
-                rows = self._rows_on_device(skip)
-            saved = self._step_scalar_rows, self._rows_from_device
-            if skip is not None:
-                self._step_scalar_rows, self._rows_from_device = rows, True
+                self._step_scalar_rows, self._rows_from_device = self._rows_on_device(skip), True
             try:
-                for g in self.param_groups:
-                    for p in g["params"]:
-                        if p.grad is None:
-                            continue
-                        self._record_update(p, self._update(p, unwrap(p.grad), g))
+                for p, g in self._with_grads():
+                    self._record_update(p, self._update(p, unwrap(p.grad), g))
             finally:
                 self._step_scalar_rows, self._rows_from_device = saved
 

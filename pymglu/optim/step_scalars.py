@@ -30,6 +30,11 @@ class StepScalarsMixin:
     ``state``, ``_sign_bits``, ``_record_update``, ``_step_scalar_rows``, ``_device_steps``,
     ``_hyper_table`` and ``_rows_from_device``."""
 
+    def _with_grads(self) -> list[tuple[Any, dict[str, Any]]]:
+        """``(parameter, group)`` of every parameter that has a gradient, in group order: the parameters a
+        step updates, in the order of the step-scalar rows."""
+        return [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+
     # ----------------------------------------------------------------- captured steps
     def step_scalars(self, p: Any, group: dict[str, Any], step: int) -> np.ndarray:
         """The float32 values that change from step to step in the fused kernel of ``p``'s update at
@@ -40,13 +45,8 @@ class StepScalarsMixin:
     def next_step_scalars(self) -> list[tuple[Any, np.ndarray]]:
         """``(parameter, step_scalars)`` of every parameter with a gradient, for its next update (its
         step count + 1, its group's current hyper-parameters)."""
-        rows = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    st = self.state.get(id(p))
-                    rows.append((p, self.step_scalars(p, g, (st["step"] if st else 0) + 1)))
-        return rows
+        return [(p, self.step_scalars(p, g, self.state.get(id(p), {}).get("step", 0) + 1))
+                for p, g in self._with_grads()]
 
     # ----------------------------------------------------------------- skips decided on the device
     #: columns of :meth:`step_hyper`'s rows and of the step-scalar rows the device computes from them.
@@ -64,7 +64,7 @@ class StepScalarsMixin:
 
     def next_hyper_rows(self) -> list[tuple[Any, np.ndarray]]:
         """``(parameter, step_hyper)`` of every parameter with a gradient, in the order of the rows."""
-        return [(p, self.step_hyper(p, g)) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return [(p, self.step_hyper(p, g)) for p, g in self._with_grads()]
 
     def _rows_on_device(self, skip: Any) -> dict[int, Any]:
         """The step-scalar rows of this step computed on the device from the device step counts, which the
@@ -75,7 +75,7 @@ class StepScalarsMixin:
 
         if not (is_cupy_array(skip) and skip.dtype == np.int32 and skip.shape == (1,)):
             raise ValueError(f"skip: expected a CuPy int32 array of shape (1,), got {_checks.describe(skip)}")
-        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        entries = self._with_grads()
         params = [p for p, _ in entries]
         devices = {unwrap(p.data).device.id if is_cupy_array(unwrap(p.data)) else None for p in params}
         if devices != {skip.device.id}:
@@ -167,12 +167,9 @@ class StepScalarsMixin:
         parameter with a gradient counts one more step (unless ``count_steps`` is false: a step whose
         skip is decided on the device counts there), is marked modified, gets its sign bit-planes
         re-offered and its master key renewed."""
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state.get(id(p))
-                if st is not None and count_steps:
-                    st["step"] += 1
-                bits = self._sign_bits.get(id(p)) if getattr(p, "wants_sign_bits", False) else None
-                self._record_update(p, bits)
+        for p, _ in self._with_grads():
+            st = self.state.get(id(p))
+            if st is not None and count_steps:
+                st["step"] += 1
+            bits = self._sign_bits.get(id(p)) if getattr(p, "wants_sign_bits", False) else None
+            self._record_update(p, bits)

@@ -196,22 +196,14 @@ def test_state_written_while_held_on_the_device_goes_there():
         scaler.hold_on_device(np.zeros(1))
 
 
-def test_a_step_held_on_the_device_does_not_wait_for_it():
+def test_a_step_held_on_the_device_does_not_wait_for_it(busy_gpu):
     params = _params(0)
     opt = _optimizer("adamw", params)
     scaler = DynamicLossScaler()
     scaler.hold_on_device(params[0].data)
     grads = [cp.ones(p.shape, dtype=p.dtype) for p in params]
     _scaled_step(scaler, opt, params, grads)  # compiles the kernels and makes the state
-    spin = cp.RawKernel(r"""
-    extern "C" __global__ void spin(long long cycles) {
-        long long start = clock64();
-        while (clock64() - start < cycles) { }
-    }""", "spin")
-    rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, cp.cuda.Device().id)
-    spin((1,), (1,), (np.int64(2000 * rate_khz),))
-    busy = cp.cuda.Event()
-    busy.record()
+    busy = busy_gpu(2.0)
     start = time.perf_counter()
     grads[1][0, 0] = np.inf
     _scaled_step(scaler, opt, params, grads)

@@ -122,13 +122,11 @@ def test_unsynchronised_steps_record_the_same_losses_at_flush():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, dtype", [("swimglu", "bfloat16"), ("swiglu", "float32"), ("swimglu", "float16")])
-def test_gpu_steps_never_wait_for_the_device(kind, dtype):
+def test_gpu_steps_never_wait_for_the_device(kind, dtype, busy_gpu):
     """Behind a kernel that keeps the GPU busy for two seconds, two training steps are queued before it
     ends: no op of the step reads a device value back (ids, targets, loss, clipping, optimizer). With a
-    captured graph (the bfloat16 model) the two are replays; the capture itself may wait (pinned host
-    buffers are allocated for it)."""
-    import cupy as cp
-
+    captured graph (the bfloat16 and float16 models) the two are replays; the capture itself may wait
+    (pinned host buffers are allocated for it)."""
     config = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=24, ffn_kind=kind, max_seq_len=16, dtype=dtype)
     train, val = split_corpus(DATA, 16)
     settings = TrainSettings(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, eval_batches=1)
@@ -136,15 +134,7 @@ def test_gpu_steps_never_wait_for_the_device(kind, dtype):
     first = trainer.train_step()  # compiles the kernels and allocates the optimizer state
     if trainer.graph_step is not None:
         trainer.train_step()  # the capture
-    spin = cp.RawKernel(r"""
-    extern "C" __global__ void spin(long long cycles) {
-        long long start = clock64();
-        while (clock64() - start < cycles) { }
-    }""", "spin")
-    rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, cp.cuda.Device().id)
-    spin((1,), (1,), (np.int64(2000 * rate_khz),))
-    busy = cp.cuda.Event()
-    busy.record()
+    busy = busy_gpu(2.0)
     trainer.train_step(sync=False)
     trainer.train_step(sync=False)
     queued_while_busy = not busy.done
