@@ -27,7 +27,9 @@
 //
 //   Memory: data written during the launch by other blocks is read with ld.global.cg (L2, never a
 //   stale L1 line), after a barrier (release on the arrival, acquire on the counter). Each warp loads its
-//   groups of tiles one or more groups ahead of its products along the whole phase, across strips.
+//   groups of tiles one or more groups ahead of its products along the whole phase, across strips. What a
+//   chain of dependent round trips would wait for is fetched early: the o and down epilogues' residual
+//   values when their strip starts, the RMSNorm weights (into L1) while the staged rows are summed.
 //   Arithmetic: float32 accumulation, one rounding to T per stored value, as the
 //   multi-launch step (decode_step.cu) and the eager model; no float atomics (same inputs, same bits).
 //

@@ -12,7 +12,9 @@ namespace pymglu {
 // to T, for k < K, and 0 for K <= k < KP (the padding of the last 64-column group). src rows come from
 // `rows[b]` (the embedding rows of block 0) or src + b * K.
 // One pass over L2: the rows are copied into shared memory (16-byte loads when K is a multiple of 8) while
-// the sums of squares accumulate; the normalisation then rescales the copy in place.
+// the sums of squares accumulate and the norm weights are fetched into L1 (they do not depend on the
+// sums: their latency passes during the block reduction); the normalisation then rescales the copy in
+// place, 8 values at a time when K is a multiple of 8.
 template <typename T>
 __device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, const T* norm, int K, int KP) {
   const bool vec = (K & 7) == 0;  // rows and the staged copy are then 16-byte aligned
@@ -23,6 +25,7 @@ __device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, cons
     float acc = 0.0f;
     if (vec) {
       for (int k8 = threadIdx.x; k8 < K / 8; k8 += blockDim.x) {
+        if (norm != nullptr && b == 0) asm volatile("prefetch.global.L1 [%0];" ::"l"(norm + 8 * k8));
         const uint4 v = __ldcg(reinterpret_cast<const uint4*>(row) + k8);
         reinterpret_cast<uint4*>(out)[k8] = v;
         const T* e = reinterpret_cast<const T*>(&v);
@@ -44,10 +47,23 @@ __device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, cons
   }
   __syncthreads();
   if (norm == nullptr) return;
+  const bool vec_norm = vec && (reinterpret_cast<size_t>(norm) & 15) == 0;
   for (int b = 0; b < cx.B; ++b) {
     const float r = inv_rms[b];
     T* out = cx.xs + (size_t)b * cx.xs_stride;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) out[k] = from_float<T>(to_float(out[k]) * r * to_float(norm[k]));
+    if (vec_norm) {
+      for (int k8 = threadIdx.x; k8 < K / 8; k8 += blockDim.x) {
+        uint4 v = reinterpret_cast<const uint4*>(out)[k8];
+        const uint4 g = reinterpret_cast<const uint4*>(norm)[k8];
+        T* e = reinterpret_cast<T*>(&v);
+        const T* ge = reinterpret_cast<const T*>(&g);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = from_float<T>(to_float(e[i]) * r * to_float(ge[i]));
+        reinterpret_cast<uint4*>(out)[k8] = v;
+      }
+    } else {
+      for (int k = threadIdx.x; k < K; k += blockDim.x) out[k] = from_float<T>(to_float(out[k]) * r * to_float(norm[k]));
+    }
   }
   __syncthreads();
 }
@@ -78,9 +94,11 @@ __device__ __forceinline__ float team_total(const float* red, int first_warp, in
 }
 
 // Epilogue of a dense product for rows (p, p + 8) of strip `strip`, token b: values a and c (float32 sums).
+// EPI_RESIDUAL: res0, res1 are the residual's values at rows (p, p + 8), read before the product
+// (residual_pair); the other epilogues ignore them.
 template <typename T, int EPI>
 __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer& L, int strip, int p, int b,
-                                               float a, float c) {
+                                               float a, float c, float res0 = 0.0f, float res1 = 0.0f) {
   const T* tag = nullptr;
   if (EPI == EPI_QKV) {
     const int per_section = cx.d / 16, section = strip / per_section, local = strip % per_section;
@@ -109,10 +127,7 @@ __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer
   } else if (EPI == EPI_RESIDUAL) {
     for (int r = 0; r < 2; ++r) {
       const int row = strip * 16 + p + 8 * r;
-      if (row < cx.d) {
-        T* xr = cx.x + (size_t)b * cx.d + row;
-        *xr = from_float<T>(to_float(load_cg(xr)) + (r ? c : a));
-      }
+      if (row < cx.d) cx.x[(size_t)b * cx.d + row] = from_float<T>((r ? res1 : res0) + (r ? c : a));
     }
   } else if (EPI == EPI_GLU) {
     const int row = strip * 8 + p;
@@ -124,6 +139,20 @@ __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer
       if (row < cx.V) cx.logits[(size_t)b * cx.V + row] = from_float<T>(r ? c : a);
     }
   }
+}
+
+// The residual x[b, strip rows (p, p + 8)] that thread tt (< 64: p = tt / 8, b = tt % 8) of a team adds its
+// sums to, as floats (0 past the rows or tokens). x was last written two barriers before the o and down
+// products that read it, so the loads are issued when the strip starts and their latency passes during
+// the products instead of after the strip's reduction.
+template <typename T>
+__device__ __forceinline__ void residual_pair(const FusedCtx<T>& cx, int strip, int tt, float& res0, float& res1) {
+  res0 = res1 = 0.0f;
+  const int p = tt >> 3, b = tt & 7, row = strip * 16 + p;
+  if (tt >= 64 || b >= cx.B) return;
+  const T* xr = cx.x + (size_t)b * cx.d + row;
+  if (row < cx.d) res0 = to_float(load_cg(xr));
+  if (row + 8 < cx.d) res1 = to_float(load_cg(xr + 8));
 }
 
 // A warp's place in a product phase of `groups` 64-column groups per strip and `teams` teams per block:
@@ -242,6 +271,8 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
   auto& mq = pl.mq;
 
   for (int strip = first; strip < strips; strip += stride) {
+    float res0 = 0.0f, res1 = 0.0f;
+    if constexpr (NM == 0 && EPI == EPI_RESIDUAL) residual_pair(cx, strip, tt, res0, res1);
     float acc_t[4], acc_s[NMS][4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -292,7 +323,7 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
         if (b < cx.B) {
           const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
           const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
-          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
+          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c, res0, res1);
         }
       }
       team_sync(team, team_warps * 32);

@@ -278,6 +278,29 @@ def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch, staged, 
         assert rel_err(cp.asnumpy(mine[:, :, :36]), cp.asnumpy(ref[:, :, :36])) < 2e-3
 
 
+@pytest.mark.parametrize("staged", [0, None], ids=["merge-last", "staged-default"])
+@pytest.mark.parametrize("kind, n_masks, batch", [("swiglu", None, 2), ("swimglu", 4, 1)])
+def test_fused_step_merges_more_than_four_chunks_like_the_multi_launch_step(kind, n_masks, batch, staged,
+                                                                             monkeypatch):
+    """Positions 130 to 165: 5 and 6 attention chunks per head, so the o staging's merge (four chunks' loads
+    at a time) runs a second batch; also the last-chunk merge there. The o and down epilogues add the
+    residual they read when their strip starts."""
+    from pymglu.cuda import decode_fused
+
+    if staged is not None:
+        monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", staged)
+    model = make_model(kind, n_masks, "float16", 37, d_model=160, n_heads=5, d_ff=200, max_seq_len=170)
+    rng = np.random.default_rng(37)
+    prompt, steps = rng.integers(0, 97, size=(batch, 130)), rng.integers(0, 97, size=(batch, 36))
+    fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
+    fused.prefill(prompt)
+    launches.prefill(prompt)
+    for t in range(steps.shape[1]):
+        fused.logits.fill(np.nan)
+        want = launches.step(steps[:, t])
+        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+
+
 def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
     """The MGLU up layer's tiles and lane-major mask words are the arrays FlashMGLU uses, not copies."""
     model = make_model("swimglu", 5, "bfloat16", 4, d_model=128, n_heads=4, d_ff=256, max_seq_len=16)
