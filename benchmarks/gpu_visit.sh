@@ -11,7 +11,9 @@
 # device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
 # against the captured ones, the scaler on the device), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
-# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), sampling (benchmarks/decode_sampling.py:
+# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), e2e-ab (the fused step of this tree
+# against the commit BASE, default HEAD~1, from a git archive of its pymglu: decode_e2e.py --kinds fused in the
+# order base, new, new, base, then profile_fused_step.py of each), sampling (benchmarks/decode_sampling.py:
 # tokens sampled on the device against on the host), nccl-hang (2 GPUs; source .gpu/mpi/setup.sh first: the NCCL
 # tests of a peer that leaves or stalls under CUDA_MODULE_LOADING=LAZY and EAGER, docs/distributed.md), scaling (benchmarks/scaling.py; source .gpu/mpi/setup.sh first), dp (2 GPUs, source .gpu/mpi/setup.sh
 # first: scaling.py --graphs on and benchmarks/allreduce_probe.py for both models; with the data-parallel gpu
@@ -56,6 +58,25 @@ case "$mode" in
   optim) { python3 benchmarks/optimizer_step.py --out-dir "$OUT" && python3 benchmarks/train_model.py --out-dir "$OUT"; } \
        > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  e2e-ab)  # the fused step of this tree against BASE (a commit; default HEAD~1) in turns: base, new, new, base
+    # the base's pymglu: base_ref/ when the copied tree has it (made beside the checkout, as the GPU machine's
+    # copy may lack .git: git archive BASE pymglu | tar -x -C base_ref), else a git archive of BASE
+    base=${BASE:-HEAD~1}
+    rm -rf "$OUT/base_ref" && mkdir -p "$OUT/base_ref"
+    if [ -d base_ref/pymglu ]; then cp -r base_ref/pymglu "$OUT/base_ref/"; else git archive "$base" pymglu | tar -x -C "$OUT/base_ref" || status=1; fi
+    : > "$OUT/bench.log"
+    for run in base new new base; do
+      root=$PWD; [ $run = base ] && root=$OUT/base_ref
+      echo "### $run ($( [ $run = base ] && echo "$base" || echo tree))" >> "$OUT/bench.log"
+      PYTHONPATH=/tmp/site:$root:$PWD python3 benchmarks/decode_e2e.py --kinds fused --repeats 3 --eager-steps 2 \
+        --out-dir "$OUT/e2e_$run" >> "$OUT/bench.log" 2>&1 || status=1
+    done
+    for run in base new; do
+      root=$PWD; [ $run = base ] && root=$OUT/base_ref
+      echo "### profile, $run" >> "$OUT/bench.log"
+      PYTHONPATH=/tmp/site:$root:$PWD python3 benchmarks/profile_fused_step.py >> "$OUT/bench.log" 2>&1 || status=1
+    done
+    rm -rf "$OUT/base_ref" ;;
   fp16-graph) { compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 \
          python3 -m pytest -q -m gpu -p no:cacheprovider tests/cuda/test_device_skips_gpu.py > "$OUT/sanitize_device_skips.log" 2>&1 \
          && echo "compute-sanitizer memcheck test_device_skips_gpu.py: clean" || { echo "compute-sanitizer memcheck test_device_skips_gpu.py: FAILED"; status=1; }
