@@ -137,8 +137,9 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
     // 2. attention (merged by the last chunk of each head, or, with at most staged_merge chunks per head,
     // by every block in the o product's staging)
     attention_phase<T>(cx, L, union_area, *static_cast<volatile int*>(&staged_chunks) == 0);
+    grid_arrive(cx);
     if (*static_cast<volatile int*>(&staged_chunks) == 0) prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
-    grid_sync(cx);
+    grid_wait(cx);
     // 3. o (the staged merge leaves no registers for the first loads across it: they follow it)
     if (const int staged = *static_cast<volatile int*>(&staged_chunks)) {
       stage_attention<T>(cx, staged, gd * 64);
@@ -149,20 +150,23 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
     product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o, pd);
     if constexpr (N_MASKS > 0) {
       PhaseLoads<N_MASKS, AM> pu;  // the MGLU up product's loads
+      grid_arrive(cx);
       prefetch_phase(pu, L.wup, L.mup, n_masks, up_strips, gd, t_up);
-      grid_sync(cx);
+      grid_wait(cx);
       // 4. up
       stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
       product_phase<T, N_MASKS, EPI_GLU, AM>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up, pu);
     } else {
+      grid_arrive(cx);
       prefetch_phase(pd, L.wup, nullptr, 0, up_strips, gd, t_up);
-      grid_sync(cx);
+      grid_wait(cx);
       // 4. up
       stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
       product_phase<T, 0, EPI_GLU, AD>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up, pd);
     }
+    grid_arrive(cx);
     prefetch_phase(pd, L.wdown, nullptr, 0, d / 16, gh, t_down);
-    grid_sync(cx);
+    grid_wait(cx);
     // 5. down
     stage_input<T>(cx, hidden, nullptr, nullptr, h, gh * 64);
     product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down, pd);

@@ -96,16 +96,22 @@ __device__ __forceinline__ void trace_event(FusedCtx<T>& cx, int event) {
   if (cx.trace != nullptr && threadIdx.x == 0) cx.trace[(size_t)event * gridDim.x + blockIdx.x] = global_ns();
 }
 
-// Grid barrier over a monotonic arrival counter: thread 0 arrives with release semantics (the block's
-// writes, ordered before it by bar.sync, become visible first) and spins with acquire loads until every
-// block of the grid has arrived.
+// Grid barrier over a monotonic arrival counter, in two halves: grid_arrive (thread 0 arrives with
+// release semantics: the block's writes, ordered before it by bar.sync, become visible first) and
+// grid_wait (thread 0 spins with acquire loads until every block of the grid has arrived). Loads that do
+// not depend on the other blocks (the next product's first weights) go between the two: issued before the
+// arrival, the release would wait for them to complete.
 template <typename T>
-__device__ __forceinline__ void grid_sync(FusedCtx<T>& cx) {
+__device__ __forceinline__ void grid_arrive(FusedCtx<T>& cx) {
   __syncthreads();
   trace_event(cx, 1 + 2 * (cx.target / gridDim.x));
   cx.target += gridDim.x;
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cx.counter) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void grid_wait(FusedCtx<T>& cx) {
   if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(cx.counter) : "memory");
     if (load_acquire(cx.counter) < cx.target) {
       const unsigned long long start = global_ns();
       while (load_acquire(cx.counter) < cx.target) {
@@ -119,6 +125,12 @@ __device__ __forceinline__ void grid_sync(FusedCtx<T>& cx) {
   }
   trace_event(cx, 2 * (cx.target / gridDim.x));
   __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void grid_sync(FusedCtx<T>& cx) {
+  grid_arrive(cx);
+  grid_wait(cx);
 }
 
 }  // namespace pymglu
