@@ -61,14 +61,18 @@ PASSES = """      float t_val = 0.0f, y_val = 0.0f;
         team_sync(team, team_warps * 32);
       }
 """
-MASK_LOAD = "      m[i] = i < n ? load_stream(mp + i * 32) : 0u;  // 0: every element off"
+# the mask-word loads of load_next_group (FlashMGLU's lane-major words: one 16-byte load per chunk of four
+# masks, one 4-byte load per leftover mask)
+MASK_LOAD_CHUNK = "        const uint4 v = load_stream(reinterpret_cast<const uint4*>(mp + 128 * j) + lane);"
+MASK_LOAD = "          m[i] = i < n ? load_stream(mp + 32 * i + lane) : 0u;  // 0: every element off"
 
 VARIANTS = {
     "library": [],
     # the mask words stay live (a test on their value) so that the compiler keeps their loads
     "t only": [(MGLU_MMA, "            acc_t[0] += __uint_as_float(m[i] & 1u);")],
     "n + 1 passes": [(REDUCTION_START, REDUCTION_END)],  # a span, replaced by PASSES
-    "no masks": [(MGLU_MMA, "            (void)m[i];"), (MASK_LOAD, "      m[i] = 0u;")],
+    "no masks": [(MGLU_MMA, "            (void)m[i];"), (MASK_LOAD_CHUNK, "        const uint4 v = make_uint4(0u, 0u, 0u, 0u);"),
+                 (MASK_LOAD, "          m[i] = 0u;")],
 }
 
 
