@@ -117,8 +117,9 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   }
   __syncthreads();
 
-  // The first weight loads of the o, up and down products are issued before the grid barrier (and the
-  // staging) that precede them: the weights do not depend on them (fused_products.cuh, prefetch_phase).
+  // The first weight loads of the o, up and down products are issued between the arrival and the wait of
+  // the grid barrier that precedes them (and before their staging): the weights do not depend on them
+  // (fused_products.cuh, prefetch_phase; fused_context.cuh, grid_arrive).
   constexpr int AD = Ahead<WARPS, N_MASKS>::dense, AM = Ahead<WARPS, N_MASKS>::mglu;
   PhaseLoads<0, AD> pd;  // the dense products, one after another
   for (int l = 0; l < n_layers; ++l) {
