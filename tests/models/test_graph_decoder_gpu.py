@@ -251,6 +251,21 @@ def test_models_the_decoder_does_not_serve():
 STAGED = [0, 1, None]
 
 
+def step_fused_against_launches(model, batch, prompt_len, n_steps, seed):
+    """A fused and a multi-launch GraphDecoder of ``model`` fed the same random prompt and tokens; every
+    step's logits agree (the fused ones poisoned first). Returns both decoders, stepped."""
+    rng = np.random.default_rng(seed)
+    prompt, steps = rng.integers(0, 97, size=(batch, prompt_len)), rng.integers(0, 97, size=(batch, n_steps))
+    fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
+    fused.prefill(prompt)
+    launches.prefill(prompt)
+    for t in range(n_steps):
+        fused.logits.fill(np.nan)
+        want = launches.step(steps[:, t])
+        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+    return fused, launches
+
+
 @pytest.mark.parametrize("staged", STAGED, ids=["merge-last", "staged-1", "staged-default"])
 @pytest.mark.parametrize("kind, n_masks, batch", [("swiglu", None, 1), ("swimglu", 4, 8), ("swimglu", 5, 2),
                                                   ("remglu", 8, 1), ("geglu", None, 5)])
@@ -263,15 +278,7 @@ def test_fused_step_matches_the_multi_launch_step(kind, n_masks, batch, staged, 
     if staged is not None:
         monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", staged)
     model = make_model(kind, n_masks, "float16", 31, d_model=160, n_heads=5, d_ff=200, max_seq_len=40)
-    rng = np.random.default_rng(31)
-    prompt, steps = rng.integers(0, 97, size=(batch, 6)), rng.integers(0, 97, size=(batch, 30))
-    fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
-    fused.prefill(prompt)
-    launches.prefill(prompt)
-    for t in range(steps.shape[1]):
-        fused.logits.fill(np.nan)
-        want = launches.step(steps[:, t])
-        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+    fused, launches = step_fused_against_launches(model, batch, prompt_len=6, n_steps=30, seed=31)
     import cupy as cp
 
     for mine, ref in zip(fused.cache.keys + fused.cache.values, launches.cache.keys + launches.cache.values):
@@ -290,15 +297,7 @@ def test_fused_step_merges_more_than_four_chunks_like_the_multi_launch_step(kind
     if staged is not None:
         monkeypatch.setattr(decode_fused, "STAGED_MERGE_CHUNKS", staged)
     model = make_model(kind, n_masks, "float16", 37, d_model=160, n_heads=5, d_ff=200, max_seq_len=170)
-    rng = np.random.default_rng(37)
-    prompt, steps = rng.integers(0, 97, size=(batch, 130)), rng.integers(0, 97, size=(batch, 36))
-    fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
-    fused.prefill(prompt)
-    launches.prefill(prompt)
-    for t in range(steps.shape[1]):
-        fused.logits.fill(np.nan)
-        want = launches.step(steps[:, t])
-        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+    step_fused_against_launches(model, batch, prompt_len=130, n_steps=36, seed=37)
 
 
 def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
