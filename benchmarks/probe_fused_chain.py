@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cupy as cp  # noqa: E402
 
 from decode_e2e import build  # noqa: E402
-from probe_fused_stages import swap_kernel  # noqa: E402
-from profile_fused_step import PHASES, profile  # noqa: E402
+from probe_fused_stages import fastest_profiles, print_profiles  # noqa: E402
 from pymglu import cuda as pc  # noqa: E402
 from pymglu.models import GraphDecoder, TransformerConfig  # noqa: E402
 
@@ -94,18 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         step = decoder.fused_step
         with tempfile.TemporaryDirectory() as tmp:
             dirs = {name: variant_source_dir(Path(tmp), name) for name in names}
-            best: dict[str, dict] = {}
-            for _ in range(args.rounds):
-                for name, source in dirs.items():
-                    swap_kernel(step, source)
-                    rows = profile(decoder, args.launches)
-                    if name not in best or rows["total (us)"][0] < best[name]["total (us)"][0]:
-                        best[name] = rows
+            best = fastest_profiles(decoder, dirs, args.rounds, args.launches)
         print(f"\n{kind}, fused step ({step.warps} warps, teams {step.teams}), position {args.position}; "
               f"us, median over layers of the slowest block / mean block; fastest of {args.rounds} rounds\n")
-        print("| phase | " + " | ".join(best) + " |\n|---|" + "---|" * len(best))
-        for phase in PHASES + ("logits", "total (us)"):
-            print(f"| {phase} | " + " | ".join(f"{best[n][phase][0]:.2f} / {best[n][phase][1]:.2f}" for n in best) + " |")
+        print_profiles(best)
         del decoder, step
         cp.get_default_memory_pool().free_all_blocks()
     return 0

@@ -113,6 +113,26 @@ def swap_kernel(step, source_dir: Path) -> None:
         pc.clear_module_cache()
 
 
+def fastest_profiles(decoder: GraphDecoder, dirs: dict[str, Path], rounds: int, launches: int) -> dict[str, dict]:
+    """Each variant's per-phase profile (``profile_fused_step.profile``) with its kernel built from
+    ``dirs[name]``, the variants taking turns for ``rounds`` rounds; the fastest round of each."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, source in dirs.items():
+            swap_kernel(decoder.fused_step, source)
+            rows = profile(decoder, launches)
+            if name not in best or rows["total (us)"][0] < best[name]["total (us)"][0]:
+                best[name] = rows
+    return best
+
+
+def print_profiles(best: dict[str, dict]) -> None:
+    """A Markdown table of the profiles: per phase, slowest block / mean block in each variant's column."""
+    print("| phase | " + " | ".join(best) + " |\n|---|" + "---|" * len(best))
+    for phase in PHASES + ("logits", "total (us)"):
+        print(f"| {phase} | " + " | ".join(f"{best[n][phase][0]:.2f} / {best[n][phase][1]:.2f}" for n in best) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--masks", type=int, default=4)
@@ -129,18 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     step = decoder.fused_step
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {name: variant_source_dir(Path(tmp), name) for name in VARIANTS}
-        best: dict[str, dict] = {}
-        for _ in range(args.rounds):
-            for name, source in dirs.items():
-                swap_kernel(step, source)
-                rows = profile(decoder, args.launches)
-                if name not in best or rows["total (us)"][0] < best[name]["total (us)"][0]:
-                    best[name] = rows
+        best = fastest_profiles(decoder, dirs, args.rounds, args.launches)
     print(f"SwiMGLU n={args.masks}, fused step ({step.warps} warps, teams {step.teams}), position {args.position}; "
           f"us, median over layers of the slowest block / mean block; fastest of {args.rounds} rounds\n")
-    print("| phase | " + " | ".join(best) + " |\n|---|" + "---|" * len(best))
-    for phase in PHASES + ("logits", "total (us)"):
-        print(f"| {phase} | " + " | ".join(f"{best[n][phase][0]:.2f} / {best[n][phase][1]:.2f}" for n in best) + " |")
+    print_profiles(best)
     del decoder
     cp.get_default_memory_pool().free_all_blocks()
     return 0
