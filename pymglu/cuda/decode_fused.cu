@@ -4,7 +4,7 @@
 // decode_fused<T, N_MASKS, WARPS>  (T = __nv_bfloat16 or __half; N_MASKS = 0 for the GLU kinds, else the
 //   capacity of the mask arrays: the launch's n_masks masks, 1 <= n_masks <= N_MASKS)
 //   One block per SM, all resident at once (the launcher sizes the grid so), WARPS warps each. The step
-//   is a sequence of phases separated by grid barriers; per transformer block:
+//   is a sequence of phases; per transformer block:
 //     1. q k v:    RMSNorm of x into shared memory, the stacked q/k/v product, rotary embedding of q and
 //                  k, the new key and value stored in the cache at position state[0];
 //     2. attention over positions 0 .. state[0], split into chunks of FUSED_CHUNK positions; the last
@@ -25,16 +25,22 @@
 //   Rows are permuted at packing time so that every epilogue pairs rows (r, r + 8) of one strip: rotary
 //   pairs (j, j + Dh/2) of q and k, gate and value rows of GLU.
 //
+//   Phases 1 -> 2 and 2 -> 3 are separated by grid barriers. Phases 4, 5 and the next block's 1 read only
+//   the rows of x or hidden that the phase before wrote, and those travel as flagged packets (8-byte
+//   stores of two values and the launch's flag, fused_context.cuh): each block waits for the packets it
+//   reads instead of for every block, and the wait is the read itself.
+//
 //   Memory: data written during the launch by other blocks is read with ld.global.cg (L2, never a
-//   stale L1 line), after a barrier (release on the arrival, acquire on the counter). Each warp loads its
+//   stale L1 line), after a barrier (release on the arrival, acquire on the counter), or as packets with
+//   relaxed gpu-scope loads that check each packet's flag. Each warp loads its
 //   groups of tiles one or more groups ahead of its products along the whole phase, across strips. What a
 //   chain of dependent round trips would wait for is fetched early: the o and down epilogues' residual
-//   values when their strip starts, the RMSNorm weights (into L1) while the staged rows are summed.
+//   values when their strip starts, the RMSNorm weights (into L1) while the staging waits for its rows.
 //   Arithmetic: float32 accumulation, one rounding to T per stored value, as the
 //   multi-launch step (decode_step.cu) and the eager model; no float atomics (same inputs, same bits).
 //
-// Files: fused_context.cuh (limits, the layer table, the launch context, the grid barrier),
-// fused_products.cuh (input staging, the products and their epilogues), fused_attention.cuh (the
+// Files: fused_context.cuh (limits, the layer table, the launch context, the grid barrier, the flagged
+// packets), fused_products.cuh (input staging, the products and their epilogues), fused_attention.cuh (the
 // attention phase); this file holds the argmax and the kernel that sequences the phases.
 
 #include "block_reduce.cuh"
@@ -71,13 +77,17 @@ __device__ void argmax_rows(FusedCtx<T>& cx, int* ids, int* history, int history
 
 // n_masks: masks of the MGLU kinds, 1 <= n_masks <= N_MASKS (0 with N_MASKS = 0: GLU).
 // teams: 3 bits per phase, q k v | o << 3 | up << 6 | down << 9 | logits << 12.
-// sync: [0] grid barrier arrivals, [1] blocks done; both 0 between launches.
+// sync: [0] grid barrier arrivals, [1] blocks done, both 0 between launches; [2] launches so far (the
+// packets' flags).
+// x_sets: (2 n_layers + 1, B, packet_row(d)) packets, h_sets: (n_layers, B, packet_row(h)) packets
+// (fused_context.cuh), zeroed once before the first launch.
 // staged_merge: the most attention chunks per head that the o product's staging merges itself (0: the
 // last chunk of each head always merges them; decode_fused.py bounds it, the merge takes any count).
 template <typename T, int N_MASKS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __restrict__ embed,
-             const uint4* __restrict__ head_tiles, const T* __restrict__ final_norm, T* x, T* q, T* attn, T* hidden,
+             const uint4* __restrict__ head_tiles, const T* __restrict__ final_norm, Packet* x_sets, T* q, T* attn,
+             Packet* h_sets,
              T* logits, float* part_max, float* part_sum, float* part_acc, unsigned* head_count,
              const float2* __restrict__ rope, int* ids, int* history, int history_stride, int* state, unsigned* sync,
              int n_masks, int B, int d, int h, int H, int Dh, int V, int capacity, int act, int teams, int xs_stride,
@@ -92,7 +102,8 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   cx.scratch = cx.red + WARPS * (N_MASKS + 1) * 128;
   float* union_area = cx.scratch + 64;  // staged input, or the attention's per-warp partials
   cx.xs = reinterpret_cast<T*>(union_area);
-  cx.x = x; cx.q = q; cx.attn = attn; cx.hidden = hidden; cx.logits = logits;
+  cx.q = q; cx.attn = attn; cx.logits = logits;
+  if (threadIdx.x == 0) fused_flag = __ldcg(sync + 2) + 1u;  // read after the __syncthreads below
   cx.part_max = part_max; cx.part_sum = part_sum; cx.part_acc = part_acc; cx.head_count = head_count;
   __shared__ float2 rope_row[FUSED_MAX_LANE_ELEMS * 16];
   for (int j = threadIdx.x; j < Dh / 2; j += blockDim.x) rope_row[j] = rope[(size_t)cx.pos * (Dh / 2) + j];
@@ -122,65 +133,79 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   // (fused_products.cuh, prefetch_phase; fused_context.cuh, grid_arrive).
   constexpr int AD = Ahead<WARPS, N_MASKS>::dense, AM = Ahead<WARPS, N_MASKS>::mglu;
   PhaseLoads<0, AD> pd;  // the dense products, one after another
+  const int KD = gd * 64;
+  // packet set v of x and set l of hidden (computed where used: the launch's parameters stay in constant
+  // memory, where a value held across the phases would take registers the 16-warp MGLU instance lacks)
+  auto x_set = [&](int v) { return x_sets + (size_t)v * B * packet_row(d); };
+  auto h_set = [&](int l) { return h_sets + (size_t)l * B * packet_row(h); };
+  // Phase boundaries (trace slots) 5 l + 0 .. 4 of layer l: after q k v, attention, o, up, down. Only the
+  // first two are grid barriers; the phases after o, up and down wait for the packets of x or hidden
+  // that they read (stage_packets).
   for (int l = 0; l < n_layers; ++l) {
     const FusedLayer L = layers[l];
-    // 1. q k v (block 0 reads its input from the embedding rows, and block 0 of the grid stores them in x)
+    // 1. q k v (block 0 of the grid also stores the embedding rows as x's first packet set, the residual
+    // of the first o product, read after two grid barriers)
     if (l == 0) {
-      stage_input<T>(cx, embed, token_rows, static_cast<const T*>(L.attn_norm), d, gd * 64);
+      stage_input<T>(cx, embed, token_rows, static_cast<const T*>(L.attn_norm), d, KD);
       if (blockIdx.x == 0)
-        for (int i = threadIdx.x; i < B * d; i += blockDim.x) x[i] = embed[(size_t)token_rows[i / d] * d + i % d];
+        for (int i = threadIdx.x; i < B * (d / 2); i += blockDim.x) {
+          const int b = i / (d / 2), j = i % (d / 2);
+          const T* e = embed + (size_t)token_rows[b] * d + 2 * j;
+          store_packet(x_sets + (size_t)b * packet_row(d) + j, bits_of(e[0]) | bits_of(e[1]) << 16, fused_flag);
+        }
     } else {
-      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);
+      stage_packets<T>(cx, x_set(2 * l), packet_row(d), static_cast<const T*>(L.attn_norm), d, KD, 5 * l - 1);
     }
     prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
     product_phase<T, 0, EPI_QKV, AD>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv, pd);
-    grid_sync(cx);
+    grid_sync(cx, 5 * l);
     // 2. attention (merged by the last chunk of each head, or, with at most staged_merge chunks per head,
     // by every block in the o product's staging)
     attention_phase<T>(cx, L, union_area, *static_cast<volatile int*>(&staged_chunks) == 0);
-    grid_arrive(cx);
+    grid_arrive(cx, 5 * l + 1);
     if (*static_cast<volatile int*>(&staged_chunks) == 0) prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
-    grid_wait(cx);
+    grid_wait(cx, 5 * l + 1);
     // 3. o (the staged merge leaves no registers for the first loads across it: they follow it)
     if (const int staged = *static_cast<volatile int*>(&staged_chunks)) {
-      stage_attention<T>(cx, staged, gd * 64);
+      stage_attention<T>(cx, staged, KD);
       prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);
     } else {
-      stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);
+      stage_input<T>(cx, attn, nullptr, nullptr, d, KD);
     }
-    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o, pd);
+    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo, nullptr, 0, d / 16, gd, t_o, pd, x_sets, 2 * l, x_sets,
+                                          2 * l + 1);
+    phase_end(cx, 5 * l + 2);
     if constexpr (N_MASKS > 0) {
       PhaseLoads<N_MASKS, AM> pu;  // the MGLU up product's loads
-      grid_arrive(cx);
       prefetch_phase(pu, L.wup, L.mup, n_masks, up_strips, gd, t_up);
-      grid_wait(cx);
       // 4. up
-      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
-      product_phase<T, N_MASKS, EPI_GLU, AM>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up, pu);
+      stage_packets<T>(cx, x_set(2 * l + 1), packet_row(d), static_cast<const T*>(L.ffn_norm), d, KD,
+                       5 * l + 2);
+      product_phase<T, N_MASKS, EPI_GLU, AM>(cx, L, L.wup, L.mup, n_masks, up_strips, gd, t_up, pu, nullptr, 0,
+                                             h_sets, l);
     } else {
-      grid_arrive(cx);
       prefetch_phase(pd, L.wup, nullptr, 0, up_strips, gd, t_up);
-      grid_wait(cx);
       // 4. up
-      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.ffn_norm), d, gd * 64);
-      product_phase<T, 0, EPI_GLU, AD>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up, pd);
+      stage_packets<T>(cx, x_set(2 * l + 1), packet_row(d), static_cast<const T*>(L.ffn_norm), d, KD,
+                       5 * l + 2);
+      product_phase<T, 0, EPI_GLU, AD>(cx, L, L.wup, nullptr, 0, up_strips, gd, t_up, pd, nullptr, 0, h_sets, l);
     }
-    grid_arrive(cx);
+    phase_end(cx, 5 * l + 3);
     prefetch_phase(pd, L.wdown, nullptr, 0, d / 16, gh, t_down);
-    grid_wait(cx);
     // 5. down
-    stage_input<T>(cx, hidden, nullptr, nullptr, h, gh * 64);
-    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down, pd);
-    grid_sync(cx);
+    stage_packets<T>(cx, h_set(l), packet_row(h), nullptr, h, gh * 64, 5 * l + 3);
+    product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wdown, nullptr, 0, d / 16, gh, t_down, pd, x_sets, 2 * l + 1,
+                                          x_sets, 2 * l + 2);
+    phase_end(cx, 5 * l + 4);
   }
   // final norm and logits
-  stage_input<T>(cx, x, nullptr, final_norm, d, gd * 64);
+  stage_packets<T>(cx, x_set(2 * n_layers), packet_row(d), final_norm, d, KD, 5 * n_layers - 1);
   const FusedLayer none = {};
   prefetch_phase(pd, head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head);
   product_phase<T, 0, EPI_LOGITS, AD>(cx, none, head_tiles, nullptr, 0, (V + 15) / 16, gd, t_head, pd);
   // the last block to finish chooses the tokens and moves the position on
   __syncthreads();
-  trace_event(cx, 1 + 2 * (cx.target / gridDim.x));
+  trace_event(cx, 1 + 2 * 5 * n_layers);
   __shared__ unsigned last_block;
   if (threadIdx.x == 0) {
     __threadfence();
@@ -196,6 +221,7 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
     state[1] += 1;
     sync[0] = 0u;  // every block has passed its last barrier: the counters start from 0 next launch
     sync[1] = 0u;
+    sync[2] = fused_flag;  // the next launch's packets carry a new flag
     __threadfence();
   }
 }

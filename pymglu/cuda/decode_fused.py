@@ -3,8 +3,9 @@
 :class:`pymglu.models.GraphDecoder` replays a captured step. Its multi-launch step (``decode_step.py``:
 about ten kernels per block, cuBLAS products) pays a fixed cost per launch that is as large as the
 time its bytes take on an H200 (docs/benchmarks.md). :class:`FusedDecodeStep` replaces the whole step by
-one persistent kernel (``decode_fused.cu``): one block per SM, grid barriers between the phases of each
-transformer block, every weight read once in FlashMGLU's tile format, each warp loading its weights
+one persistent kernel (``decode_fused.cu``): one block per SM, grid barriers after the q k v and attention
+phases of each transformer block, flagged packets (each block waits only for the rows it reads) after the
+o, up and down phases, every weight read once in FlashMGLU's tile format, each warp loading its weights
 ahead of its products across strips.
 
 What it serves (:func:`unsupported_reason` names what rules a model out; the decoder then uses the
@@ -34,7 +35,7 @@ import numpy as np
 from pymglu import cuda as _cuda
 from pymglu.dtypes import bfloat16, float16
 
-__all__ = ["MAX_TOKENS", "MAX_MASKS", "kernel_names", "warps_per_block", "mask_capacity", "qkv_row_order",
+__all__ = ["MAX_TOKENS", "MAX_MASKS", "kernel_names", "warps_per_block", "mask_capacity", "packet_row", "qkv_row_order",
            "glu_row_order", "pack_layer", "choose_teams", "unsupported_reason", "FusedDecodeStep"]
 
 _SOURCE = "decode_fused.cu"
@@ -45,10 +46,10 @@ MAX_TOKENS = 8
 MAX_MASKS = 16
 #: compile-time mask capacities (the launch's mask count runs on the smallest one that holds it).
 _CAPACITIES = (4, 8, 16)
-#: architectures whose compiler fits the GLU and 4-mask instances in 128 registers, so that they run 16
-#: warps per block; other instances and architectures run 8 (sm_86, sm_89 and sm_120 spilled at 16,
-#: tests/cuda/test_compile_kernels.py).
-_SIXTEEN_WARP_ARCHS = ("sm_80", "sm_90")
+#: mask capacities that run 16 warps per block, by architecture: those whose instances the compiler fits in
+#: 128 registers; every other instance runs 8 (sm_86, sm_89 and sm_120 spilled at 16, and sm_80's 4-mask
+#: instance since stop 30's flagged packets; tests/cuda/test_compile_kernels.py).
+_SIXTEEN_WARP_CAPACITIES = {"sm_80": (0,), "sm_90": (0, 4)}
 #: cached positions per attention work item (decode_fused.cu FUSED_CHUNK; decode_step.ATTENTION_CHUNK).
 CHUNK = 32
 #: most attention chunks per head that the o product's staging merges itself, every block for itself,
@@ -65,6 +66,11 @@ _MAX_STAGED_CHUNKS = 8
 MAX_HEAD_DIM = 256
 _DTYPES = (bfloat16, float16)
 _LAYER_FIELDS = 9  # pointers per FusedLayer (decode_fused.cu)
+
+
+def packet_row(n: int) -> int:
+    """Flagged packets per token row of ``n`` values (two values each, an even count; fused_context.cuh)."""
+    return (-(-n // 2) + 1) // 2 * 2
 
 
 def mask_capacity(n_masks: int) -> int:
@@ -87,7 +93,7 @@ def warps_per_block(capacity: int, arch: str) -> int:
     """Warps per block of the instance with mask ``capacity`` on ``arch`` (``"sm_90"``)."""
     if WARPS_OVERRIDE is not None:
         return WARPS_OVERRIDE
-    return 16 if capacity <= 4 and arch in _SIXTEEN_WARP_ARCHS else 8
+    return 16 if capacity in _SIXTEEN_WARP_CAPACITIES.get(arch, ()) else 8
 
 
 def _kernel_name(dtype: Any, capacity: int, warps: int) -> str:
@@ -230,10 +236,16 @@ class FusedDecodeStep:
 
     Attributes:
         grid: blocks per launch (the SM count: one resident block per SM).
-        barriers: grid barriers per launch (5 per transformer block).
+        barriers: phase boundaries per launch (5 per transformer block: after the q k v, attention, o, up
+            and down phases).
+        grid_barriers: the boundaries that are grid barriers (2 per block: after q k v and attention); at
+            the other three the next phase waits only for the flagged packets of the rows it reads.
         trace: ``None``, or a CuPy uint64 array ``(2 + 2 barriers, grid)`` that the next launches fill with
-            each block's global timestamps in ns: row 0 its start, ``1 + 2k`` its arrival at barrier ``k``,
-            ``2 + 2k`` its release, the last row its end (``benchmarks/profile_fused_step.py``).
+            each block's global timestamps in ns: row 0 its start, ``1 + 2k`` its arrival at boundary ``k``
+            (the end of the phase before), ``2 + 2k`` its release (from the grid barrier, or once the next
+            phase's input rows were all current), the last row its end (``benchmarks/profile_fused_step.py``).
+        x_packets, hidden_packets: CuPy uint64 arrays of the flagged packets that carry the residual stream
+            and the hidden activations between blocks (``fused_context.cuh``).
         teams: teams per block of each product (``qkv``, ``o``, ``up``, ``down``, ``logits``).
         staged_merge: the most attention chunks per head that the o product's staging merges itself
             (:data:`STAGED_MERGE_CHUNKS` when the step was built); longer contexts, and batches whose chunk
@@ -291,7 +303,11 @@ class FusedDecodeStep:
             float(c.rope_base), -2.0 * np.arange(half, dtype=np.float64) / Dh)[None, :]
         self.rope = cp.asarray(np.stack([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32))
         self.head_count = cp.zeros((B * H,), dtype=np.uint32)
-        self.sync = cp.zeros((2,), dtype=np.uint32)
+        self.sync = cp.zeros((3,), dtype=np.uint32)
+        # the flagged packets of x (the embedding rows, then x after each o and down product) and of the
+        # hidden activations (one set per layer); flag 0 never marks a launch's packets as current
+        self.x_packets = cp.zeros(((2 * c.n_layers + 1) * B * packet_row(d),), dtype=np.uint64)
+        self.hidden_packets = cp.zeros((c.n_layers * B * packet_row(h),), dtype=np.uint64)
         up_strips = -(-h // 16) if self.n_masks else -(-h // 8)
         self.teams = {
             "qkv": choose_teams(3 * d // 16, self.grid, self.warps),
@@ -306,6 +322,7 @@ class FusedDecodeStep:
             self.teams[phase] = teams
         self.staged_merge = STAGED_MERGE_CHUNKS
         self.barriers = 5 * c.n_layers
+        self.grid_barriers = 2 * c.n_layers
         self.trace = None
         self._activation = _cuda.ACTIVATION_CODES[model.layers[0].ffn.up.activation]
         self._scale = 1.0 / math.sqrt(Dh)
@@ -328,8 +345,8 @@ class FusedDecodeStep:
         i32 = np.int32
         self.kernel(
             (self.grid,), (32 * self.warps,),
-            (self.layers, i32(c.n_layers), self.embed, self.head_tiles, self.final_norm, dec.x, dec.q, dec.attn,
-             dec.hidden, dec.logits, part_max, part_sum, part_acc, self.head_count, self.rope, dec.ids, dec.history,
+            (self.layers, i32(c.n_layers), self.embed, self.head_tiles, self.final_norm, self.x_packets, dec.q,
+             dec.attn, self.hidden_packets, dec.logits, part_max, part_sum, part_acc, self.head_count, self.rope, dec.ids, dec.history,
              i32(dec.history.shape[1]), dec.state, self.sync, i32(self.n_masks), i32(dec.batch), i32(c.d_model),
              i32(c.d_ff), i32(c.n_heads), i32(c.head_dim), i32(c.vocab_size), i32(c.max_seq_len),
              i32(self._activation), i32(teams), i32(self.xs_stride), i32(self._union_floats),

@@ -1,5 +1,6 @@
 // The fused decode step (decode_fused.cu): staging of a phase's input into shared memory (with
-// RMSNorm), and the products over FlashMGLU's tile format with their epilogues.
+// RMSNorm), from plain rows or from flagged packets, and the products over FlashMGLU's tile format with
+// their epilogues.
 #pragma once
 
 #include "block_reduce.cuh"
@@ -8,45 +9,31 @@
 
 namespace pymglu {
 
-// xs[b, k] = src[b, k] (norm == nullptr) or src[b, k] / sqrt(mean(src[b]^2) + eps) * norm[k], rounded
-// to T, for k < K, and 0 for K <= k < KP (the padding of the last 64-column group). src rows come from
-// `rows[b]` (the embedding rows of block 0) or src + b * K.
-// One pass over L2: the rows are copied into shared memory (16-byte loads when K is a multiple of 8) while
-// the sums of squares accumulate and the norm weights are fetched into L1 (they do not depend on the
-// sums: their latency passes during the block reduction); the normalisation then rescales the copy in
-// place, 8 values at a time when K is a multiple of 8.
+// The RMSNorm of the staged rows, in place: xs[b, k] = xs[b, k] / sqrt(mean(xs[b, :K]^2) + eps) * norm[k],
+// rounded to T (nothing when norm == nullptr). The staged rows must be complete (after a __syncthreads);
+// ends with one. The norm weights should already be on their way into L1 (prefetch_norm).
 template <typename T>
-__device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, const T* norm, int K, int KP) {
-  const bool vec = (K & 7) == 0;  // rows and the staged copy are then 16-byte aligned
+__device__ void normalize_staged(FusedCtx<T>& cx, const T* norm, int K) {
+  if (norm == nullptr) return;
+  const bool vec = (K & 7) == 0;  // staged rows are 16-byte aligned
   float* inv_rms = cx.scratch + 40;  // (FUSED_MAX_TOKENS)
   for (int b = 0; b < cx.B; ++b) {
-    const T* row = rows ? src + (size_t)rows[b] * K : src + (size_t)b * K;
-    T* out = cx.xs + (size_t)b * cx.xs_stride;
+    const T* row = cx.xs + (size_t)b * cx.xs_stride;
     float acc = 0.0f;
     if (vec) {
       for (int k8 = threadIdx.x; k8 < K / 8; k8 += blockDim.x) {
-        if (norm != nullptr && b == 0) asm volatile("prefetch.global.L1 [%0];" ::"l"(norm + 8 * k8));
-        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(row) + k8);
-        reinterpret_cast<uint4*>(out)[k8] = v;
+        const uint4 v = reinterpret_cast<const uint4*>(row)[k8];
         const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc += to_float(e[i]) * to_float(e[i]);
       }
     } else {
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const T v = load_cg(row + k);
-        out[k] = v;
-        acc += to_float(v) * to_float(v);
-      }
+      for (int k = threadIdx.x; k < K; k += blockDim.x) acc += to_float(row[k]) * to_float(row[k]);
     }
-    for (int k = K + threadIdx.x; k < KP; k += blockDim.x) out[k] = from_float<T>(0.0f);
-    if (norm) {
-      const float total = block_sum(acc, cx.scratch);
-      if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(total / (float)K + cx.eps);
-    }
+    const float total = block_sum(acc, cx.scratch);
+    if (threadIdx.x == 0) inv_rms[b] = 1.0f / sqrtf(total / (float)K + cx.eps);
   }
   __syncthreads();
-  if (norm == nullptr) return;
   const bool vec_norm = vec && (reinterpret_cast<size_t>(norm) & 15) == 0;
   for (int b = 0; b < cx.B; ++b) {
     const float r = inv_rms[b];
@@ -66,6 +53,83 @@ __device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, cons
     }
   }
   __syncthreads();
+}
+
+// Asks L1 for the K norm weights (their latency passes while the staging waits for its rows).
+template <typename T>
+__device__ __forceinline__ void prefetch_norm(const T* norm, int K) {
+  if (norm == nullptr) return;
+  for (int k = 64 * threadIdx.x; k < K; k += 64 * blockDim.x) asm volatile("prefetch.global.L1 [%0];" ::"l"(norm + k));
+}
+
+// xs[b, k] = src[b, k] for k < K, 0 for K <= k < KP (the padding of the last 64-column group), then the
+// RMSNorm (normalize_staged) when norm != nullptr. src rows come from `rows[b]` (the embedding rows of
+// block 0) or src + b * K; they were written before the launch or before a grid barrier.
+template <typename T>
+__device__ void stage_input(FusedCtx<T>& cx, const T* src, const int* rows, const T* norm, int K, int KP) {
+  const bool vec = (K & 7) == 0;  // rows and the staged copy are then 16-byte aligned
+  prefetch_norm(norm, K);
+  for (int b = 0; b < cx.B; ++b) {
+    const T* row = rows ? src + (size_t)rows[b] * K : src + (size_t)b * K;
+    T* out = cx.xs + (size_t)b * cx.xs_stride;
+    if (vec) {
+      for (int k8 = threadIdx.x; k8 < K / 8; k8 += blockDim.x)
+        reinterpret_cast<uint4*>(out)[k8] = __ldcg(reinterpret_cast<const uint4*>(row) + k8);
+    } else {
+      for (int k = threadIdx.x; k < K; k += blockDim.x) out[k] = load_cg(row + k);
+    }
+    for (int k = K + threadIdx.x; k < KP; k += blockDim.x) out[k] = from_float<T>(0.0f);
+  }
+  __syncthreads();
+  normalize_staged(cx, norm, K);
+}
+
+// Stores elements 2j .. 2j + 3 of token b's staged row from packets j, j + 1 (p0, p1), zero from K on.
+template <typename T>
+__device__ __forceinline__ void stage_packet_pair(FusedCtx<T>& cx, int b, int j, int K, Packet p0, Packet p1) {
+  const uint32_t lo = 2 * j + 1 < K ? (uint32_t)p0 : 2 * j < K ? (uint32_t)p0 & 0xFFFFu : 0u;
+  const uint32_t hi = 2 * j + 3 < K ? (uint32_t)p1 : 2 * j + 2 < K ? (uint32_t)p1 & 0xFFFFu : 0u;
+  *reinterpret_cast<uint2*>(cx.xs + (size_t)b * cx.xs_stride + 2 * j) = make_uint2(lo, hi);
+}
+
+// Whether packets j, j + 1 of a row are current (those past the `written` ones that producers store are
+// padding, never written).
+__device__ __forceinline__ bool pair_current(Packet p0, Packet p1, int j, int written) {
+  return (packet_flag(p0) == fused_flag || j >= written) && (packet_flag(p1) == fused_flag || j + 1 >= written);
+}
+
+// xs[b, k] = element k of token b's row of flagged packets `set` (row_packets packets per token, even;
+// the producers write the first ceil(K / 2)), 0 for K <= k < KP, then the RMSNorm when norm != nullptr.
+// Each thread reads its packets two at a time (a 16-byte relaxed gpu-scope load: each 8-byte packet is
+// read whole), one pair in flight, and reads a pair again until it is current: the wait for the producing
+// phase and the read of its rows are the same loads. (Measured on the H200, stop 30: more pairs in flight
+// made the 16-warp MGLU instance spill, and gained nothing for GLU at 4 pairs; copying the pairs into
+// shared memory with cp.async, all of a block's pairs in flight at once, made both models 1.5-3% slower.)
+// `boundary`: the phase boundary whose release the trace records once every row is in.
+template <typename T>
+__device__ void stage_packets(FusedCtx<T>& cx, const Packet* set, int row_packets, const T* norm, int K, int KP,
+                              int boundary) {
+  prefetch_norm(norm, K);
+  const int pairs = row_packets / 2, total = cx.B * pairs, written = (K + 1) / 2;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int b = i / pairs, j = 2 * (i % pairs);  // packets j, j + 1 of token b
+    Packet p0, p1;
+    load_packets(set + 2 * (size_t)i, p0, p1);
+    if (!pair_current(p0, p1, j, written)) {
+      const unsigned long long start = global_ns();
+      do {
+        spin_timeout(start, true);
+        load_packets(set + 2 * (size_t)i, p0, p1);
+      } while (!pair_current(p0, p1, j, written));
+    }
+    stage_packet_pair(cx, b, j, K, p0, p1);
+  }
+  for (int b = 0; b < cx.B; ++b)
+    for (int k = 2 * row_packets + threadIdx.x; k < KP; k += blockDim.x)
+      cx.xs[(size_t)b * cx.xs_stride + k] = from_float<T>(0.0f);
+  __syncthreads();
+  trace_event(cx, 2 + 2 * boundary);
+  normalize_staged(cx, norm, K);
 }
 
 __device__ __forceinline__ void team_sync(int team, int team_threads) {
@@ -93,12 +157,11 @@ __device__ __forceinline__ float team_total(const float* red, int first_warp, in
   return s;
 }
 
-// Epilogue of a dense product for rows (p, p + 8) of strip `strip`, token b: values a and c (float32 sums).
-// EPI_RESIDUAL: res0, res1 are the residual's values at rows (p, p + 8), read before the product
-// (residual_pair); the other epilogues ignore them.
+// Epilogue of a dense product that stores plain values (EPI_QKV, EPI_LOGITS) for rows (p, p + 8) of strip
+// `strip`, token b: values a and c (float32 sums). EPI_RESIDUAL and EPI_GLU write packets (packet_epilogue).
 template <typename T, int EPI>
 __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer& L, int strip, int p, int b,
-                                               float a, float c, float res0 = 0.0f, float res1 = 0.0f) {
+                                               float a, float c) {
   const T* tag = nullptr;
   if (EPI == EPI_QKV) {
     const int per_section = cx.d / 16, section = strip / per_section, local = strip % per_section;
@@ -124,15 +187,6 @@ __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer
             from_float<T>(r ? c : a);
       }
     }
-  } else if (EPI == EPI_RESIDUAL) {
-    for (int r = 0; r < 2; ++r) {
-      const int row = strip * 16 + p + 8 * r;
-      if (row < cx.d) cx.x[(size_t)b * cx.d + row] = from_float<T>((r ? res1 : res0) + (r ? c : a));
-    }
-  } else if (EPI == EPI_GLU) {
-    const int row = strip * 8 + p;
-    if (row < cx.h)
-      cx.hidden[(size_t)b * cx.h + row] = from_float<T>(gate_fn(round_to(a, tag), cx.act) * round_to(c, tag));
   } else {
     for (int r = 0; r < 2; ++r) {
       const int row = strip * 16 + p + 8 * r;
@@ -142,17 +196,48 @@ __device__ __forceinline__ void dense_epilogue(FusedCtx<T>& cx, const FusedLayer
 }
 
 // The residual x[b, strip rows (p, p + 8)] that thread tt (< 64: p = tt / 8, b = tt % 8) of a team adds its
-// sums to, as floats (0 past the rows or tokens). x was last written two barriers before the o and down
-// products that read it, so the loads are issued when the strip starts and their latency passes during
-// the products instead of after the strip's reduction.
+// sums to, as floats (0 past the tokens), from x's packet set res_set of `res_sets`. The block has already seen every
+// packet of that set current (its staging of the q k v or up product read them all), so the loads need no
+// flag check; they are issued when the strip starts and their latency passes during the products instead
+// of after the strip's reduction.
 template <typename T>
-__device__ __forceinline__ void residual_pair(const FusedCtx<T>& cx, int strip, int tt, float& res0, float& res1) {
+__device__ __forceinline__ void residual_pair(const FusedCtx<T>& cx, const Packet* res_sets, int res_set, int strip,
+                                              int tt, float& res0, float& res1) {
   res0 = res1 = 0.0f;
-  const int p = tt >> 3, b = tt & 7, row = strip * 16 + p;
+  const int p = tt >> 3, b = tt & 7, row = strip * 16 + p;  // d % 16 == 0: every row of the strip exists
   if (tt >= 64 || b >= cx.B) return;
-  const T* xr = cx.x + (size_t)b * cx.d + row;
-  if (row < cx.d) res0 = to_float(load_cg(xr));
-  if (row + 8 < cx.d) res1 = to_float(load_cg(xr + 8));
+  // the values' half of each packet (its low 4 bytes)
+  const unsigned* xr = reinterpret_cast<const unsigned*>(res_sets + ((size_t)res_set * cx.B + b) * packet_row(cx.d));
+  res0 = packet_value<T>(__ldcg(xr + 2 * (row >> 1)), row & 1);
+  res1 = packet_value<T>(__ldcg(xr + 2 * ((row + 8) >> 1)), (row + 8) & 1);
+}
+
+// The epilogues that write flagged packets, for rows (p, p + 8) of strip `strip` (EPI_RESIDUAL: x rows
+// 16 strip + p, + 8; EPI_GLU: hidden row 8 strip + p from the gate row p and value row p + 8), token b,
+// float32 sums a and c, into packet set out_set of `out_sets`. Called by all 64 threads tt < 64 of a team
+// (two whole warps: the packets pair rows through a shuffle with the thread of p ^ 1); only tokens b < B
+// store.
+template <typename T, int EPI>
+__device__ __forceinline__ void packet_epilogue(FusedCtx<T>& cx, Packet* out_sets, int out_set, int strip, int p,
+                                                int b, float a, float c, float res0, float res1) {
+  const T* tag = nullptr;
+  if (EPI == EPI_RESIDUAL) {
+    // the thread of even p stores rows (p, p + 1), the thread of odd p rows (p + 7, p + 8)
+    const uint32_t lo = bits_of(from_float<T>(res0 + a)), hi = bits_of(from_float<T>(res1 + c));
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, (p & 1) ? lo : hi, 8);
+    if (b < cx.B) {
+      const int first = strip * 16 + ((p & 1) ? p + 7 : p);
+      store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.d) + first / 2,
+                   (p & 1) ? other | hi << 16 : lo | other << 16, fused_flag);
+    }
+  } else {
+    const int row = strip * 8 + p;
+    const uint32_t mine = bits_of(from_float<T>(gate_fn(round_to(a, tag), cx.act) * round_to(c, tag)));
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 8);
+    if (!(p & 1) && b < cx.B && row < cx.h)
+      store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.h) + row / 2,
+                   mine | (row + 1 < cx.h ? other : 0u) << 16, fused_flag);
+  }
 }
 
 // A warp's place in a product phase of `groups` 64-column groups per strip and `teams` teams per block:
@@ -252,11 +337,15 @@ __device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const 
 // with the warp's first loads already issued by prefetch_phase into `pl` (same arguments). The warp's
 // loads run AHEAD groups ahead of its products along its whole sequence of groups (phase_shape), across
 // strip boundaries, so that the strip reductions do not drain them. NM = 0: dense (epilogue EPI on row
-// pairs); NM > 0: MGLU with n <= NM masks.
+// pairs); NM > 0: MGLU with n <= NM masks. EPI_RESIDUAL reads its residual from x's packet set res_set
+// of `res_sets` and writes set out_set of `out_sets`; EPI_GLU and the MGLU epilogue write hidden's set
+// out_set of `out_sets`. (Sets are passed as the kernel's arrays and an index, not as pointers held
+// across the phase: the 16-warp MGLU instance has no registers to spare.)
 template <typename T, int NM, int EPI, int AHEAD>
 __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer& L, const uint4* __restrict__ tiles,
                                               const uint32_t* __restrict__ masks, int n, int strips, int groups,
-                                              int teams, PhaseLoads<NM, AHEAD>& pl) {
+                                              int teams, PhaseLoads<NM, AHEAD>& pl, const Packet* res_sets = nullptr,
+                                              int res_set = 0, Packet* out_sets = nullptr, int out_set = 0) {
   constexpr int NMS = PhaseLoads<NM, AHEAD>::NMS;
   const PhaseShape ps = phase_shape(groups, teams);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -272,7 +361,7 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
 
   for (int strip = first; strip < strips; strip += stride) {
     float res0 = 0.0f, res1 = 0.0f;
-    if constexpr (NM == 0 && EPI == EPI_RESIDUAL) residual_pair(cx, strip, tt, res0, res1);
+    if constexpr (NM == 0 && EPI == EPI_RESIDUAL) residual_pair(cx, res_sets, res_set, strip, tt, res0, res1);
     float acc_t[4], acc_s[NMS][4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -320,10 +409,14 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
       team_sync(team, team_warps * 32);
       if (tt < 64) {
         const int p = tt >> 3, b = tt & 7;
-        if (b < cx.B) {
+        if constexpr (EPI == EPI_RESIDUAL || EPI == EPI_GLU) {  // every thread: the packets pair rows
           const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
           const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
-          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c, res0, res1);
+          packet_epilogue<T, EPI>(cx, out_sets, out_set, strip, p, b, a, c, res0, res1);
+        } else if (b < cx.B) {
+          const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
+          const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
         }
       }
       team_sync(team, team_warps * 32);
@@ -352,8 +445,14 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
         }
       }
       team_sync(team, team_warps * 32);
-      const int row = strip * 16 + (tt >> 3), b = tt & 7;
-      if (tt < 128 && b < cx.B && row < cx.h) cx.hidden[(size_t)b * cx.h + row] = from_float<T>(y_val);
+      if (tt < 128) {  // four whole warps: the packets pair rows 2j, 2j + 1 (threads tt, tt ^ 8)
+        const int row = strip * 16 + (tt >> 3), b = tt & 7;
+        const uint32_t mine = bits_of(from_float<T>(y_val));
+        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 8);
+        if (!((tt >> 3) & 1) && b < cx.B && row < cx.h)
+          store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.h) + row / 2,
+                       mine | (row + 1 < cx.h ? other : 0u) << 16, fused_flag);
+      }
     }
   }
 }

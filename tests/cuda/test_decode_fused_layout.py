@@ -106,6 +106,8 @@ def test_mask_capacities_and_instances():
     assert "pymglu::decode_fused<__half, 16, 8>" in names
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_120")
     assert "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in decode_fused.kernel_names("sm_86")
+    sm80 = decode_fused.kernel_names("sm_80")  # 16 warps for GLU only (the 4-mask instance spilled at 16)
+    assert "pymglu::decode_fused<__nv_bfloat16, 0, 16>" in sm80 and "pymglu::decode_fused<__nv_bfloat16, 4, 8>" in sm80
 
 
 @pytest.mark.parametrize("warps,capacity", [(16, 4), (8, 8), (8, 16)])
@@ -116,3 +118,8 @@ def test_shared_memory_holds_every_products_tile_per_warp_for_mglu(warps, capaci
     mglu, stride_m, union_m = decode_fused._smem_layout(1, 2048, 8192, 128, 160, warps, capacity)
     assert (stride_m, union_m) == (stride, union)
     assert mglu - glu == warps * capacity * 128 * 4
+
+
+@pytest.mark.parametrize("n, packets", [(160, 80), (200, 100), (201, 102), (202, 102), (2048, 1024), (8192, 4096)])
+def test_packet_rows_hold_two_values_per_packet_and_an_even_count(n, packets):
+    assert decode_fused.packet_row(n) == packets

@@ -300,6 +300,37 @@ def test_fused_step_merges_more_than_four_chunks_like_the_multi_launch_step(kind
     step_fused_against_launches(model, batch, prompt_len=130, n_steps=36, seed=37)
 
 
+@pytest.mark.parametrize("kind, n_masks, d_ff", [("swiglu", None, 201), ("swimglu", 4, 202), ("swimglu", 6, 203)])
+def test_fused_step_carries_x_and_hidden_in_flagged_packets(kind, n_masks, d_ff):
+    """The o, up and down phases hand their rows on as flagged packets (two values and the launch's flag).
+    Odd hidden widths leave the last packet half full (201, 203), and 202 / 203 pad each row to an even
+    count of packets that no producer writes; three sequences, then a second prompt from position 0 into
+    the same decoders, so that every packet set is rewritten at positions it held before."""
+    model = make_model(kind, n_masks, "float16", 41, d_model=160, n_heads=5, d_ff=d_ff, max_seq_len=24)
+    fused, launches = step_fused_against_launches(model, 3, prompt_len=4, n_steps=8, seed=41)
+    import cupy as cp
+
+    from pymglu.cuda.decode_fused import packet_row
+
+    step = fused.fused_step
+    assert step.grid_barriers == 2 * model.config.n_layers and step.barriers == 5 * model.config.n_layers
+    # every packet that a producer writes carries the last launch's flag: the count of launches so far
+    launched = int(step.sync[2].get())
+    assert launched >= 8
+    flags = (cp.asnumpy(step.hidden_packets) >> 32).reshape(model.config.n_layers, 3, packet_row(d_ff))
+    assert np.all(flags[:, :, :-(-d_ff // 2)] == launched)
+    x_flags = (cp.asnumpy(step.x_packets) >> 32).reshape(2 * model.config.n_layers + 1, 3, packet_row(160))
+    assert np.all(x_flags == launched)
+    rng = np.random.default_rng(43)
+    prompt, steps = rng.integers(0, 97, size=(3, 5)), rng.integers(0, 97, size=(3, 6))
+    fused.prefill(prompt)
+    launches.prefill(prompt)
+    for t in range(6):
+        fused.logits.fill(np.nan)
+        want = launches.step(steps[:, t])
+        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"second prompt, step {t}"
+
+
 def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
     """The MGLU up layer's tiles and lane-major mask words are the arrays FlashMGLU uses, not copies."""
     model = make_model("swimglu", 5, "bfloat16", 4, d_model=128, n_heads=4, d_ff=256, max_seq_len=16)
@@ -329,7 +360,7 @@ def test_fused_instances_do_not_spill_with_this_devices_compiler():
 def test_fused_greedy_tokens_follow_their_own_logits():
     """Greedy replays back to back (no host sync between them) choose the argmax of each step's logits:
     the same tokens as one-step calls that return the logits; the counters of the grid barrier are
-    back at zero after every launch."""
+    back at zero after every launch, and the launch count moved on."""
     model = make_model("swimglu", 4, "bfloat16", 8, d_model=128, n_heads=4, d_ff=256, max_seq_len=64)
     prompt = np.random.default_rng(8).integers(0, 97, size=(2, 5))
     decoder = GraphDecoder(model, 2, fused=True)
@@ -341,7 +372,8 @@ def test_fused_greedy_tokens_follow_their_own_logits():
         last = decoder.step(last).astype(np.float32).argmax(axis=-1)
         stepped.append(last)
     np.testing.assert_array_equal(tokens, np.stack(stepped, axis=1))
-    assert decoder.fused_step.sync.get().tolist() == [0, 0]
+    arrivals, done, launched = decoder.fused_step.sync.get().tolist()
+    assert (arrivals, done) == (0, 0) and launched >= 80  # sync[2] counts the launches (the packets' flags)
     assert not decoder.fused_step.head_count.get().any()
 
 
