@@ -7,9 +7,9 @@ the fused step's kernel for one compiled from a copy of ``pymglu/cuda`` with a f
 outputs are wrong; only the times mean something):
 
 - ``library``: the kernel as shipped;
-- ``no residual read``: the o and down epilogues store their sums without reading the residual first;
+- ``no residual read``: the o and down epilogues store their sums without reading the residual packets first;
 - ``no staged merge``: the o product stages ``attn`` as it is instead of merging the attention chunks;
-- ``qkv no norm``: the q k v staging copies x without its RMSNorm (no block reduction);
+- ``qkv no norm``: the q k v staging takes x's packets without its RMSNorm (no block reduction);
 - ``o weights hot``: every layer's o product reads layer 0's W_o (8.4 MB, likely in L2);
 - ``qkv loads first``: the q k v product's first loads issued before its RMSNorm staging (layers after
   the first; the 16-warp MGLU instance spills with it).
@@ -35,27 +35,28 @@ from probe_fused_stages import fastest_profiles, print_profiles  # noqa: E402
 from pymglu import cuda as pc  # noqa: E402
 from pymglu.models import GraphDecoder, TransformerConfig  # noqa: E402
 
+QKV_STAGING = ("stage_packets<T>(cx, x_sets + 2 * l * x_set, packet_row(d), static_cast<const T*>(L.attn_norm), d, "
+               "KD, 5 * l - 1);")
 VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "library": [],
-    "no residual read": [("fused_products.cuh", "*xr = from_float<T>(to_float(load_cg(xr)) + (r ? c : a));",
-                          "*xr = from_float<T>(r ? c : a);")],
-    "no staged merge": [("decode_fused.cu", "stage_attention<T>(cx, staged, gd * 64);",
-                         "stage_input<T>(cx, attn, nullptr, nullptr, d, gd * 64);")],
-    "qkv no norm": [("decode_fused.cu", "stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);",
-                     "stage_input<T>(cx, x, nullptr, nullptr, d, gd * 64);")],
-    "o weights hot": [("decode_fused.cu", "prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);\n    grid_sync",
-                       "prefetch_phase(pd, layers[0].wo, nullptr, 0, d / 16, gd, t_o);\n    grid_sync"),
+    "no residual read": [("fused_products.cuh", """  res0 = packet_value<T>(__ldcg(xr + (row >> 1)), row & 1);
+  res1 = packet_value<T>(__ldcg(xr + ((row + 8) >> 1)), (row + 8) & 1);""", "  (void)xr;")],
+    "no staged merge": [("decode_fused.cu", "stage_attention<T>(cx, staged, KD);",
+                         "stage_input<T>(cx, attn, nullptr, nullptr, d, KD);")],
+    "qkv no norm": [("decode_fused.cu", QKV_STAGING, QKV_STAGING.replace("static_cast<const T*>(L.attn_norm)", "nullptr"))],
+    "o weights hot": [("decode_fused.cu", "prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);\n    grid_wait",
+                       "prefetch_phase(pd, layers[0].wo, nullptr, 0, d / 16, gd, t_o);\n    grid_wait"),
                       ("decode_fused.cu", "      prefetch_phase(pd, L.wo, nullptr, 0, d / 16, gd, t_o);\n    } else",
                        "      prefetch_phase(pd, layers[0].wo, nullptr, 0, d / 16, gd, t_o);\n    } else"),
                       ("decode_fused.cu", "product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, L.wo,",
                        "product_phase<T, 0, EPI_RESIDUAL, AD>(cx, L, layers[0].wo,")],
-    "qkv loads first": [("decode_fused.cu", """    } else {
-      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);
-    }
-    prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);""", """    } else {
+    "qkv loads first": [("decode_fused.cu", f"""    }} else {{
+      {QKV_STAGING}
+    }}
+    prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);""", f"""    }} else {{
       prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
-      stage_input<T>(cx, x, nullptr, static_cast<const T*>(L.attn_norm), d, gd * 64);
-    }
+      {QKV_STAGING}
+    }}
     if (l == 0) prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);""")],
 }
 
