@@ -35,12 +35,12 @@ from probe_fused_stages import fastest_profiles, print_profiles  # noqa: E402
 from pymglu import cuda as pc  # noqa: E402
 from pymglu.models import GraphDecoder, TransformerConfig  # noqa: E402
 
-QKV_STAGING = ("stage_packets<T>(cx, x_sets + 2 * l * x_set, packet_row(d), static_cast<const T*>(L.attn_norm), d, "
+QKV_STAGING = ("stage_packets<T>(cx, x_set(2 * l), packet_row(d), static_cast<const T*>(L.attn_norm), d, "
                "KD, 5 * l - 1);")
 VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "library": [],
-    "no residual read": [("fused_products.cuh", """  res0 = packet_value<T>(__ldcg(xr + (row >> 1)), row & 1);
-  res1 = packet_value<T>(__ldcg(xr + ((row + 8) >> 1)), (row + 8) & 1);""", "  (void)xr;")],
+    "no residual read": [("fused_products.cuh", """  res0 = packet_value<T>(__ldcg(xr + 2 * (row >> 1)), row & 1);
+  res1 = packet_value<T>(__ldcg(xr + 2 * ((row + 8) >> 1)), (row + 8) & 1);""", "  (void)xr;")],
     "no staged merge": [("decode_fused.cu", "stage_attention<T>(cx, staged, KD);",
                          "stage_input<T>(cx, attn, nullptr, nullptr, d, KD);")],
     "qkv no norm": [("decode_fused.cu", QKV_STAGING, QKV_STAGING.replace("static_cast<const T*>(L.attn_norm)", "nullptr"))],
