@@ -4,12 +4,15 @@ Usage: python benchmarks/profile_fused_step.py [--quick] [--masks 4] [--position
 
 Builds the decode_e2e.py models (SwiGLU and SwiMGLU, d 2048, h 8192, 16 layers, bf16, batch 1, random
 weights), prefills ``--position`` tokens, then runs single fused launches with
-``FusedDecodeStep.trace`` set: each block writes %globaltimer at its start, at its arrival at each grid
-barrier, at its release and at its end. For each phase kind (q k v, attention, o, up, down, logits) the
-table gives, as medians over the layers of the last of ``--launches`` launches:
+``FusedDecodeStep.trace`` set: each block writes %globaltimer at its start, at the end of each phase (its
+arrival at the phase boundary), at its release and at its end. A release is a grid barrier's after the
+q k v and attention phases, and after the o, up and down phases the moment the block holds every row of
+the flagged packets its next staging reads (stop 30). For each phase kind (q k v, attention, o, up, down,
+logits) the table gives, as medians over the layers of the last of ``--launches`` launches:
 - ``work max``: the slowest block's time from its release (or start) to its arrival (the phase's
   critical path), and ``work mean`` over the blocks;
-- ``release``: the time from the last arrival to the first release (what the barrier itself costs).
+- ``release``: the time from the last arrival to the first release (what the barrier or the wait for the
+  packets costs).
 """
 from __future__ import annotations
 
