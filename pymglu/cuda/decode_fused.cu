@@ -128,8 +128,9 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
   }
   __syncthreads();
 
-  // The first weight loads of the o, up and down products are issued between the arrival and the wait of
-  // the grid barrier that precedes them (and before their staging): the weights do not depend on them
+  // The first weight loads of a product are issued before the wait for its input and before its staging:
+  // the weights do not depend on them. o: between the arrival and the wait of the grid barrier; up, down
+  // and the q k v of every layer after the first: before the staging that waits for the packets
   // (fused_products.cuh, prefetch_phase; fused_context.cuh, grid_arrive).
   constexpr int AD = Ahead<WARPS, N_MASKS>::dense, AM = Ahead<WARPS, N_MASKS>::mglu;
   PhaseLoads<0, AD> pd;  // the dense products, one after another
@@ -154,9 +155,10 @@ decode_fused(const FusedLayer* __restrict__ layers, int n_layers, const T* __res
           store_packet(x_sets + (size_t)b * packet_row(d) + j, bits_of(e[0]) | bits_of(e[1]) << 16, fused_flag);
         }
     } else {
+      prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
       stage_packets<T>(cx, x_set(2 * l), packet_row(d), static_cast<const T*>(L.attn_norm), d, KD, 5 * l - 1);
     }
-    prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
+    if (l == 0) prefetch_phase(pd, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv);
     product_phase<T, 0, EPI_QKV, AD>(cx, L, L.wqkv, nullptr, 0, 3 * d / 16, gd, t_qkv, pd);
     grid_sync(cx, 5 * l);
     // 2. attention (merged by the last chunk of each head, or, with at most staged_merge chunks per head,

@@ -310,10 +310,12 @@ __device__ __forceinline__ void load_next_group(PhaseLoads<NM, AHEAD>& pl, const
 }
 
 // Issues the warp's first AHEAD groups of loads of a product phase. The weights do not depend on the
-// phases before, so for the o, up and down products the decode step calls this between the arrival and
-// the wait of the grid barrier that precedes the phase (before the staging of its input), and the loads'
-// latency passes while the block waits there; the q k v and logits products load after their staging
-// (held across the RMSNorm of stage_input, the loads made the 16-warp MGLU instance spill).
+// phases before, so the decode step calls this before the wait for the phase's input (between the
+// arrival and the wait of the grid barrier before the o product; before the packet staging of the up and
+// down products and of the q k v products after the first layer's), and the loads' latency passes while
+// the block waits. The first layer's q k v and the logits load after their staging. (Before stop 30 the
+// q k v loads, held across the RMSNorm of stage_input, made the 16-warp MGLU instance spill; with the
+// packet staging they do not.)
 template <int NM, int AHEAD>
 __device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const uint4* __restrict__ tiles,
                                                const uint32_t* __restrict__ masks, int n, int strips, int groups,
