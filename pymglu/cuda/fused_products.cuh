@@ -104,7 +104,7 @@ __device__ __forceinline__ bool pair_current(Packet p0, Packet p1, int j, int wr
 // read whole), one pair in flight, and reads a pair again until it is current: the wait for the producing
 // phase and the read of its rows are the same loads. (Measured on the H200, stop 30: more pairs in flight
 // made the 16-warp MGLU instance spill, and gained nothing for GLU at 4 pairs; copying the pairs into
-// shared memory with cp.async, all of a block's pairs in flight at once, made both models 1.5-3% slower.)
+// shared memory with cp.async, all of a block's pairs in flight at once, made both models 2.7-4.8% slower.)
 // `boundary`: the phase boundary whose release the trace records once every row is in.
 template <typename T>
 __device__ void stage_packets(FusedCtx<T>& cx, const Packet* set, int row_packets, const T* norm, int K, int KP,
