@@ -212,6 +212,20 @@ __device__ __forceinline__ void residual_pair(const FusedCtx<T>& cx, const Packe
   res1 = packet_value<T>(__ldcg(xr + 2 * ((row + 8) >> 1)), (row + 8) & 1);
 }
 
+// Hidden row `row` of token b (value y) into packet set out_set of `out_sets`, rows (2j, 2j + 1) paired in
+// one packet (the GLU and MGLU up epilogues). Called by every thread of a warp; lane L holds token L % 8,
+// and lane L ^ 8 holds the same token's partner row, row ^ 1. The thread of the even row stores (tokens
+// b < B, rows < h).
+template <typename T>
+__device__ __forceinline__ void store_hidden_pair(FusedCtx<T>& cx, Packet* out_sets, int out_set, int row, int b,
+                                                  float y) {
+  const uint32_t mine = bits_of(from_float<T>(y));
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 8);
+  if (!(row & 1) && b < cx.B && row < cx.h)
+    store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.h) + row / 2,
+                 mine | (row + 1 < cx.h ? other : 0u) << 16, fused_flag);
+}
+
 // The epilogues that write flagged packets, for rows (p, p + 8) of strip `strip` (EPI_RESIDUAL: x rows
 // 16 strip + p, + 8; EPI_GLU: hidden row 8 strip + p from the gate row p and value row p + 8), token b,
 // float32 sums a and c, into packet set out_set of `out_sets`. Called by all 64 threads tt < 64 of a team
@@ -231,12 +245,7 @@ __device__ __forceinline__ void packet_epilogue(FusedCtx<T>& cx, Packet* out_set
                    (p & 1) ? other | hi << 16 : lo | other << 16, fused_flag);
     }
   } else {
-    const int row = strip * 8 + p;
-    const uint32_t mine = bits_of(from_float<T>(gate_fn(round_to(a, tag), cx.act) * round_to(c, tag)));
-    const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 8);
-    if (!(p & 1) && b < cx.B && row < cx.h)
-      store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.h) + row / 2,
-                   mine | (row + 1 < cx.h ? other : 0u) << 16, fused_flag);
+    store_hidden_pair(cx, out_sets, out_set, strip * 8 + p, b, gate_fn(round_to(a, tag), cx.act) * round_to(c, tag));
   }
 }
 
@@ -447,14 +456,7 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
         }
       }
       team_sync(team, team_warps * 32);
-      if (tt < 128) {  // four whole warps: the packets pair rows 2j, 2j + 1 (threads tt, tt ^ 8)
-        const int row = strip * 16 + (tt >> 3), b = tt & 7;
-        const uint32_t mine = bits_of(from_float<T>(y_val));
-        const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 8);
-        if (!((tt >> 3) & 1) && b < cx.B && row < cx.h)
-          store_packet(out_sets + ((size_t)out_set * cx.B + b) * packet_row(cx.h) + row / 2,
-                       mine | (row + 1 < cx.h ? other : 0u) << 16, fused_flag);
-      }
+      if (tt < 128) store_hidden_pair(cx, out_sets, out_set, strip * 16 + (tt >> 3), tt & 7, y_val);  // four whole warps
     }
   }
 }

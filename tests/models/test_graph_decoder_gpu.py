@@ -251,18 +251,24 @@ def test_models_the_decoder_does_not_serve():
 STAGED = [0, 1, None]
 
 
+def decode_both(fused, launches, prompt, steps, what="step"):
+    """Prefill a fused and a multi-launch GraphDecoder with ``prompt`` (batch x length) and step both through
+    the tokens ``steps`` (batch x n); every step's logits agree (the fused ones poisoned first)."""
+    fused.prefill(prompt)
+    launches.prefill(prompt)
+    for t in range(steps.shape[1]):
+        fused.logits.fill(np.nan)
+        want = launches.step(steps[:, t])
+        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"{what} {t}"
+
+
 def step_fused_against_launches(model, batch, prompt_len, n_steps, seed):
-    """A fused and a multi-launch GraphDecoder of ``model`` fed the same random prompt and tokens; every
-    step's logits agree (the fused ones poisoned first). Returns both decoders, stepped."""
+    """A fused and a multi-launch GraphDecoder of ``model`` fed the same random prompt and tokens
+    (:func:`decode_both`). Returns both decoders, stepped."""
     rng = np.random.default_rng(seed)
     prompt, steps = rng.integers(0, 97, size=(batch, prompt_len)), rng.integers(0, 97, size=(batch, n_steps))
     fused, launches = GraphDecoder(model, batch, fused=True), GraphDecoder(model, batch, fused=False)
-    fused.prefill(prompt)
-    launches.prefill(prompt)
-    for t in range(n_steps):
-        fused.logits.fill(np.nan)
-        want = launches.step(steps[:, t])
-        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"step {t}"
+    decode_both(fused, launches, prompt, steps)
     return fused, launches
 
 
@@ -323,12 +329,7 @@ def test_fused_step_carries_x_and_hidden_in_flagged_packets(kind, n_masks, d_ff)
     assert np.all(x_flags == launched)
     rng = np.random.default_rng(43)
     prompt, steps = rng.integers(0, 97, size=(3, 5)), rng.integers(0, 97, size=(3, 6))
-    fused.prefill(prompt)
-    launches.prefill(prompt)
-    for t in range(6):
-        fused.logits.fill(np.nan)
-        want = launches.step(steps[:, t])
-        assert rel_err(fused.step(steps[:, t]), want) < 2e-3, f"second prompt, step {t}"
+    decode_both(fused, launches, prompt, steps, "second prompt, step")
 
 
 def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
