@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staged-merge", type=int, default=None,
                    help="the fused step's STAGED_MERGE_CHUNKS (0: the attention chunks always merged in the attention "
                         "phase; default: the library's)")
+    p.add_argument("--teams", default="",
+                   help="teams per block to force for some products of the fused step, e.g. up=2 (both models; "
+                        "default: the library's rule, decode_fused.choose_teams)")
     p.add_argument("--quick", action="store_true", help="4 layers, 5 repeats")
     p.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     args = p.parse_args(argv)
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_fused.WARPS_OVERRIDE = args.fused_warps
     if args.staged_merge is not None:
         decode_fused.STAGED_MERGE_CHUNKS = args.staged_merge
+    decode_fused.TEAMS_OVERRIDE = {k: int(v) for k, v in (kv.split("=") for kv in args.teams.split(",") if kv)}
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - {"fused", "launches"}:
         p.error(f"--kinds: expected 'fused' and/or 'launches', got {args.kinds!r}")
