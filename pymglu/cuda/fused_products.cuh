@@ -102,9 +102,11 @@ __device__ __forceinline__ bool pair_current(Packet p0, Packet p1, int j, int wr
 // the producers write the first ceil(K / 2)), 0 for K <= k < KP, then the RMSNorm when norm != nullptr.
 // Each thread reads its packets two at a time (a 16-byte relaxed gpu-scope load: each 8-byte packet is
 // read whole), one pair in flight, and reads a pair again until it is current: the wait for the producing
-// phase and the read of its rows are the same loads. (Measured on the H200, stop 30: more pairs in flight
-// made the 16-warp MGLU instance spill, and gained nothing for GLU at 4 pairs; copying the pairs into
-// shared memory with cp.async, all of a block's pairs in flight at once, made both models 2.7-4.8% slower.)
+// phase and the read of its rows are the same loads. (Measured on the H200, docs/benchmarks.md, stops 30 and
+// 31: more pairs in flight gained nothing for GLU at 4 pairs, nor for either model at 2, and spill the
+// 16-warp MGLU instance at 4; cp.async copies into shared memory, all of a block's pairs in flight at once,
+// made both models 2.7-4.8% slower, and for hidden alone MGLU 3%; a __nanosleep before each re-read made
+// both slower.)
 // `boundary`: the phase boundary whose release the trace records once every row is in.
 template <typename T>
 __device__ void stage_packets(FusedCtx<T>& cx, const Packet* set, int row_packets, const T* norm, int K, int KP,
