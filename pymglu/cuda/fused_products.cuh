@@ -101,30 +101,39 @@ __device__ __forceinline__ bool pair_current(Packet p0, Packet p1, int j, int wr
 // xs[b, k] = element k of token b's row of flagged packets `set` (row_packets packets per token, even;
 // the producers write the first ceil(K / 2)), 0 for K <= k < KP, then the RMSNorm when norm != nullptr.
 // Each thread reads its packets two at a time (a 16-byte relaxed gpu-scope load: each 8-byte packet is
-// read whole), one pair in flight, and reads a pair again until it is current: the wait for the producing
-// phase and the read of its rows are the same loads. (Measured on the H200, docs/benchmarks.md, stops 30 and
-// 31: more pairs in flight gained nothing for GLU at 4 pairs, nor for either model at 2, and spill the
-// 16-warp MGLU instance at 4; cp.async copies into shared memory, all of a block's pairs in flight at once,
-// made both models 2.7-4.8% slower, and for hidden alone MGLU 3%; a __nanosleep before each re-read made
-// both slower.)
+// read whole), one pair in flight, and sweeps its pairs in turn, reading each stale one again on the next
+// sweep until all are current: the wait for the producing phase and the read of its rows are the same
+// loads, and a pair that a late block still owes does not hold up the reads of the thread's other pairs.
+// (Measured on the H200, docs/benchmarks.md, stops 30 and 31: the sweep shortened the wait after the MGLU up
+// phase, whose blocks all end at once, by about 0.2 us against waiting on each stale pair before reading
+// the next. More pairs in flight gained nothing for GLU at 4 pairs, nor for either model at 2, and spill
+// the 16-warp MGLU instance at 4; cp.async copies into shared memory, all of a block's pairs in flight at
+// once, made both models 2.7-4.8% slower, and for hidden alone MGLU 3%; a __nanosleep before each re-read
+// made both slower.)
 // `boundary`: the phase boundary whose release the trace records once every row is in.
 template <typename T>
 __device__ void stage_packets(FusedCtx<T>& cx, const Packet* set, int row_packets, const T* norm, int K, int KP,
                               int boundary) {
   prefetch_norm(norm, K);
   const int pairs = row_packets / 2, total = cx.B * pairs, written = (K + 1) / 2;
-  for (int i = threadIdx.x; i < total; i += blockDim.x) {
-    const int b = i / pairs, j = 2 * (i % pairs);  // packets j, j + 1 of token b
-    Packet p0, p1;
-    load_packets(set + 2 * (size_t)i, p0, p1);
-    if (!pair_current(p0, p1, j, written)) {
-      const unsigned long long start = global_ns();
-      do {
-        spin_timeout(start, true);
+  for (int first = threadIdx.x; first < total; first += 32 * blockDim.x) {
+    // the thread's pairs first + f * blockDim.x, f < 32 (bit f of `stale`), swept in turn until all are in
+    const int count = min(32, (total - first + (int)blockDim.x - 1) / (int)blockDim.x);
+    unsigned stale = count == 32 ? 0xffffffffu : (1u << count) - 1u;
+    const unsigned long long start = global_ns();
+    for (bool again = false; stale; again = true) {
+      if (again) spin_timeout(start, true);
+      for (unsigned rest = stale; rest; rest &= rest - 1u) {
+        const int f = __ffs(rest) - 1, i = first + f * blockDim.x;
+        const int b = i / pairs, j = 2 * (i % pairs);  // packets j, j + 1 of token b
+        Packet p0, p1;
         load_packets(set + 2 * (size_t)i, p0, p1);
-      } while (!pair_current(p0, p1, j, written));
+        if (pair_current(p0, p1, j, written)) {
+          stage_packet_pair(cx, b, j, K, p0, p1);
+          stale &= ~(1u << f);
+        }
+      }
     }
-    stage_packet_pair(cx, b, j, K, p0, p1);
   }
   for (int b = 0; b < cx.B; ++b)
     for (int k = 2 * row_packets + threadIdx.x; k < KP; k += blockDim.x)
