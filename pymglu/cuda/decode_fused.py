@@ -57,7 +57,7 @@ CHUNK = 32
 #: falls back to the last-chunk merge when the staging's chunk weights, 3 B H chunks floats, do not fit its
 #: reduction area (warps x (mask capacity + 1) x 128 floats). Up to 256 cached positions each block reads
 #: at most 8 partials per head (8 d floats). The end-to-end benchmark's positions 16 to 271 (1 to 9
-#: chunks) gained 3-4% per token at 8 (docs/benchmarks.md, stop 20); larger values were not measured.
+#: chunks) gained 3-4% per token at 8 (docs/decode_e2e_history.md, stop 20); larger values were not measured.
 STAGED_MERGE_CHUNKS = 8
 #: the largest STAGED_MERGE_CHUNKS the step accepts (the largest measured and tested; the kernel's merge
 #: itself takes any count, four chunks' loads at a time).
