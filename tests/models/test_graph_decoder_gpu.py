@@ -332,6 +332,18 @@ def test_fused_step_carries_x_and_hidden_in_flagged_packets(kind, n_masks, d_ff)
     decode_both(fused, launches, prompt, steps, "second prompt, step")
 
 
+@pytest.mark.parametrize("kind, n_masks, d_ff", [("swiglu", None, 8200), ("swimglu", 6, 4100)])
+def test_fused_step_stages_more_than_32_pairs_per_thread(kind, n_masks, d_ff):
+    """Eight sequences and a wide hidden layer give every thread of the down product's staging more than 32
+    pairs of packets (on the H200: GLU's 16-warp instance, 8 x 2050 pairs over 512 threads; the 8-mask
+    instance, 8 warps, 8 x 1025 over 256), so each thread sweeps its pairs in two chunks of at most 32."""
+    from pymglu.cuda.decode_fused import packet_row
+
+    model = make_model(kind, n_masks, "float16", 51, d_model=96, n_heads=3, d_ff=d_ff, n_layers=1, max_seq_len=12)
+    fused, _ = step_fused_against_launches(model, 8, prompt_len=3, n_steps=3, seed=51)
+    assert 32 * 32 * fused.fused_step.warps < 8 * (packet_row(d_ff) // 2)
+
+
 def test_fused_step_reads_the_flash_mglu_arrays_of_the_layer():
     """The MGLU up layer's tiles and lane-major mask words are the arrays FlashMGLU uses, not copies."""
     model = make_model("swimglu", 5, "bfloat16", 4, d_model=128, n_heads=4, d_ff=256, max_seq_len=16)
