@@ -431,15 +431,12 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
       team_sync(team, team_warps * 32);
       if (tt < 64) {
         const int p = tt >> 3, b = tt & 7;
-        if constexpr (EPI == EPI_RESIDUAL || EPI == EPI_GLU) {  // every thread: the packets pair rows
-          const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
-          const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+        const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
+        const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+        if constexpr (EPI == EPI_RESIDUAL || EPI == EPI_GLU)  // every thread: the packets pair rows
           packet_epilogue<T, EPI>(cx, out_sets, out_set, strip, p, b, a, c, res0, res1);
-        } else if (b < cx.B) {
-          const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
-          const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+        else if (b < cx.B)
           dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
-        }
       }
       team_sync(team, team_warps * 32);
     } else {
