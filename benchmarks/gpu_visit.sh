@@ -6,7 +6,8 @@
 # (the stop-18 sweep: the paired-column instance on and off for T <= 4, PDL launch; SHAPES, MASKS override), flash-probe
 # (the stop-19 probe_flash_stages.py comparison: the library against the stop-18 mask loads, with the loads-only and
 # one-product variants, n = 8, 4, 2 at T = 1, 8, 16; SHAPES, MASKS override), fused-probe
-# (probe_fused_stages.py --quick), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
+# (probe_fused_stages.py --quick), gemm-probe (benchmarks/probe_masked_gemm.py: the issue-4 masked GEMM, one block
+# per tile and persistent, against cuBLAS and apply_mask + cuBLAS; SHAPES overrides), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
 # model, stall summary), train-quick (train_layer --quick), fp16-graph (compute-sanitizer memcheck on the
 # device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
 # against the captured ones, the scaler on the device), optim (optimizer_step.py and train_model.py: the
@@ -58,6 +59,9 @@ case "$mode" in
   optim) { python3 benchmarks/optimizer_step.py --out-dir "$OUT" && python3 benchmarks/train_model.py --out-dir "$OUT"; } \
        > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e) python3 benchmarks/decode_e2e.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
+  gemm-probe)  # the issue-4 masked-GEMM probe, one block per tile and persistent, against cuBLAS (SHAPES overrides)
+    timeout 300 python3 -u benchmarks/probe_masked_gemm.py --rounds 7 \
+      --shapes "${SHAPES:-4096x14336x4096,16384x14336x4096,4096x8192x2048}" ${VARIANTS:+--variants "$VARIANTS"} > "$OUT/bench.log" 2>&1 || status=1 ;;
   e2e-ab)  # the fused step of this tree against BASE (a commit; default HEAD~1) in turns: base, new, new, base
     # the base's pymglu: base_ref/ when the copied tree has it (made beside the checkout, as the GPU machine's
     # copy may lack .git: git archive BASE pymglu | tar -x -C base_ref), else a git archive of BASE

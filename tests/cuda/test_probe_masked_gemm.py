@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_masked_gemm.cu"
-ENTRIES = {"rs_dense", "rs_masked", "rs_alu_only", "rs_loads_only"}
+ENTRIES = {"rs_dense", "rs_masked", "rs_alu_only", "rs_loads_only", "rs_dense_tma_store", "rs_masked_tma_store",
+           "rs_dense_no_store", "rs_dense_pair", "rs_masked_pair", "rs_dense_pair_no_store",
+           "rs_dense_direct_store", "rs_masked_direct_store", "rs_dense_chunk_store", "rs_masked_chunk_store"}
 
 
 def test_probe_compiles_for_sm90a_without_spills_or_serialised_wgmma():
