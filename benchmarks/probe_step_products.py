@@ -6,8 +6,9 @@ Usage (on a machine with a CUDA GPU and CuPy):
 
 Two parts, bfloat16, SiLU, random normal inputs (never zeros):
 
-1. **In place.** The step of ``train_layer.py``'s ``swiglu`` and ``mglu-bits-given`` variants runs with a CUDA
-   event recorded after every cuBLAS product and every kernel of :mod:`pymglu.cuda.training`, behind a
+1. **In place.** The step of ``train_layer.py``'s ``swiglu``, ``mglu-bits-given`` and
+   ``mglu-bits-given-apply-mask`` variants runs with a CUDA event recorded after every cuBLAS product,
+   every kernel of :mod:`pymglu.cuda.training` and every :mod:`pymglu.cuda.masked_gemm` launch, behind a
    spin kernel long enough for the host to queue all of ``--steps`` steps first. So the time between two
    events is the GPU's own time for that launch in the step (its kernel plus any gap before it). Prints
    each launch's median over the steps, and the sum per kind.
@@ -39,7 +40,7 @@ import cupy as cp
 
 from pymglu import functional, masks as mask_ops
 from pymglu.cuda import gemm as gemm_module
-from pymglu.cuda import training
+from pymglu.cuda import masked_gemm, training
 from pymglu.dtypes import bfloat16
 
 _OP_N, _OP_T = 0, 1
@@ -104,6 +105,7 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
     """Per launch label: the median GPU milliseconds of that launch in the step (part 1)."""
     records: list = []
     original_gemm, original_launch = training.gemm, training._launch
+    original_masked = masked_gemm.launch_unchecked
 
     def label_of_gemm(a, b, out, trans_a=False, trans_b=False, accumulate=False):
         M = a.shape[1] if trans_a else a.shape[0]
@@ -124,13 +126,20 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
         ev.record()
         records.append((kernel, ev))
 
+    def masked(x, W, bits, out):
+        result = original_masked(x, W, bits, out)
+        ev = cp.cuda.Event()
+        ev.record()
+        records.append((f"masked_gemm {x.shape[0]}x{W.shape[0]}x{x.shape[1]}", ev))
+        return result
+
     spin = cp.RawKernel(_SPIN, "spin")
     rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, 0)
     out = {}
     for name, step in steps.items():
         step()
         cp.cuda.Device().synchronize()
-        training.gemm, training._launch = gemm, launch
+        training.gemm, training._launch, masked_gemm.launch_unchecked = gemm, launch, masked
         try:
             records.clear()
             spin((1,), (1,), (np.int64(head_start_ms * rate_khz),))
@@ -146,7 +155,7 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
             queued = not spin_done.done
             cp.cuda.Device().synchronize()
         finally:
-            training.gemm, training._launch = original_gemm, original_launch
+            training.gemm, training._launch, masked_gemm.launch_unchecked = original_gemm, original_launch, original_masked
         if not queued:
             print(f"# {name}: the spin ended before every step was queued; raise --head-start")
         times = defaultdict(list)
@@ -269,6 +278,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--skip-in-place", action="store_true")
+    p.add_argument("--skip-merged", action="store_true", help="no part 2 (the merged products)")
+    p.add_argument("--no-apply-mask-step", action="store_true",
+                   help="no mglu-bits-given-apply-mask step (the forward's masked products built by apply_mask "
+                        "for cuBLAS, pymglu.cuda.masked_gemm off)")
     args = p.parse_args(argv)
     n = args.masks
     assert n % 2 == 0, "--masks: the merged MGLU products pair the masks"
@@ -292,7 +305,14 @@ def main(argv=None) -> int:
                 _, cache = functional.mglu_forward(x, Wg, bits, "silu")
                 return functional.mglu_backward(dy, x, Wg, bits, "silu", cache, consume_cache=True)
 
-            result = in_place({"swiglu": glu_step, "mglu-bits-given": mglu_step}, args.steps, args.head_start)
+            def apply_mask_step():
+                with masked_gemm.disabled():
+                    return mglu_step()
+
+            steps = {"swiglu": glu_step, "mglu-bits-given": mglu_step}
+            if not args.no_apply_mask_step:
+                steps["mglu-bits-given-apply-mask"] = apply_mask_step
+            result = in_place(steps, args.steps, args.head_start)
             for name, (per_launch, total) in result.items():
                 print(f"\n### {name}: {total:.3f} ms per step in place (median of {args.steps})\n")
                 print("| # | launch | ms |\n|---:|---|---:|")
@@ -303,6 +323,8 @@ def main(argv=None) -> int:
                 print("\n" + "; ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
             del x, dy, Wg, Wv, bits
             cp.get_default_memory_pool().free_all_blocks()
+        if args.skip_merged:
+            continue
         print("\n| step | products | separate ms | merged ms | saved | rel. diff |\n|---|---|---:|---:|---:|---:|")
         totals = defaultdict(lambda: [0.0, 0.0])
         for step, what, t_sep, t_mer, diff in merged_products(T, d, h, n, args.calls, args.rounds):

@@ -10,7 +10,9 @@ are the point of the path:
 * ``dx`` and ``dW`` are accumulated over the ``n + 1`` products in float32 buffers and rounded once;
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weights ``M_i * W`` are built
   by one kernel into a reused buffer, two at a time from one read of ``W`` when ``n > 2``
-  (:data:`MASKED_AT_ONCE`), else one at a time (never ``n`` masked copies at once);
+  (:data:`MASKED_AT_ONCE`), else one at a time (never ``n`` masked copies at once); on an sm_90 GPU the
+  forward's masked products run in :mod:`pymglu.cuda.masked_gemm` instead, which applies the mask inside
+  the product and builds no copy, where :func:`pymglu.cuda.masked_gemm.usable` says it is faster;
 * the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
   ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them, and when the cache
   is handed over as a list it drops ``t`` before the ``G_i`` are allocated and ``s`` before the
@@ -35,6 +37,7 @@ import numpy as np
 from pymglu import _checks
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
+from pymglu.cuda import masked_gemm
 from pymglu.cuda.gemm import gemm
 from pymglu.dtypes import float32
 
@@ -204,12 +207,16 @@ def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple
     n = bits.shape[0]
     t = gemm(x, W, cp.empty((N, h), dtype=x.dtype), trans_b=True)
     s = cp.empty((n, N, h), dtype=x.dtype)
-    masked = _masked_buffer(W, n)
-    for group in _masked_groups(n):
-        built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
-        for j, i in enumerate(range(group.start, group.stop)):
-            gemm(x, built[j], s[i], trans_b=True)
-    del masked, built
+    if masked_gemm.usable(x, W, bits[0], s[0]):
+        for i in range(n):  # the mask applied inside the product: no masked copy of W
+            masked_gemm.launch_unchecked(x, W, bits[i], s[i])
+    else:
+        masked = _masked_buffer(W, n)
+        for group in _masked_groups(n):
+            built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
+            for j, i in enumerate(range(group.start, group.stop)):
+                gemm(x, built[j], s[i], trans_b=True)
+        del masked, built
     y = cp.empty((N, h), dtype=x.dtype)
     nh = N * h
     vec = _elementwise_vec(x.dtype, nh)

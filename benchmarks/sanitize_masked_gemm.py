@@ -1,0 +1,18 @@
+"""The masked-GEMM kernel (pymglu.cuda.masked_gemm, sm_90 only) at ragged shapes, for compute-sanitizer:
+T, H and K off the tile sizes, and one shape with more tiles than SMs (several tiles per block)."""
+import numpy as np
+import cupy as cp
+
+from pymglu import dtypes, masks
+from pymglu.cuda import masked_gemm
+
+rng = np.random.default_rng(0)
+for dtype in (dtypes.bfloat16, dtypes.float16):
+    for T, H, K in [(1, 8, 8), (37, 136, 72), (300, 392, 200), (1100, 4104, 136)]:
+        x = cp.asarray(rng.standard_normal((T, K)).astype(dtype))
+        W = cp.asarray(rng.standard_normal((H, K)).astype(dtype))
+        bits = masks.pack_masks(cp.asarray(rng.standard_normal((H, K)).astype(np.float32)))
+        out = masked_gemm.masked_product(x, W, bits, cp.full((T, H), np.nan, dtype=dtype))
+        cp.cuda.runtime.deviceSynchronize()
+        assert bool(cp.isfinite(out.astype(cp.float32)).all())
+print("sanitize_masked_gemm: all launches done")

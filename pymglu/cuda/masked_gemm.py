@@ -1,0 +1,228 @@
+"""The masked product ``out = x (M * W)^T`` in one Hopper kernel (``masked_gemm.cu``), without a masked copy of ``W``.
+
+:mod:`pymglu.cuda.training` builds each masked weight ``M_i * W`` with ``apply_mask`` and hands it to cuBLAS.
+On an sm_90 GPU (H100, H200) the forward's masked products can instead run in ``masked_gemm.cu``: a
+persistent, warp-specialised TMA + ``wgmma`` kernel that takes ``W`` as wgmma's register operand and ANDs the
+mask bits into its fragments. It reads ``W`` and the bit-plane once per tile, writes no masked copy, and
+holds none in memory. Where it is used is set by :func:`usable`; everywhere else, the training path keeps
+``apply_mask`` + cuBLAS.
+
+The kernel uses sm_90a instructions (``wgmma``, ``setmaxnreg``), which CuPy's ``RawModule`` does not target
+(it compiles for ``sm_90``). This module therefore compiles the source with NVRTC itself, for ``sm_90a``,
+and loads the binary with CuPy. The TMA tensor maps are encoded by the driver
+(``cuTensorMapEncodeTiled``) and passed by value, so that the launch can be captured in a CUDA graph.
+
+Shapes: ``x`` ``(T, K)``, ``W`` ``(H, K)``, one bit-plane ``bits`` ``(H, ceil(K / 32))`` uint32, ``out``
+``(T, H)``; ``x``, ``W`` and ``out`` bfloat16 or float16, one dtype.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+from pymglu import _checks
+from pymglu import cuda as _cuda
+from pymglu.backend import cupy_or_none, is_cupy_array
+from pymglu.dtypes import bfloat16, float16
+
+__all__ = ["ENABLED", "MAX_TOKENS_PER_K", "disabled", "supports", "usable", "masked_product", "launch_unchecked"]
+
+#: Whether :mod:`pymglu.cuda.training` may use this kernel (see :func:`usable`).
+ENABLED = True
+
+#: The training path uses the kernel only for products with at most this many tokens per column of ``W``
+#: (``T <= MAX_TOKENS_PER_K * K``). On the H200 it beat ``apply_mask`` + cuBLAS by 6.0% at T = K = 4096
+#: and by 4.6% at T = 2K = 4096, and lost by 3.1% at T = 4K = 16384, where building ``M * W`` once is spread
+#: over more tokens (docs/benchmarks.md, "Stop 32").
+MAX_TOKENS_PER_K = 2
+
+_SOURCE = "masked_gemm.cu"
+_ENTRIES = {np.dtype(bfloat16): "masked_gemm_bf16", np.dtype(float16): "masked_gemm_f16"}
+_THREADS = 384
+#: dynamic shared memory of a block: 4 stages of a 128 x 64 W tile and a 256 x 64 x tile, two 8 KB output
+#: chunks, the mask words of the stages, 1 KB for alignment (``SMEM_BYTES`` in the source)
+SMEM_BYTES = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 2 * 32 * 128 * 2 + 4 * 128 * 8 + 1024
+_BOX_ROWS = {"W": 128, "x": 256, "out": 32}  # TMA boxes: 64 columns by these rows
+
+_functions: dict[tuple[int, str], Any] = {}
+_lock = threading.Lock()
+
+
+def disabled():
+    """Within the block, :func:`usable` is False: the training path builds ``M * W`` for cuBLAS."""
+    import sys
+
+    return _cuda.switched_off(sys.modules[__name__])
+
+
+def supports(x: Any, W: Any, bits: Any, out: Any) -> bool:
+    """True when the kernel can serve these arrays: CuPy arrays on a device of compute capability 9.0,
+    ``x``, ``W``, ``out`` of one dtype, bfloat16 or float16, C-contiguous, 16-byte aligned, with ``K`` and
+    ``H`` multiples of 8 (TMA's 16-byte row strides); ``bits`` uint32 and C-contiguous."""
+    if not all(is_cupy_array(a) for a in (x, W, bits, out)):
+        return False
+    if np.dtype(x.dtype) not in _ENTRIES or not (x.dtype == W.dtype == out.dtype) or bits.dtype != np.uint32:
+        return False
+    if x.ndim != 2 or W.ndim != 2 or out.ndim != 2 or bits.ndim != 2:
+        return False
+    if not all(a.flags.c_contiguous for a in (x, W, bits, out)) or any(a.data.ptr % 16 for a in (x, W, out)):
+        return False
+    if W.shape[1] % 8 or W.shape[0] % 8:
+        return False
+    return _compute_capability() == "90"
+
+
+def usable(x: Any, W: Any, bits: Any, out: Any) -> bool:
+    """Whether the training path runs this product here: :data:`ENABLED`, :func:`supports`, and at most
+    :data:`MAX_TOKENS_PER_K` tokens per column of ``W``."""
+    return ENABLED and x.shape[0] <= MAX_TOKENS_PER_K * W.shape[1] and supports(x, W, bits, out)
+
+
+def masked_product(x: Any, W: Any, bits: Any, out: Any) -> Any:
+    """``out = x (M * W)^T`` with ``M`` the bit-plane ``bits``, float32 accumulation, rounded once to
+    ``out``'s dtype.
+
+    Args:
+        x: ``(T, K)`` bfloat16 or float16 CuPy array.
+        W: ``(H, K)``, ``x``'s dtype.
+        bits: ``(H, ceil(K / 32))`` uint32, bit ``j`` of word ``k`` of row ``r`` = ``M[r, 32 k + j]``.
+        out: ``(T, H)``, ``x``'s dtype; written, never read.
+    Returns:
+        ``out``.
+    Raises:
+        ValueError, TypeError: shapes or dtypes that do not match, naming the argument, before any launch;
+        RuntimeError: arrays this kernel cannot serve (:func:`supports`), saying why.
+    """
+    _checks.check_ndim("x", x, 2)
+    _checks.check_ndim("W", W, 2)
+    T, K = x.shape
+    H = W.shape[0]
+    _checks.check_shape("W", W, (None, K))
+    _checks.check_shape("bits", bits, (H, -(-K // 32)))
+    _checks.check_shape("out", out, (T, H))
+    _checks.check_dtype("x", x, tuple(_ENTRIES))
+    _checks.check_same_dtype(("x", "W"), x, W)
+    _checks.check_same_dtype(("x", "out"), x, out)
+    _checks.check_dtype("bits", bits, (np.uint32,))
+    if not supports(x, W, bits, out):
+        raise RuntimeError(
+            "masked_product: needs CuPy arrays on a compute-capability-9.0 device, C-contiguous and 16-byte "
+            f"aligned, with K and H multiples of 8; got x {_checks.describe(x)}, W {_checks.describe(W)}, "
+            f"out {_checks.describe(out)} on compute capability {_compute_capability()}")
+    return launch_unchecked(x, W, bits, out)
+
+
+def launch_unchecked(x: Any, W: Any, bits: Any, out: Any) -> Any:
+    """:func:`masked_product` without its checks, for callers that checked :func:`usable` or
+    :func:`supports` and the shapes (the training path)."""
+    T, K = x.shape
+    H = W.shape[0]
+    if T == 0 or H == 0:
+        return out
+    from cupy.cuda.function import CPointer
+
+    maps = [_tensor_map(a, _BOX_ROWS[name]) for name, a in (("W", W), ("x", x), ("out", out))]
+    tiles = -(-H // 128) * -(-T // 256)
+    blocks = min(tiles, _cuda.multiprocessor_count())
+    # each map goes by value: the launch copies its 128 bytes from the host buffer
+    args = (*(CPointer(m.ctypes.data) for m in maps), bits, np.int32(T), np.int32(H), np.int32(K),
+            np.int32(bits.shape[1]))
+    _function(x.dtype)((blocks,), (_THREADS,), args, shared_mem=SMEM_BYTES)
+    return out
+
+
+def _compute_capability() -> str:
+    cp = cupy_or_none()
+    return "" if cp is None else str(cp.cuda.Device().compute_capability)
+
+
+def _function(dtype: Any) -> Any:
+    """The kernel for ``dtype`` on the current device, compiled for sm_90a on first use."""
+    cp = cupy_or_none()
+    key = (cp.cuda.Device().id, _ENTRIES[np.dtype(dtype)])
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            fn = _functions.get(key)
+            if fn is None:
+                module = cp.cuda.function.Module()
+                module.load(_compile_sm90a(_cuda.read_source(_SOURCE)))
+                for dt, name in _ENTRIES.items():
+                    f = module.get_function(name)
+                    _set_max_dynamic_shared(f.ptr, SMEM_BYTES)
+                    _functions[(key[0], name)] = f
+                fn = _functions[key]
+    return fn
+
+
+def _compile_sm90a(source: str) -> bytes:
+    """``source`` compiled by NVRTC (CuPy's binding) for sm_90a: the cubin."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source, _SOURCE, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, ("-arch=sm_90a", "-std=c++17"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"{_SOURCE}: NVRTC failed for sm_90a: {e}\n{nvrtc.getProgramLog(prog)}") from e
+        return nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+def _set_max_dynamic_shared(function_ptr: int, nbytes: int) -> None:
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(function_ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+
+
+_TENSOR_MAP_TYPES = {np.dtype(bfloat16): 9, np.dtype(float16): 6}  # CU_TENSOR_MAP_DATA_TYPE_*
+_SWIZZLE_128B, _L2_PROMOTION_256B, _INTERLEAVE_NONE, _OOB_FILL_ZERO = 3, 3, 0, 0
+
+
+def _tensor_map(a: Any, box_rows: int) -> np.ndarray:
+    """The 128-byte ``CUtensorMap`` of a row-major 16-bit ``(rows, cols)`` CuPy matrix, boxes of 64 columns
+    by ``box_rows`` rows, 128-byte swizzle, zeros loaded past its edges."""
+    return _encoded(int(a.data.ptr), a.shape[0], a.shape[1], _TENSOR_MAP_TYPES[np.dtype(a.dtype)], box_rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded(ptr: int, rows: int, cols: int, data_type: int, box_rows: int) -> np.ndarray:
+    """The map of :func:`_tensor_map`, kept per address and shape: the memory pool hands the same
+    addresses back step after step, and the map depends on nothing else. Read-only."""
+    buf = np.zeros(192, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64  # CUtensorMap is 64-byte aligned
+    status = _encode_tiled()(
+        ctypes.c_void_p(buf.ctypes.data + off), data_type, 2, ctypes.c_void_p(ptr),
+        (ctypes.c_uint64 * 2)(cols, rows), (ctypes.c_uint64 * 1)(cols * 2),
+        (ctypes.c_uint32 * 2)(64, box_rows), (ctypes.c_uint32 * 2)(1, 1),
+        _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZERO)
+    if status != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with status {status} for a ({rows}, {cols}) matrix "
+                           f"of 16-bit values at {ptr:#x}")
+    m = buf[off:off + 128].copy()
+    m.flags.writeable = False
+    return m
+
+
+_encode: Any = None
+
+
+def _encode_tiled() -> Any:
+    global _encode
+    if _encode is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                       ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                       ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        _encode = fn
+    return _encode
