@@ -61,8 +61,10 @@ def compile_kernels(cp):
     from cuda import core
     import cuda.pathfinder
 
+    from pymglu import cuda as pymglu_cuda
+
     include = cuda.pathfinder.find_nvidia_header_directory("cudart")
-    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[include])
+    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[include, str(pymglu_cuda.source_dir())])
     cubin = core.Program(open(SOURCE).read(), "c++", options=options).compile("cubin")
     path = os.path.join(tempfile.mkdtemp(), "probe_masked_gemm.cubin")
     with open(path, "wb") as f:

@@ -160,13 +160,14 @@ def _function(dtype: Any) -> Any:
 
 
 def _compile_sm90a(source: str) -> bytes:
-    """``source`` compiled by NVRTC (CuPy's binding) for sm_90a: the cubin."""
+    """``source`` compiled by NVRTC (CuPy's binding) for sm_90a, with ``pymglu/cuda`` on the include path
+    (``hopper.cuh``): the cubin."""
     from cupy_backends.cuda.libs import nvrtc
 
     prog = nvrtc.createProgram(source, _SOURCE, (), ())
     try:
         try:
-            nvrtc.compileProgram(prog, ("-arch=sm_90a", "-std=c++17"))
+            nvrtc.compileProgram(prog, ("-arch=sm_90a", "-std=c++17", f"-I{_cuda.source_dir()}"))
         except nvrtc.NVRTCError as e:
             raise RuntimeError(f"{_SOURCE}: NVRTC failed for sm_90a: {e}\n{nvrtc.getProgramLog(prog)}") from e
         return nvrtc.getCUBIN(prog)

@@ -11,7 +11,8 @@ from pymglu.cuda import masked_gemm
 
 def _ptxas_log(source: str) -> str:
     core = pytest.importorskip("cuda.core")
-    options = core.ProgramOptions(arch="sm_90a", std="c++17", ptxas_options=["-v"])
+    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[str(pymglu_cuda.source_dir())],
+                                  ptxas_options=["-v"])
 
     class Log:
         text = ""

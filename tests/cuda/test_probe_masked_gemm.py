@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pymglu import cuda as pymglu_cuda
+
 SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_masked_gemm.cu"
 ENTRIES = {"rs_dense", "rs_masked", "rs_alu_only", "rs_loads_only", "rs_dense_tma_store", "rs_masked_tma_store",
            "rs_dense_no_store", "rs_dense_pair", "rs_masked_pair", "rs_dense_pair_no_store",
@@ -17,7 +19,8 @@ def test_probe_compiles_for_sm90a_without_spills_or_serialised_wgmma():
     import cuda.pathfinder
 
     include = cuda.pathfinder.find_nvidia_header_directory("cudart")
-    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[include], ptxas_options=["-v"])
+    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[include, str(pymglu_cuda.source_dir())],
+                                  ptxas_options=["-v"])
 
     class Log:
         text = ""
