@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from nvrtc_helpers import ptxas_log
 
 from pymglu import cuda as pymglu_cuda
 from pymglu.cuda import decode_fused, decode_sample, decode_step, flash_mglu, optimizers, tape_ops, training
@@ -27,22 +28,7 @@ INSTANCES = {"flash_mglu.cu": flash_mglu.kernel_names(), "mglu_train.cu": traini
 
 
 def _compile_nvrtc(source: str, names: list[str], arch: str) -> str:
-    core = pytest.importorskip("cuda.core")
-    import cuda.pathfinder
-
-    include = cuda.pathfinder.find_nvidia_header_directory("cudart")
-    options = core.ProgramOptions(arch=arch, std="c++17", ftz=True, include_path=[include, str(pymglu_cuda.source_dir())],
-                                  ptxas_options=["-v"])
-
-    class Log:
-        text = ""
-
-        def write(self, s):
-            self.text += s
-
-    log = Log()
-    core.Program(source, "c++", options=options).compile("cubin", name_expressions=tuple(names), logs=log)
-    return log.text
+    return ptxas_log(source, arch, name_expressions=tuple(names), ftz=True)
 
 
 def _compile_nvcc(path: Path, names: list[str], arch: str, defines: str = "") -> str:

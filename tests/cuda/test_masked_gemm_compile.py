@@ -3,30 +3,14 @@ wgmma serialisation (ptxas's C7514 remark), and pymglu.cuda.masked_gemm's consta
 CPU-only: NVRTC through cuda.core; skipped where cuda.core is missing."""
 import re
 
-import pytest
+from nvrtc_helpers import ptxas_log
 
 from pymglu import cuda as pymglu_cuda
 from pymglu.cuda import masked_gemm
 
 
-def _ptxas_log(source: str) -> str:
-    core = pytest.importorskip("cuda.core")
-    options = core.ProgramOptions(arch="sm_90a", std="c++17", include_path=[str(pymglu_cuda.source_dir())],
-                                  ptxas_options=["-v"])
-
-    class Log:
-        text = ""
-
-        def write(self, s):
-            self.text += s
-
-    log = Log()
-    core.Program(source, "c++", options=options).compile("cubin", logs=log)
-    return log.text
-
-
 def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma():
-    log = _ptxas_log(pymglu_cuda.read_source("masked_gemm.cu"))
+    log = ptxas_log(pymglu_cuda.read_source("masked_gemm.cu"), "sm_90a", cudart_headers=False)
     entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
     assert entries == set(masked_gemm._ENTRIES.values()), log[:2000]
     assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", log), log
