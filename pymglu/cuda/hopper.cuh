@@ -55,6 +55,12 @@ __device__ __forceinline__ void ldmatrix_x4(u32 addr, u32 (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
+// the same four matrices transposed on the way: lane l gets elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4)
+// of each, so an A operand stored with K along the rows in shared memory arrives in the fragment layout
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32 (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
 // four 8 x 8 matrices of 16-bit pairs (an accumulator fragment's layout) stored transposed: lane l gives
 // the address of row l % 8 of matrix l / 8 of the result
 __device__ __forceinline__ void stmatrix_x4_trans(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {

@@ -11,8 +11,9 @@ are the point of the path:
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weights ``M_i * W`` are built
   by one kernel into a reused buffer, two at a time from one read of ``W`` when ``n > 2``
   (:data:`MASKED_AT_ONCE`), else one at a time (never ``n`` masked copies at once); on an sm_90 GPU the
-  forward's masked products run in :mod:`pymglu.cuda.masked_gemm` instead, which applies the mask inside
-  the product and builds no copy, where :func:`pymglu.cuda.masked_gemm.usable` says it is faster;
+  forward's masked products and the backward's ``dx`` (all ``n + 1`` products in one accumulator) run in
+  :mod:`pymglu.cuda.masked_gemm` instead, which applies the mask inside the product and builds no copy,
+  where :func:`pymglu.cuda.masked_gemm.usable` and :func:`~pymglu.cuda.masked_gemm.usable_dx` allow it;
 * the backward may overwrite the forward cache in place (``consume_cache=True``): ``e_i`` replaces
   ``s_i`` and ``sum_i dv_i`` replaces ``t``, instead of being allocated next to them, and when the cache
   is handed over as a list it drops ``t`` before the ``G_i`` are allocated and ``s`` before the
@@ -304,14 +305,19 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
             (dy, t, s, e, dv_sum, _i32(n), np.int64(nh), _i32(_ACTIVATION_CODES[activation])))
 
     # dx = (sum_i dv_i) W + sum_i e_i (M_i * W), accumulated in float32 and rounded once.
-    dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
-    masked = _masked_buffer(W, n)
-    for group in _masked_groups(n):
-        built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
-        for j, i in enumerate(range(group.start, group.stop)):
-            gemm(e[i], built[j], dx, accumulate=True)
-    del masked, built
-    dx = _narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
+    if masked_gemm.usable_dx(dv_sum, e, W):  # one kernel, the masks on W^T's fragments, no masked copy
+        bits_t = masked_gemm.transpose_bits(bits, cp.empty((n, d, -(-h // 32)), dtype=np.uint32))
+        dx = masked_gemm.launch_dx_unchecked(dv_sum, e, W, bits_t, cp.empty((N, d), dtype=x.dtype))
+        del bits_t
+    else:
+        dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
+        masked = _masked_buffer(W, n)
+        for group in _masked_groups(n):
+            built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
+            for j, i in enumerate(range(group.start, group.stop)):
+                gemm(e[i], built[j], dx, accumulate=True)
+        del masked, built
+        dx = _narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
 
     accumulate = dW_acc is not None
     if not accumulate:

@@ -12,7 +12,7 @@ from pymglu.cuda import masked_gemm
 def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma():
     log = ptxas_log(pymglu_cuda.read_source("masked_gemm.cu"), "sm_90a", cudart_headers=False)
     entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
-    assert entries == set(masked_gemm._ENTRIES.values()), log[:2000]
+    assert entries == set(masked_gemm._KERNELS), log[:2000]
     assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", log), log
     assert "C7514" not in log, log
 
@@ -32,3 +32,21 @@ def test_unusable_without_cupy_arrays():
 
     x = np.zeros((4, 8), dtype=np.float32)
     assert not masked_gemm.supports(x, x, np.zeros((4, 1), dtype=np.uint32), x)
+    assert not masked_gemm.supports_dx(x, x[None], x)
+    assert not masked_gemm.usable_dx(x, x[None], x)
+
+
+def test_dx_kernel_is_off_by_default_and_switched_within_a_block():
+    assert masked_gemm.DX_ENABLED is False
+    with masked_gemm.dx_kernel():
+        assert masked_gemm.DX_ENABLED is True
+        with masked_gemm.dx_kernel(False):
+            assert masked_gemm.DX_ENABLED is False
+        assert masked_gemm.DX_ENABLED is True
+    assert masked_gemm.DX_ENABLED is False
+    try:
+        with masked_gemm.dx_kernel():
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert masked_gemm.DX_ENABLED is False
