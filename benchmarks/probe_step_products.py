@@ -106,6 +106,7 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
     records: list = []
     original_gemm, original_launch = training.gemm, training._launch
     original_masked = masked_gemm.launch_unchecked
+    original_dx, original_transpose = masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits
 
     def label_of_gemm(a, b, out, trans_a=False, trans_b=False, accumulate=False):
         M = a.shape[1] if trans_a else a.shape[0]
@@ -133,13 +134,35 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
         records.append((f"masked_gemm {x.shape[0]}x{W.shape[0]}x{x.shape[1]}", ev))
         return result
 
+    def masked_dx(dv, e, W, bits_t, out):
+        result = original_dx(dv, e, W, bits_t, out)
+        ev = cp.cuda.Event()
+        ev.record()
+        records.append((f"masked_dx {dv.shape[0]}x{W.shape[1]}x{W.shape[0]} ({e.shape[0] + 1} products)", ev))
+        return result
+
+    def transpose(bits, out=None):
+        result = original_transpose(bits, out)
+        ev = cp.cuda.Event()
+        ev.record()
+        records.append(("transpose_bits", ev))
+        return result
+
+    def patch(on):
+        if on:
+            training.gemm, training._launch, masked_gemm.launch_unchecked = gemm, launch, masked
+            masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits = masked_dx, transpose
+        else:
+            training.gemm, training._launch, masked_gemm.launch_unchecked = original_gemm, original_launch, original_masked
+            masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits = original_dx, original_transpose
+
     spin = cp.RawKernel(_SPIN, "spin")
     rate_khz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, 0)
     out = {}
     for name, step in steps.items():
         step()
         cp.cuda.Device().synchronize()
-        training.gemm, training._launch, masked_gemm.launch_unchecked = gemm, launch, masked
+        patch(True)
         try:
             records.clear()
             spin((1,), (1,), (np.int64(head_start_ms * rate_khz),))
@@ -155,7 +178,7 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
             queued = not spin_done.done
             cp.cuda.Device().synchronize()
         finally:
-            training.gemm, training._launch, masked_gemm.launch_unchecked = original_gemm, original_launch, original_masked
+            patch(False)
         if not queued:
             print(f"# {name}: the spin ended before every step was queued; raise --head-start")
         times = defaultdict(list)
@@ -280,8 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-in-place", action="store_true")
     p.add_argument("--skip-merged", action="store_true", help="no part 2 (the merged products)")
     p.add_argument("--no-apply-mask-step", action="store_true",
-                   help="no mglu-bits-given-apply-mask step (the forward's masked products built by apply_mask "
-                        "for cuBLAS, pymglu.cuda.masked_gemm off)")
+                   help="no mglu-bits-given-apply-mask step (the masked products built by apply_mask for cuBLAS, "
+                        "pymglu.cuda.masked_gemm off) and no mglu-bits-given-dx-kernel step (its dx kernel on)")
     args = p.parse_args(argv)
     n = args.masks
     assert n % 2 == 0, "--masks: the merged MGLU products pair the masks"
@@ -309,9 +332,14 @@ def main(argv=None) -> int:
                 with masked_gemm.disabled():
                     return mglu_step()
 
+            def dx_kernel_step():
+                with masked_gemm.dx_kernel(True):
+                    return mglu_step()
+
             steps = {"swiglu": glu_step, "mglu-bits-given": mglu_step}
             if not args.no_apply_mask_step:
                 steps["mglu-bits-given-apply-mask"] = apply_mask_step
+                steps["mglu-bits-given-dx-kernel"] = dx_kernel_step
             result = in_place(steps, args.steps, args.head_start)
             for name, (per_launch, total) in result.items():
                 print(f"\n### {name}: {total:.3f} ms per step in place (median of {args.steps})\n")

@@ -13,9 +13,11 @@ training does). Variants, all in the same run:
 * ``mglu``: :mod:`pymglu.functional` on CuPy, i.e. the fused path of :mod:`pymglu.cuda.training`;
 * ``mglu-bits-given``: the same step without the pack, the bit-planes made once outside: what a training
   loop runs when the optimizer's update writes them (:mod:`pymglu.cuda.optimizers`);
-* ``mglu-bits-given-apply-mask``: the same with :mod:`pymglu.cuda.masked_gemm` switched off, the forward's
-  masked products built by ``apply_mask`` for cuBLAS as before stop 32 (the same step wherever the kernel
-  is not used: other GPUs than sm_90, ``T > 2d``);
+* ``mglu-bits-given-apply-mask``: the same with :mod:`pymglu.cuda.masked_gemm` switched off, the masked
+  products built by ``apply_mask`` for cuBLAS as before stop 32 (the same step wherever the kernels are not
+  used: other GPUs than sm_90);
+* ``mglu-bits-given-dx-kernel``: the same with the backward's ``dx`` kernel switched on
+  (``masked_gemm.dx_kernel()``; off by default since stop 33), its ``n + 1`` products in one kernel;
 * ``mglu-recompute`` (at the n of ``--recompute-n``): the same with ``keep_cache=False``, the backward
   recomputing ``t`` and ``s_i`` in chunks of tokens (``4 (n + 1)`` products per step);
 * ``swiglu``: pymglu's GLU on the same path (two cuBLAS products per pass + fused epilogues);
@@ -34,7 +36,7 @@ variants are timed on their own, after them.
 With ``--graphs`` (the default) SwiGLU's step and the ``mglu-bits-given`` steps are also captured as CUDA
 graphs (``pymglu.cuda.capture.record_graph``, each with its own memory pool) and their replays, on the
 current stream, join the turns as ``swiglu (graph)`` and ``mglu-bits-given (graph)`` (and
-``mglu-bits-given-apply-mask (graph)``): the
+``mglu-bits-given-apply-mask (graph)``, ``mglu-bits-given-dx-kernel (graph)``): the
 same kernels without the host's launches between them, which is how ``GraphTrainStep`` runs a training
 step; their ratio is against ``swiglu (graph)``. "x SwiGLU" is against pymglu's SwiGLU, the one timed in turns
 (the faster of the two SwiGLUs in every run so far; the script prints a note if torch's is faster). TFLOP/s counts the products only:
@@ -295,17 +297,22 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             with masked_gemm.disabled():
                 return bits_given_step(given)
 
+        def dx_kernel_step(given=given):
+            with masked_gemm.dx_kernel(True):
+                return bits_given_step(given)
+
         variants.append(("mglu", n, mglu_step, 3 * (n + 1), live))
         if args.bits_given:
             variants.append(("mglu-bits-given", n, bits_given_step, 3 * (n + 1), live + given.nbytes))
             if args.apply_mask_too:
                 variants.append(("mglu-bits-given-apply-mask", n, apply_mask_step, 3 * (n + 1), live + given.nbytes))
+                variants.append(("mglu-bits-given-dx-kernel", n, dx_kernel_step, 3 * (n + 1), live + given.nbytes))
         if n in args.recompute_n:
             variants.append(("mglu-recompute", n, recompute_step, 4 * (n + 1), live))
     replays = {}
     if args.graphs:
         for name, n, step, products, live in list(variants):
-            if name in ("swiglu", "mglu-bits-given", "mglu-bits-given-apply-mask"):
+            if name in ("swiglu", "mglu-bits-given", "mglu-bits-given-apply-mask", "mglu-bits-given-dx-kernel"):
                 replays[(name, n)] = captured(step)
                 variants.append((f"{name} (graph)", n, replays[(name, n)], products, live))
     times = time_in_turns({(name, n): step for name, n, step, _, _ in variants}, args.warmup, args.reps,
@@ -457,8 +464,9 @@ def main(argv=None):
     p.add_argument("--no-bits-given", dest="bits_given", action="store_false",
                    help="skip the mglu-bits-given variant (the step without the pack)")
     p.add_argument("--no-apply-mask-too", dest="apply_mask_too", action="store_false",
-                   help="skip mglu-bits-given-apply-mask: the bits-given step with pymglu.cuda.masked_gemm off, "
-                        "its masked products built by apply_mask for cuBLAS (the path before stop 32)")
+                   help="skip mglu-bits-given-apply-mask and mglu-bits-given-dx-kernel: the bits-given step "
+                        "with pymglu.cuda.masked_gemm off (its masked products built by apply_mask for cuBLAS, "
+                        "the path before stop 32), and with its dx kernel on (off by default, stop 33)")
     p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
     p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
     p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")
