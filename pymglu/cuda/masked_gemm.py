@@ -269,20 +269,22 @@ def transpose_bits(bits: Any, out: Any = None) -> Any:
     _checks.check_ndim("bits", bits, 3)
     _checks.check_dtype("bits", bits, (np.uint32,))
     n, R, CW = bits.shape
-    cp = cupy_or_none()
-    if out is None:
-        out = cp.empty((n, 32 * CW, -(-R // 32)), dtype=np.uint32)
-    _checks.check_ndim("out", out, 3)
-    _checks.check_dtype("out", out, (np.uint32,))
-    C = out.shape[1]
-    _checks.check_shape("out", out, (n, C, -(-R // 32)))
-    if not (-(-C // 32) == CW):
-        raise ValueError(f"transpose_bits: out has {C} rows, which need {-(-C // 32)} words per row of bits; "
-                         f"bits has {CW}")
-    if not (is_cupy_array(bits) and is_cupy_array(out) and bits.flags.c_contiguous and out.flags.c_contiguous
-            and _compute_capability() == "90"):
+    if out is not None:
+        _checks.check_ndim("out", out, 3)
+        _checks.check_dtype("out", out, (np.uint32,))
+        C = out.shape[1]
+        _checks.check_shape("out", out, (n, C, -(-R // 32)))
+        if -(-C // 32) != CW:
+            raise ValueError(f"transpose_bits: out has {C} rows, which need {-(-C // 32)} words per row of bits; "
+                             f"bits has {CW}")
+    given = (bits,) if out is None else (bits, out)
+    if not (all(is_cupy_array(a) and a.flags.c_contiguous for a in given) and _compute_capability() == "90"):
         raise RuntimeError("transpose_bits: needs C-contiguous CuPy arrays on a compute-capability-9.0 device; "
-                           f"got bits {_checks.describe(bits)}, out {_checks.describe(out)}")
+                           f"got bits {_checks.describe(bits)}"
+                           + ("" if out is None else f", out {_checks.describe(out)}"))
+    if out is None:
+        out = cupy_or_none().empty((n, 32 * CW, -(-R // 32)), dtype=np.uint32)
+    C = out.shape[1]
     if n and R and C:
         row_words = -(-R // 32)
         grid = (-(-CW // 8), -(-row_words // 8), n)  # a block: 8 words (256 columns) of 256 rows

@@ -50,3 +50,22 @@ def test_dx_kernel_is_off_by_default_and_switched_within_a_block():
     except KeyError:
         pass
     assert masked_gemm.DX_ENABLED is False
+
+
+def test_dx_and_transpose_refuse_numpy_arrays_with_a_clear_error():
+    import numpy as np
+    import pytest
+
+    bits = np.zeros((2, 64, 1), dtype=np.uint32)
+    with pytest.raises(RuntimeError, match="transpose_bits: needs C-contiguous CuPy arrays"):
+        masked_gemm.transpose_bits(bits)
+    with pytest.raises(ValueError, match="out"):
+        masked_gemm.transpose_bits(bits, np.zeros((2, 40, 2), dtype=np.uint32))
+    T, h, d, n = 4, 64, 32, 2
+    dv, e, W = (np.zeros(s, dtype=np.float16) for s in ((T, h), (n, T, h), (h, d)))
+    out = np.full((T, d), 7, dtype=np.float16)
+    with pytest.raises(RuntimeError, match="masked_dx: needs CuPy arrays"):
+        masked_gemm.masked_dx(dv, e, W, bits, out)
+    with pytest.raises(ValueError, match="bits"):
+        masked_gemm.masked_dx(dv, e, W, bits[:1], out)
+    assert (out == 7).all()
