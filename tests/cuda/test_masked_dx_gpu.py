@@ -5,23 +5,11 @@ with NaN first; a guard row past the output must stay NaN."""
 import numpy as np
 import pytest
 
+from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, rel_err  # noqa: F401 (fixture)
 from pymglu import masks as mask_ops
-from pymglu.backend import gpu_available
 from pymglu.dtypes import bfloat16, float16
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device")]
-
-DTYPES = [pytest.param(bfloat16, id="bfloat16"), pytest.param(float16, id="float16")]
-#: relative error of a 16-bit output rounded once from float32 sums
-TOL = {np.dtype(bfloat16): 6e-3, np.dtype(float16): 1e-3}
-
-
-@pytest.fixture(autouse=True)
-def needs_sm90():
-    import cupy as cp
-
-    if cp.cuda.Device().compute_capability != "90":
-        pytest.skip("the masked GEMM kernels are sm_90a only")
+pytestmark = PYTESTMARK
 
 
 def case(rng, T, h, d, n, dtype):
@@ -38,12 +26,6 @@ def reference(dv, e, W, mask):
     for i in range(e.shape[0]):
         out += e[i].astype(np.float64) @ (W64 * mask[i])
     return out
-
-
-def rel_err(got, want):
-    got = np.asarray(got, dtype=np.float64)
-    assert np.all(np.isfinite(got))
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 @pytest.mark.parametrize("n,R,C", [(1, 1, 1), (2, 33, 70), (3, 300, 257), (1, 256, 256), (2, 1000, 520)])

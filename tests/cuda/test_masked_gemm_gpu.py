@@ -4,23 +4,11 @@ bad input. Outputs are poisoned with NaN first; a guard row past the output must
 import numpy as np
 import pytest
 
+from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, rel_err  # noqa: F401 (fixture)
 from pymglu import masks as mask_ops
-from pymglu.backend import gpu_available
 from pymglu.dtypes import bfloat16, float16
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a usable CUDA device")]
-
-DTYPES = [pytest.param(bfloat16, id="bfloat16"), pytest.param(float16, id="float16")]
-#: relative error of a 16-bit output rounded once from float32 sums
-TOL = {np.dtype(bfloat16): 6e-3, np.dtype(float16): 1e-3}
-
-
-@pytest.fixture(autouse=True)
-def needs_sm90():
-    import cupy as cp
-
-    if cp.cuda.Device().compute_capability != "90":
-        pytest.skip("the masked GEMM kernel is sm_90a only")
+pytestmark = PYTESTMARK
 
 
 def case(rng, T, H, K, dtype):
@@ -28,12 +16,6 @@ def case(rng, T, H, K, dtype):
     W = (rng.standard_normal((H, K), dtype=np.float32) * K ** -0.5).astype(dtype)
     mask = rng.random((H, K)) < 0.5
     return x, W, mask
-
-
-def rel_err(got, want):
-    got = np.asarray(got, dtype=np.float64)
-    assert np.all(np.isfinite(got))
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
