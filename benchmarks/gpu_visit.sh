@@ -31,7 +31,7 @@
 # PYTEST=0 SANITIZE=0 DEVICE=cpu NGPU=2 JOBS_PER_GPU=2 EXTRA=--smoke SEEDS="0 1" OUT=/tmp/o bash benchmarks/gpu_visit.sh experiment
 # WARPS / AHEAD (quick, full): comma lists swept by decode.py --warps / --ahead; PDL (quick, full): a comma list of off, start,
 # end (decode.py --pdl). SANITIZE_TOOLS: the compute-sanitizer tools (default: memcheck racecheck). With PYTEST=0 the gpu tests are skipped. SANITIZE=0 skips compute-sanitizer;
-# SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training sanitize_decode).
+# SANITIZE_SCRIPTS picks its scripts (default: sanitize_flash sanitize_training sanitize_decode sanitize_masked_gemm; the last needs sm_90).
 set -uo pipefail
 mode=${1:-quick}
 kexpr=${2:-}
@@ -44,7 +44,7 @@ if [ "${PYTEST:-1}" = 1 ]; then
   tail -n 3 "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-300 | head -n 30
 fi
 if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training sanitize_decode}; do
+  for script in ${SANITIZE_SCRIPTS:-sanitize_flash sanitize_training sanitize_decode sanitize_masked_gemm}; do
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 benchmarks/$script.py > "$OUT/${script}_$tool.log" 2>&1 \
         && echo "compute-sanitizer $tool $script: clean" || { echo "compute-sanitizer $tool $script: FAILED"; status=1; }
