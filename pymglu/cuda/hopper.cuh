@@ -1,7 +1,8 @@
-// Hopper (sm_90a) building blocks of the TMA + wgmma kernels: shared-memory addresses, mbarriers, TMA loads
-// and stores of 2-d tensor maps, the 128-byte swizzle and its wgmma descriptor, ldmatrix / stmatrix, and the
-// m64n256k16 wgmma with a register A operand. Used by masked_gemm.cu and benchmarks/probe_masked_gemm.cu;
-// needs no other header (NVRTC's built-in vector types only).
+// Hopper (sm_90a) building blocks of the TMA + wgmma kernels: shared-memory addresses, mbarriers (a block's
+// own and its cluster's), TMA loads (into one block or multicast to a cluster) and stores of 2-d tensor maps,
+// the 128-byte swizzle and its wgmma descriptor, ldmatrix / stmatrix, and the m64n256k16 wgmma with a
+// register A operand. Used by masked_gemm.cu and benchmarks/probe_masked_gemm.cu; needs no other header
+// (NVRTC's built-in vector types only).
 #pragma once
 
 namespace pymglu {
@@ -40,6 +41,32 @@ __device__ __forceinline__ void tma_load_2d(u32 dst, const void* map, int c0, in
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+// the same box written at dst in every block of the cluster named by the bit mask cta_mask, each block's
+// mbarrier at bar (both addresses are the same offsets in every block) told of its bytes
+__device__ __forceinline__ void tma_load_2d_multicast(u32 dst, const void* map, int c0, int c1, u32 bar,
+                                                      unsigned short cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n"
+      ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask) : "memory");
+}
+// this block's rank in its cluster
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// an arrival on the mbarrier at offset bar of block `rank` of the cluster (the default .release.cta, as CUTLASS's
+// ClusterBarrier arrives: at cluster scope the arrival waits for this thread's earlier memory operations)
+__device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(rank) : "memory");
+}
+// every thread of every block of the cluster
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 __device__ __forceinline__ void tma_store_2d(const void* map, u32 src, int c0, int c1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
