@@ -54,6 +54,13 @@ def _forward_variants(sets: list, T: int, d: int, h: int) -> dict:
                 masked_gemm.launch_unchecked(sets[k]["x"], sets[k]["W"], sets[k]["bits"][0], outs[k])
         return run
 
+    def smem_mask(k):
+        previous, masked_gemm._FORWARD_KIND = masked_gemm._FORWARD_KIND, "masked_gemm_ss"
+        try:
+            masked_gemm.launch_unchecked(sets[k]["x"], sets[k]["W"], sets[k]["bits"][0], outs[k])
+        finally:
+            masked_gemm._FORWARD_KIND = previous
+
     def apply_mask_cublas(k):
         training.apply_mask(sets[k]["W"], sets[k]["bits"][:1], built[k])
         gemm(sets[k]["x"], built[k][0], outs[k], trans_b=True)
@@ -61,8 +68,8 @@ def _forward_variants(sets: list, T: int, d: int, h: int) -> dict:
     def dense(k):
         gemm(sets[k]["x"], sets[k]["W"], outs[k], trans_b=True)
 
-    return {"alone": kernel(False), "pairs": kernel(True), "apply_mask + cuBLAS": apply_mask_cublas,
-            "cuBLAS unmasked": dense}, outs
+    return {"alone": kernel(False), "pairs": kernel(True), "smem mask": smem_mask,
+            "apply_mask + cuBLAS": apply_mask_cublas, "cuBLAS unmasked": dense}, outs
 
 
 def _dx_variants(sets: list, T: int, d: int, h: int, n: int) -> dict:

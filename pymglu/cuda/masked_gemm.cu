@@ -67,7 +67,9 @@ __device__ __forceinline__ uint2 mask_words(const u32* __restrict__ bits, int ro
 // half of the token tile and multicasts it to both, so that a stage reads 32 KB from L2 instead of 48. A stage's
 // slot is free again once the consumers of both blocks release it: each warp of a consumer warpgroup also
 // arrives on the other block's `empty` barrier.
-template <bool BF16, bool TRANS_A, int CLUSTER>
+// SMEM_MASK (forward only): the consumers AND the mask into the W tile in shared memory, and multiply with both
+// operands in shared memory (wgmma's SS form) instead of masking register fragments.
+template <bool BF16, bool TRANS_A, int CLUSTER, bool SMEM_MASK = false>
 __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, const TensorMap* b1_map,
                                const TensorMap* c_map, const u32* __restrict__ bits, int T, int R, int K, int KW,
                                int segments) {
@@ -77,6 +79,7 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
   const u32 sA = base, sB = sA + STAGES * A_STAGE, sC = sB + STAGES * B_STAGE, sM = sC + 2 * C_CHUNK;
   const int tid = threadIdx.x, wg = tid >> 7;
   static_assert(CLUSTER == 1 || CLUSTER == 2, "blocks run alone or in pairs");
+  static_assert(!(SMEM_MASK && TRANS_A), "the shared-memory mask serves the forward's K-major W tile");
   const u32 rank = CLUSTER == 2 ? cluster_rank() : 0u;
   const int first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
   // a cluster's tile: CLUSTER neighbouring tiles of rows of A, block `rank` the rank-th of them
@@ -201,6 +204,39 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
   // the slot's reuse (benchmarks/probe_racecheck_mbarrier.py shows it on a minimal ping-pong).
   // In a pair, one lane of each warp also tells the other block, whose producer loads half of the token tile
   // into this block's slot (the warp's wgmma reads of it ended with its wgmma_wait).
+  // SMEM_MASK: thread ct of warpgroup cwg masks 32 columns (one mask word) of row mrow of the stage's W tile
+  const int mrow = cwg * 64 + ((ct & 127) >> 1), mhalf = ct & 1;
+  auto mask_stage = [&](int kt) {
+    const int s = (it + kt) % STAGES;
+    mbar_wait(smem_addr(&full[s]), ((it + kt) / STAGES) & 1);
+    u32 word;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(word) : "r"(sM + s * (BM * 8) + mrow * 8 + mhalf * 4));
+    const u32 a_tile = sA + s * A_STAGE;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const u32 addr = a_tile + swizzled(mrow, 4 * mhalf + c);
+      u32 v0, v1, v2, v3;
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3) : "r"(addr));
+      const u32 w = word >> (8 * c);
+      v0 &= spread_pair(w, 0);
+      v1 &= spread_pair(w, 2);
+      v2 &= spread_pair(w, 4);
+      v3 &= spread_pair(w, 6);
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                   : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the masked tile, seen by wgmma
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cwg) : "memory");   // all four warps' rows masked
+  };
+  auto mma_ss = [&](int kt) {
+    const int s = (it + kt) % STAGES;
+    const u32 a_tile = sA + s * A_STAGE + cwg * (A_STAGE / 2), b_tile = sB + s * B_STAGE;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_ss_256<BF16>(d, descriptor(a_tile + kk * 32), descriptor(b_tile + kk * 32), (kt | kk) != 0);
+    wgmma_commit();
+  };
   auto release = [&](int kt) {
     const u32 bar = smem_addr(&empty[(it + kt) % STAGES]);
     mbar_arrive(bar);
@@ -214,10 +250,20 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
     // Two wgmma groups in flight: the fragments of stage kt + 1 are loaded (and masked) and their group
     // issued while stage kt's runs; waiting for all but the newest group then frees stage kt, and the
     // fragment buffer of stage kt is reused for stage kt + 2.
+    int kt = 0;
+    if constexpr (SMEM_MASK) {
+      mask_stage(0);
+      mma_ss(0);
+      for (; kt + 1 < G; ++kt) {
+        mask_stage(kt + 1);
+        mma_ss(kt + 1);
+        wgmma_wait<1>();
+        release(kt);
+      }
+    } else {
     u32 a0[4][4], a1[4][4];
     load_a(0, a0);
     mma(0, a0);
-    int kt = 0;
     for (; kt + 2 < G; kt += 2) {
       load_a(kt + 1, a1);
       mma(kt + 1, a1);
@@ -234,6 +280,7 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
       wgmma_wait<1>();
       release(kt);
       kt += 1;
+    }
     }
     wgmma_wait<0>();
     release(kt);
@@ -330,6 +377,13 @@ __device__ void transpose_planes(const u32* __restrict__ bits, u32* __restrict__
                                                              H, HW, n + 1);                                    \
   }
 #define PYMGLU_PAIRS __cluster_dims__(2, 1, 1)
+extern "C" __global__ void __launch_bounds__(384, 1)
+    masked_gemm_ss_bf16(const __grid_constant__ pymglu::hopper::TensorMap w_map,
+                        const __grid_constant__ pymglu::hopper::TensorMap x_map,
+                        const __grid_constant__ pymglu::hopper::TensorMap c_map, const u32* bits, int T, int H, int K,
+                        int KW) {
+  pymglu::masked_gemm::masked_product<true, false, 1, true>(&w_map, &x_map, &x_map, &c_map, bits, T, H, K, KW, 1);
+}
 PYMGLU_MASKED_ENTRIES(bf16, true, 1, )
 PYMGLU_MASKED_ENTRIES(f16, false, 1, )
 PYMGLU_MASKED_ENTRIES(pairs_bf16, true, 2, PYMGLU_PAIRS)

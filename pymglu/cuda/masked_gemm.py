@@ -68,7 +68,8 @@ _ENTRIES = {dt: f"masked_gemm_{sfx}" for dt, sfx in _SUFFIXES.items()}
 _DX_ENTRIES = {dt: f"masked_dx_{sfx}" for dt, sfx in _SUFFIXES.items()}
 _TRANSPOSE = "transpose_bit_planes"
 _PAIRED = tuple(f"{kind}_pairs_{sfx}" for kind in ("masked_gemm", "masked_dx") for sfx in _SUFFIXES.values())
-_KERNELS = (*_ENTRIES.values(), *_DX_ENTRIES.values(), *_PAIRED, _TRANSPOSE)
+_KERNELS = (*_ENTRIES.values(), *_DX_ENTRIES.values(), *_PAIRED, "masked_gemm_ss_bf16", _TRANSPOSE)
+_FORWARD_KIND = "masked_gemm"
 _THREADS = 384
 #: dynamic shared memory of a block: 4 stages of a 128 x 64 W tile and a 256 x 64 x tile, two 8 KB output
 #: chunks, the mask words of the stages, 1 KB for alignment (``SMEM_BYTES`` in the source)
@@ -183,7 +184,7 @@ def launch_unchecked(x: Any, W: Any, bits: Any, out: Any) -> Any:
     # each map goes by value: the launch copies its 128 bytes from the host buffer
     args = (*(CPointer(m.ctypes.data) for m in maps), bits, np.int32(T), np.int32(H), np.int32(K),
             np.int32(bits.shape[1]))
-    _launch("masked_gemm", x.dtype, paired, H, T, args)
+    _launch(_FORWARD_KIND, x.dtype, paired, H, T, args)
     return out
 
 
