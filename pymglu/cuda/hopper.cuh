@@ -1,8 +1,7 @@
-// Hopper (sm_90a) building blocks of the TMA + wgmma kernels: shared-memory addresses, mbarriers (a block's
-// own and its cluster's), TMA loads (into one block or multicast to a cluster) and stores of 2-d tensor maps,
-// the 128-byte swizzle and its wgmma descriptor, ldmatrix / stmatrix, and the m64n256k16 wgmma with a
-// register A operand. Used by masked_gemm.cu and benchmarks/probe_masked_gemm.cu; needs no other header
-// (NVRTC's built-in vector types only).
+// Hopper (sm_90a) building blocks of the TMA + wgmma kernels: shared-memory addresses, mbarriers, TMA loads
+// and stores of 2-d tensor maps, the 128-byte swizzle and its wgmma descriptor, ldmatrix / stmatrix, and the
+// m64n256k16 wgmma with a register A operand. Used by masked_gemm.cu and benchmarks/probe_masked_gemm.cu;
+// needs no other header (NVRTC's built-in vector types only).
 #pragma once
 
 namespace pymglu {
@@ -41,32 +40,6 @@ __device__ __forceinline__ void tma_load_2d(u32 dst, const void* map, int c0, in
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-// the same box written at dst in every block of the cluster named by the bit mask cta_mask, each block's
-// mbarrier at bar (both addresses are the same offsets in every block) told of its bytes
-__device__ __forceinline__ void tma_load_2d_multicast(u32 dst, const void* map, int c0, int c1, u32 bar,
-                                                      unsigned short cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;\n"
-      ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask) : "memory");
-}
-// this block's rank in its cluster
-__device__ __forceinline__ u32 cluster_rank() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// an arrival on the mbarrier at offset bar of block `rank` of the cluster (the default .release.cta, as CUTLASS's
-// ClusterBarrier arrives: at cluster scope the arrival waits for this thread's earlier memory operations)
-__device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar), "r"(rank) : "memory");
-}
-// every thread of every block of the cluster
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 __device__ __forceinline__ void tma_store_2d(const void* map, u32 src, int c0, int c1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
@@ -133,33 +106,6 @@ __device__ __forceinline__ void wgmma_rs_256(float (&d)[128], const u32 (&a)[4],
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " WGMMA_OPERANDS WGMMA_BINDINGS);
 }
-#define WGMMA_SS_OPERANDS                                                                                        \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                    \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                           \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                            \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                            \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                            \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                            \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "               \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "           \
-  "%128, %129, p, 1, 1, 0, 0;\n}\n"
-#define WGMMA_SS_BINDINGS                                                                                        \
-  : R8(0), R8(8), R8(16), R8(24), R8(32), R8(40), R8(48), R8(56), R8(64), R8(72), R8(80), R8(88), R8(96),     \
-    R8(104), R8(112), R8(120)                                                                                    \
-  : "l"(da), "l"(db), "r"(scale_d)
-// d (64 x 256 floats per warpgroup) += A (64 x 16, shared memory, K-major, descriptor da) . B (16 x 256, shared
-// memory, descriptor db); scale_d = 0 overwrites d instead
-template <bool BF16>
-__device__ __forceinline__ void wgmma_ss_256(float (&d)[128], u64 da, u64 db, int scale_d) {
-  if constexpr (BF16)
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WGMMA_SS_OPERANDS WGMMA_SS_BINDINGS);
-  else
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " WGMMA_SS_OPERANDS WGMMA_SS_BINDINGS);
-}
-#undef WGMMA_SS_BINDINGS
-#undef WGMMA_SS_OPERANDS
 #undef WGMMA_BINDINGS
 #undef WGMMA_OPERANDS
 #undef R8

@@ -63,13 +63,7 @@ __device__ __forceinline__ uint2 mask_words(const u32* __restrict__ bits, int ro
 // TRANS_A = false: the forward. A = W (R = H rows, K columns), one segment, masked by the plane `bits`.
 // TRANS_A = true: dx. A = W^T (R = D rows: the columns of W; K = H: its rows), `segments` = n + 1 products;
 // segment 0 takes B from b0_map and no mask, segment p >= 1 rows (p - 1) T.. of b1_map and plane p - 1 of bits.
-// CLUSTER = 2: blocks run in pairs (a cluster) on tiles of the same tokens and neighbouring rows of A; each loads
-// half of the token tile and multicasts it to both, so that a stage reads 32 KB from L2 instead of 48. A stage's
-// slot is free again once the consumers of both blocks release it: each warp of a consumer warpgroup also
-// arrives on the other block's `empty` barrier.
-// SMEM_MASK (forward only): the consumers AND the mask into the W tile in shared memory, and multiply with both
-// operands in shared memory (wgmma's SS form) instead of masking register fragments.
-template <bool BF16, bool TRANS_A, int CLUSTER, bool SMEM_MASK = false>
+template <bool BF16, bool TRANS_A>
 __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, const TensorMap* b1_map,
                                const TensorMap* c_map, const u32* __restrict__ bits, int T, int R, int K, int KW,
                                int segments) {
@@ -78,12 +72,7 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
   const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // 128-byte swizzle needs 1 KB alignment
   const u32 sA = base, sB = sA + STAGES * A_STAGE, sC = sB + STAGES * B_STAGE, sM = sC + 2 * C_CHUNK;
   const int tid = threadIdx.x, wg = tid >> 7;
-  static_assert(CLUSTER == 1 || CLUSTER == 2, "blocks run alone or in pairs");
-  static_assert(!(SMEM_MASK && TRANS_A), "the shared-memory mask serves the forward's K-major W tile");
-  const u32 rank = CLUSTER == 2 ? cluster_rank() : 0u;
-  const int first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
-  // a cluster's tile: CLUSTER neighbouring tiles of rows of A, block `rank` the rank-th of them
-  const int r_tiles = (R + CLUSTER * BM - 1) / (CLUSTER * BM), t_tiles = (T + BN - 1) / BN, tiles = r_tiles * t_tiles;
+  const int r_tiles = (R + BM - 1) / BM, t_tiles = (T + BN - 1) / BN, tiles = r_tiles * t_tiles;
   const int KT = (K + BK - 1) / BK, G = segments * KT;  // stages per tile
   const int first_masked = TRANS_A ? 1 : 0;
   // the forward groups tiles of W (8 sweep every token tile), dx tiles of tokens (its B rows are n + 1 times
@@ -93,23 +82,22 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
     const int group = tile / (GROUP * minor_tiles), first = group * GROUP;
     const int in_group = min(major_tiles - first, GROUP), local = tile % (GROUP * minor_tiles);
     const int major = first + local % in_group, minor = local / in_group;
-    r0 = ((TRANS_A ? minor : major) * CLUSTER + (int)rank) * BM;
+    r0 = (TRANS_A ? minor : major) * BM;
     t0 = (TRANS_A ? major : minor) * BN;
   };
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(smem_addr(&full[s]), 129);
-      mbar_init(smem_addr(&empty[s]), 256 + (CLUSTER - 1) * 8);  // each consumer thread, each other warp
+      mbar_init(smem_addr(&empty[s]), 256);  // one arrival per consumer thread
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if constexpr (CLUSTER > 1) cluster_sync();  // the other block's barriers are ready before its loads reach them
-  else __syncthreads();
+  __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     int it = 0;  // stages produced so far, over all of this block's tiles
-    for (int tile = first_tile; tile < tiles; tile += tile_stride) {
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       int r0, t0;
       origin(tile, r0, t0);
       // the mask words of stage g of this tile: all ones for an unmasked segment, zero past the last stage
@@ -133,14 +121,8 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
           } else {
             tma_load_2d(sA + s * A_STAGE, a_map, k0, r0, fb);
           }
-          const TensorMap* b_map = p == 0 ? b0_map : b1_map;
-          const int b_row = (p == 0 ? 0 : (p - 1) * T) + t0;
-          if constexpr (CLUSTER > 1) {  // this block's half of the token rows, to both blocks
-            constexpr int HALF = B_STAGE / 2;
-            tma_load_2d_multicast(sB + s * B_STAGE + rank * HALF, b_map, k0, b_row + (int)rank * (BN / 2), fb, 0x3);
-          } else {
-            tma_load_2d(sB + s * B_STAGE, b_map, k0, b_row, fb);
-          }
+          if (p == 0) tma_load_2d(sB + s * B_STAGE, b0_map, k0, t0, fb);
+          else tma_load_2d(sB + s * B_STAGE, b1_map, k0, (p - 1) * T + t0, fb);
         }
         asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(sM + s * (BM * 8) + tid * 8), "r"(mw0.x), "r"(mw0.y)
                      : "memory");
@@ -149,7 +131,6 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
         mw1 = words(g + 2);
       }
     }
-    if constexpr (CLUSTER > 1) cluster_sync();  // no block leaves while the other may still load into it
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -202,68 +183,17 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
   // them, the producer's wait acquires them). One arrival per warp after __syncwarp() orders them as well
   // under the PTX memory model, but compute-sanitizer's racecheck does not follow that chain and reports
   // the slot's reuse (benchmarks/probe_racecheck_mbarrier.py shows it on a minimal ping-pong).
-  // In a pair, one lane of each warp also tells the other block, whose producer loads half of the token tile
-  // into this block's slot (the warp's wgmma reads of it ended with its wgmma_wait).
-  // SMEM_MASK: thread ct of warpgroup cwg masks 32 columns (one mask word) of row mrow of the stage's W tile
-  const int mrow = cwg * 64 + ((ct & 127) >> 1), mhalf = ct & 1;
-  auto mask_stage = [&](int kt) {
-    const int s = (it + kt) % STAGES;
-    mbar_wait(smem_addr(&full[s]), ((it + kt) / STAGES) & 1);
-    u32 word;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(word) : "r"(sM + s * (BM * 8) + mrow * 8 + mhalf * 4));
-    const u32 a_tile = sA + s * A_STAGE;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const u32 addr = a_tile + swizzled(mrow, 4 * mhalf + c);
-      u32 v0, v1, v2, v3;
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3) : "r"(addr));
-      const u32 w = word >> (8 * c);
-      v0 &= spread_pair(w, 0);
-      v1 &= spread_pair(w, 2);
-      v2 &= spread_pair(w, 4);
-      v3 &= spread_pair(w, 6);
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v0), "r"(v1), "r"(v2), "r"(v3)
-                   : "memory");
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the masked tile, seen by wgmma
-    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + cwg) : "memory");   // all four warps' rows masked
-  };
-  auto mma_ss = [&](int kt) {
-    const int s = (it + kt) % STAGES;
-    const u32 a_tile = sA + s * A_STAGE + cwg * (A_STAGE / 2), b_tile = sB + s * B_STAGE;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_ss_256<BF16>(d, descriptor(a_tile + kk * 32), descriptor(b_tile + kk * 32), (kt | kk) != 0);
-    wgmma_commit();
-  };
-  auto release = [&](int kt) {
-    const u32 bar = smem_addr(&empty[(it + kt) % STAGES]);
-    mbar_arrive(bar);
-    if constexpr (CLUSTER > 1) {
-      if (lane == 0) mbar_arrive_remote(bar, rank ^ 1u);
-    }
-  };
-  for (int tile = first_tile; tile < tiles; tile += tile_stride) {
+  auto release = [&](int kt) { mbar_arrive(smem_addr(&empty[(it + kt) % STAGES])); };
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     int r0, t0;
     origin(tile, r0, t0);
     // Two wgmma groups in flight: the fragments of stage kt + 1 are loaded (and masked) and their group
     // issued while stage kt's runs; waiting for all but the newest group then frees stage kt, and the
     // fragment buffer of stage kt is reused for stage kt + 2.
-    int kt = 0;
-    if constexpr (SMEM_MASK) {
-      mask_stage(0);
-      mma_ss(0);
-      for (; kt + 1 < G; ++kt) {
-        mask_stage(kt + 1);
-        mma_ss(kt + 1);
-        wgmma_wait<1>();
-        release(kt);
-      }
-    } else {
     u32 a0[4][4], a1[4][4];
     load_a(0, a0);
     mma(0, a0);
+    int kt = 0;
     for (; kt + 2 < G; kt += 2) {
       load_a(kt + 1, a1);
       mma(kt + 1, a1);
@@ -280,7 +210,6 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
       wgmma_wait<1>();
       release(kt);
       kt += 1;
-    }
     }
     wgmma_wait<0>();
     release(kt);
@@ -310,7 +239,6 @@ __device__ void masked_product(const TensorMap* a_map, const TensorMap* b0_map, 
     }
   }
   if (ct == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // shared memory outlives the stores
-  if constexpr (CLUSTER > 1) cluster_sync();
 }
 
 // The 32 x 32 bit matrix held one row per lane (bit j of lane i's word = element (i, j)) transposed in place
@@ -358,37 +286,25 @@ __device__ void transpose_planes(const u32* __restrict__ bits, u32* __restrict__
 }  // namespace masked_gemm
 }  // namespace pymglu
 
-#define PYMGLU_MASKED_ENTRIES(SUFFIX, BF16, CLUSTER, ATTRS)                                                    \
-  extern "C" __global__ void __launch_bounds__(384, 1) ATTRS                                                    \
+#define PYMGLU_MASKED_ENTRIES(SUFFIX, BF16)                                                                     \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                          \
       masked_gemm_##SUFFIX(const __grid_constant__ pymglu::hopper::TensorMap w_map,                            \
                            const __grid_constant__ pymglu::hopper::TensorMap x_map,                            \
                            const __grid_constant__ pymglu::hopper::TensorMap c_map, const u32* bits, int T,    \
                            int H, int K, int KW) {                                                             \
-    pymglu::masked_gemm::masked_product<BF16, false, CLUSTER>(&w_map, &x_map, &x_map, &c_map, bits, T, H, K,   \
-                                                              KW, 1);                                          \
+    pymglu::masked_gemm::masked_product<BF16, false>(&w_map, &x_map, &x_map, &c_map, bits, T, H, K, KW, 1);    \
   }                                                                                                             \
-  extern "C" __global__ void __launch_bounds__(384, 1) ATTRS                                                    \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                          \
       masked_dx_##SUFFIX(const __grid_constant__ pymglu::hopper::TensorMap w_map,                              \
                          const __grid_constant__ pymglu::hopper::TensorMap b0_map,                             \
                          const __grid_constant__ pymglu::hopper::TensorMap b1_map,                             \
                          const __grid_constant__ pymglu::hopper::TensorMap c_map, const u32* bits_t, int T,    \
                          int D, int H, int HW, int n) {                                                        \
-    pymglu::masked_gemm::masked_product<BF16, true, CLUSTER>(&w_map, &b0_map, &b1_map, &c_map, bits_t, T, D,   \
-                                                             H, HW, n + 1);                                    \
+    pymglu::masked_gemm::masked_product<BF16, true>(&w_map, &b0_map, &b1_map, &c_map, bits_t, T, D, H, HW,     \
+                                                    n + 1);                                                    \
   }
-#define PYMGLU_PAIRS __cluster_dims__(2, 1, 1)
-extern "C" __global__ void __launch_bounds__(384, 1)
-    masked_gemm_ss_bf16(const __grid_constant__ pymglu::hopper::TensorMap w_map,
-                        const __grid_constant__ pymglu::hopper::TensorMap x_map,
-                        const __grid_constant__ pymglu::hopper::TensorMap c_map, const u32* bits, int T, int H, int K,
-                        int KW) {
-  pymglu::masked_gemm::masked_product<true, false, 1, true>(&w_map, &x_map, &x_map, &c_map, bits, T, H, K, KW, 1);
-}
-PYMGLU_MASKED_ENTRIES(bf16, true, 1, )
-PYMGLU_MASKED_ENTRIES(f16, false, 1, )
-PYMGLU_MASKED_ENTRIES(pairs_bf16, true, 2, PYMGLU_PAIRS)
-PYMGLU_MASKED_ENTRIES(pairs_f16, false, 2, PYMGLU_PAIRS)
-#undef PYMGLU_PAIRS
+PYMGLU_MASKED_ENTRIES(bf16, true)
+PYMGLU_MASKED_ENTRIES(f16, false)
 #undef PYMGLU_MASKED_ENTRIES
 
 extern "C" __global__ void __launch_bounds__(256) transpose_bit_planes(const u32* bits, u32* bits_t, int R, int C) {

@@ -39,7 +39,7 @@ from pymglu import cuda as _cuda
 from pymglu.backend import cupy_or_none, is_cupy_array
 from pymglu.dtypes import bfloat16, float16
 
-__all__ = ["ENABLED", "DX_ENABLED", "PAIRS", "MAX_TOKENS_PER_K", "disabled", "dx_kernel", "pairs", "supports", "usable",
+__all__ = ["ENABLED", "DX_ENABLED", "MAX_TOKENS_PER_K", "disabled", "dx_kernel", "supports", "usable",
            "masked_product", "launch_unchecked", "supports_dx", "usable_dx", "masked_dx", "launch_dx_unchecked",
            "transpose_bits"]
 
@@ -51,11 +51,6 @@ ENABLED = True
 #: (docs/benchmarks.md, "Stop 33"). :func:`dx_kernel` switches it on.
 DX_ENABLED = False
 
-#: Whether the kernels run in clusters of two blocks that share their token tiles (each block loads half and
-#: multicasts it to both, so that a stage reads 32 KB from L2 instead of 48), or one block per tile. Off: on
-#: the H200 the pairs were no faster (docs/benchmarks.md, "Stop 34"). :func:`pairs` switches it within a block.
-PAIRS = False
-
 #: The training path uses the kernel only for products with at most this many tokens per column of ``W``
 #: (``T <= MAX_TOKENS_PER_K * K``). On the H200 it beat ``apply_mask`` + cuBLAS by 6.0% at T = K = 4096
 #: and by 4.6% at T = 2K = 4096, and lost by 3.1% at T = 4K = 16384, where building ``M * W`` once is spread
@@ -63,20 +58,17 @@ PAIRS = False
 MAX_TOKENS_PER_K = 2
 
 _SOURCE = "masked_gemm.cu"
-_SUFFIXES = {np.dtype(bfloat16): "bf16", np.dtype(float16): "f16"}
-_ENTRIES = {dt: f"masked_gemm_{sfx}" for dt, sfx in _SUFFIXES.items()}
-_DX_ENTRIES = {dt: f"masked_dx_{sfx}" for dt, sfx in _SUFFIXES.items()}
+_ENTRIES = {np.dtype(bfloat16): "masked_gemm_bf16", np.dtype(float16): "masked_gemm_f16"}
+_DX_ENTRIES = {np.dtype(bfloat16): "masked_dx_bf16", np.dtype(float16): "masked_dx_f16"}
 _TRANSPOSE = "transpose_bit_planes"
-_PAIRED = tuple(f"{kind}_pairs_{sfx}" for kind in ("masked_gemm", "masked_dx") for sfx in _SUFFIXES.values())
-_KERNELS = (*_ENTRIES.values(), *_DX_ENTRIES.values(), *_PAIRED, "masked_gemm_ss_bf16", _TRANSPOSE)
-_FORWARD_KIND = "masked_gemm"
+_KERNELS = (*_ENTRIES.values(), *_DX_ENTRIES.values(), _TRANSPOSE)
 _THREADS = 384
 #: dynamic shared memory of a block: 4 stages of a 128 x 64 W tile and a 256 x 64 x tile, two 8 KB output
 #: chunks, the mask words of the stages, 1 KB for alignment (``SMEM_BYTES`` in the source)
 SMEM_BYTES = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 2 * 32 * 128 * 2 + 4 * 128 * 8 + 1024
 # TMA boxes: 64 columns by these rows (W as the forward's A operand, W as dx's transposed one, the token
-# operands of a block alone or of each block of a pair, the output chunks)
-_BOX_ROWS = {"W": 128, "W^T": 64, "tokens": 256, "tokens/2": 128, "out": 32}
+# operands, the output chunks)
+_BOX_ROWS = {"W": 128, "W^T": 64, "tokens": 256, "out": 32}
 
 _functions: dict[tuple[int, str], Any] = {}
 _lock = threading.Lock()
@@ -98,18 +90,6 @@ def dx_kernel(on: bool = True) -> Iterator[None]:
         yield
     finally:
         DX_ENABLED = previous
-
-
-@contextlib.contextmanager
-def pairs(on: bool = True) -> Iterator[None]:
-    """Within the block, :data:`PAIRS` is ``on``: the kernels run in clusters of two blocks, or one block per
-    tile; the previous value comes back afterwards."""
-    global PAIRS
-    previous, PAIRS = PAIRS, bool(on)
-    try:
-        yield
-    finally:
-        PAIRS = previous
 
 
 def supports(x: Any, W: Any, bits: Any, out: Any) -> bool:
@@ -178,26 +158,14 @@ def launch_unchecked(x: Any, W: Any, bits: Any, out: Any) -> Any:
         return out
     from cupy.cuda.function import CPointer
 
-    paired = PAIRS
-    tokens = "tokens/2" if paired else "tokens"
-    maps = [_tensor_map(a, _BOX_ROWS[name]) for name, a in (("W", W), (tokens, x), ("out", out))]
+    maps = [_tensor_map(a, _BOX_ROWS[name]) for name, a in (("W", W), ("tokens", x), ("out", out))]
+    tiles = -(-H // 128) * -(-T // 256)
+    blocks = min(tiles, _cuda.multiprocessor_count())
     # each map goes by value: the launch copies its 128 bytes from the host buffer
     args = (*(CPointer(m.ctypes.data) for m in maps), bits, np.int32(T), np.int32(H), np.int32(K),
             np.int32(bits.shape[1]))
-    _launch(_FORWARD_KIND, x.dtype, paired, H, T, args)
+    _function(_ENTRIES[np.dtype(x.dtype)])((blocks,), (_THREADS,), args, shared_mem=SMEM_BYTES)
     return out
-
-
-def _launch(kind: str, dtype: Any, paired: bool, rows: int, tokens: int, args: tuple) -> None:
-    """The kernel ``kind`` (``masked_gemm`` or ``masked_dx``) for ``dtype`` on a persistent grid: one block
-    per SM, at most one per tile of 128 rows of A by 256 tokens; in pairs, as many clusters of two as the
-    device runs at once, at most one per two tiles of rows."""
-    fn = _function(f"{kind}_{'pairs_' if paired else ''}{_SUFFIXES[np.dtype(dtype)]}")
-    if paired:
-        blocks = 2 * min(-(-rows // 256) * -(-tokens // 256), _max_active_pairs(fn))
-    else:
-        blocks = min(-(-rows // 128) * -(-tokens // 256), _cuda.multiprocessor_count())
-    fn((blocks,), (_THREADS,), args, shared_mem=SMEM_BYTES)
 
 
 def supports_dx(dv: Any, e: Any, W: Any) -> bool:
@@ -276,14 +244,15 @@ def launch_dx_unchecked(dv: Any, e: Any, W: Any, bits_t: Any, out: Any) -> Any:
         return out
     from cupy.cuda.function import CPointer
 
-    paired = PAIRS
-    box = _BOX_ROWS["tokens/2" if paired else "tokens"]
     e2 = e.reshape(n * T, h)  # B_1..B_n: one matrix, product i from row (i - 1) T
-    maps = [_tensor_map(W, _BOX_ROWS["W^T"]), _tensor_map(dv, box), _tensor_map(e2 if n else dv, box),
+    maps = [_tensor_map(W, _BOX_ROWS["W^T"]), _tensor_map(dv, _BOX_ROWS["tokens"]),
+            _tensor_map(e2, _BOX_ROWS["tokens"]) if n else _tensor_map(dv, _BOX_ROWS["tokens"]),
             _tensor_map(out, _BOX_ROWS["out"])]
+    tiles = -(-d // 128) * -(-T // 256)
+    blocks = min(tiles, _cuda.multiprocessor_count())
     args = (*(CPointer(m.ctypes.data) for m in maps), bits_t, np.int32(T), np.int32(d), np.int32(h),
             np.int32(bits_t.shape[-1]), np.int32(n))
-    _launch("masked_dx", W.dtype, paired, d, T, args)
+    _function(_DX_ENTRIES[np.dtype(W.dtype)])((blocks,), (_THREADS,), args, shared_mem=SMEM_BYTES)
     return out
 
 
@@ -365,32 +334,6 @@ def _compile_sm90a(source: str) -> bytes:
 
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-_max_pairs: dict[tuple[int, int], int] = {}
-
-
-class _LaunchConfig(ctypes.Structure):
-    """``CUlaunchConfig`` of the driver API."""
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
-
-
-def _max_active_pairs(fn: Any) -> int:
-    """How many clusters of two blocks of the paired kernel ``fn`` the device runs at once
-    (``cuOccupancyMaxActiveClusters``; fewer than half the SMs where a GPC has an odd count of free SMs)."""
-    key = (cupy_or_none().cuda.Device().id, int(fn.ptr))
-    count = _max_pairs.get(key)
-    if count is None:
-        config = _LaunchConfig((2, 1, 1), (_THREADS, 1, 1), SMEM_BYTES, None, None, 0)
-        result = ctypes.c_int(0)
-        query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
-        query.restype = ctypes.c_int
-        status = query(ctypes.byref(result), ctypes.c_void_p(int(fn.ptr)), ctypes.byref(config))
-        if status != 0 or result.value < 1:
-            raise RuntimeError(f"cuOccupancyMaxActiveClusters failed (status {status}, {result.value} clusters) "
-                               "for the paired masked-GEMM kernel; masked_gemm.pairs(False) runs one block per tile")
-        count = _max_pairs[key] = result.value
-    return count
-
 
 
 def _set_max_dynamic_shared(function_ptr: int, nbytes: int) -> None:

@@ -1,7 +1,6 @@
 """What the gpu tests of pymglu.cuda.masked_gemm share (test_masked_gemm_gpu.py, test_masked_dx_gpu.py): the
-two 16-bit dtypes and their tolerances, the sm_90 skip, every test run twice (the kernels' blocks alone and in
-clusters of two), and the relative error that also refuses non-finite outputs (the tests poison their outputs
-with NaN)."""
+two 16-bit dtypes and their tolerances, the sm_90 skip, and the relative error that also refuses non-finite
+outputs (the tests poison their outputs with NaN)."""
 import numpy as np
 import pytest
 
@@ -21,16 +20,6 @@ def needs_sm90():
 
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("the masked GEMM kernels are sm_90a only")
-
-
-@pytest.fixture(autouse=True, params=[False, True], ids=["alone", "pairs"])
-def paired(request):
-    """Runs the test with :data:`pymglu.cuda.masked_gemm.PAIRS` off and on: one block per tile, and clusters
-    of two blocks that multicast their token tiles to each other."""
-    from pymglu.cuda import masked_gemm
-
-    with masked_gemm.pairs(request.param):
-        yield request.param
 
 
 def rel_err(got, want) -> float:

@@ -5,7 +5,7 @@ with NaN first; a guard row past the output must stay NaN."""
 import numpy as np
 import pytest
 
-from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, paired, rel_err  # noqa: F401 (fixtures)
+from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, rel_err  # noqa: F401 (fixture)
 from pymglu import masks as mask_ops
 from pymglu.dtypes import bfloat16, float16
 

@@ -52,20 +52,6 @@ def test_dx_kernel_is_off_by_default_and_switched_within_a_block():
     assert masked_gemm.DX_ENABLED is False
 
 
-def test_pairs_are_off_by_default_and_switched_within_a_block():
-    assert masked_gemm.PAIRS is False
-    with masked_gemm.pairs():
-        assert masked_gemm.PAIRS is True
-    assert masked_gemm.PAIRS is False
-
-
-def test_every_kernel_has_a_paired_instance():
-    paired = {k for k in masked_gemm._KERNELS if "_pairs_" in k}
-    alone = {k for k in masked_gemm._KERNELS if k.startswith("masked_") and "_pairs_" not in k}
-    assert {k.replace("_pairs_", "_") for k in paired} == alone
-    assert "__cluster_dims__(2, 1, 1)" in pymglu_cuda.read_source("masked_gemm.cu")
-
-
 def test_dx_and_transpose_refuse_numpy_arrays_with_a_clear_error():
     import numpy as np
     import pytest

@@ -4,7 +4,7 @@ bad input. Outputs are poisoned with NaN first; a guard row past the output must
 import numpy as np
 import pytest
 
-from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, paired, rel_err  # noqa: F401 (fixtures)
+from masked_gemm_helpers import DTYPES, PYTESTMARK, TOL, needs_sm90, rel_err  # noqa: F401 (fixture)
 from pymglu import masks as mask_ops
 from pymglu.dtypes import bfloat16, float16
 
