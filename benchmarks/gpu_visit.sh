@@ -7,7 +7,8 @@
 # (the stop-19 probe_flash_stages.py comparison: the library against the stop-18 mask loads, with the loads-only and
 # one-product variants, n = 8, 4, 2 at T = 1, 8, 16; SHAPES, MASKS override), fused-probe
 # (probe_fused_stages.py --quick), gemm-probe (benchmarks/probe_masked_gemm.py: the issue-4 masked GEMM, one block
-# per tile and persistent, against cuBLAS and apply_mask + cuBLAS; SHAPES overrides), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
+# per tile and persistent, against cuBLAS and apply_mask + cuBLAS; SHAPES overrides), products (benchmarks/masked_products.py:
+# the package's masked-GEMM kernels against apply_mask + cuBLAS and cuBLAS unmasked; SHAPES overrides), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
 # model, stall summary), train-quick (train_layer --quick), train-4096 (train_layer at T = 4096, n = 4, both shapes:
 # the stop-32 comparison of the masked GEMM against apply_mask), fp16-graph (compute-sanitizer memcheck on the
 # device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
@@ -156,6 +157,7 @@ case "$mode" in
         -k "leaves or stalled" > "$OUT/nccl_hang_$loading.log" 2>&1 || status=1
       echo "| CUDA_MODULE_LOADING=$loading | $(tail -n 1 "$OUT/nccl_hang_$loading.log") |" >> "$OUT/bench.log"
     done ;;
+  products) python3 benchmarks/masked_products.py ${SHAPES:+--shapes $SHAPES} --out "$OUT/masked_products.json" > "$OUT/bench.log" 2>&1 || status=1 ;;
   none) : > "$OUT/bench.log" ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac
