@@ -8,8 +8,8 @@ For each shape ``T x d x h`` (bfloat16, random normal inputs, never zeros), two 
 turns, round by round:
 
 * **forward**, one masked product ``x (M W)^T`` ``(T, h)``: :func:`pymglu.cuda.masked_gemm.masked_product`
-  (``kernel``), ``apply_mask`` + cuBLAS
-  (what the kernel replaces), and cuBLAS's unmasked ``x W^T`` (the rate to reach);
+  (``kernel``), ``apply_mask`` + cuBLAS (what the kernel replaces), and cuBLAS's unmasked ``x W^T`` (the
+  rate to reach);
 * **dx**, ``dv W + sum_i e_i (M_i W)`` ``(T, d)`` over ``--masks`` planes: :func:`masked_dx`'s launch on
   transposed bit-planes (``kernel``), the cuBLAS path of :mod:`pymglu.cuda.training` (``n + 1``
   products into a float32 buffer, ``apply_mask`` two planes at a time, the rounding), and ``n + 1``
@@ -69,17 +69,9 @@ def _dx_variants(sets: list, T: int, d: int, h: int, n: int) -> dict:
         s = sets[k]
         masked_gemm.launch_dx_unchecked(s["dv"], s["e"], s["W"], s["bits_t"], outs[k])
 
-    def cublas_path(k):
+    def cublas_path(k):  # the training path's own dx (a new array per call, as there)
         s = sets[k]
-        with masked_gemm.dx_kernel(False):
-            # the training path's dx: the products it runs, its masked buffer, its rounding
-            gemm(s["dv"], s["W"], acc[k])
-            masked = training._masked_buffer(s["W"], n)
-            for group in training._masked_groups(n):
-                built = training._apply_mask(s["W"], s["bits"][group], masked[: group.stop - group.start])
-                for j, i in enumerate(range(group.start, group.stop)):
-                    gemm(s["e"][i], built[j], acc[k], accumulate=True)
-            outs[k] = training._narrow(acc[k], bfloat16)  # a new array, as in the training path
+        outs[k] = training._dx_by_cublas(s["dv"], s["e"], s["W"], s["bits"])
 
     def dense(k):
         s = sets[k]

@@ -310,14 +310,7 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
         dx = masked_gemm.launch_dx_unchecked(dv_sum, e, W, bits_t, cp.empty((N, d), dtype=x.dtype))
         del bits_t
     else:
-        dx = gemm(dv_sum, W, cp.empty((N, d), dtype=float32))
-        masked = _masked_buffer(W, n)
-        for group in _masked_groups(n):
-            built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
-            for j, i in enumerate(range(group.start, group.stop)):
-                gemm(e[i], built[j], dx, accumulate=True)
-        del masked, built
-        dx = _narrow(dx, x.dtype)  # before the weight gradients: the float32 buffer is freed here
+        dx = _dx_by_cublas(dv_sum, e, W, bits)  # before the weight gradients: its float32 buffer is freed
 
     accumulate = dW_acc is not None
     if not accumulate:
@@ -329,6 +322,24 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     for i in range(n):
         gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
     return dx, dW_acc, G
+
+
+def _dx_by_cublas(dv_sum: Any, e: Any, W: Any, bits: Any) -> Any:
+    """``dx = dv_sum W + sum_i e_i (M_i * W)`` ``(N, d)`` in ``dv_sum.dtype`` on cuBLAS: the ``n + 1``
+    products accumulated in a float32 buffer, the masked weights built :data:`MASKED_AT_ONCE` at a time,
+    one rounding at the end (the float32 buffer is free on return). ``dv_sum`` ``(N, h)``, ``e``
+    ``(n, N, h)``, ``W`` ``(h, d)`` and ``bits`` ``(n, h, ceil(d/32))`` as checked by the callers."""
+    import cupy as cp
+
+    n = bits.shape[0]
+    dx = gemm(dv_sum, W, cp.empty((dv_sum.shape[0], W.shape[1]), dtype=float32))
+    masked = _masked_buffer(W, n)
+    for group in _masked_groups(n):
+        built = _apply_mask(W, bits[group], masked[: group.stop - group.start])
+        for j, i in enumerate(range(group.start, group.stop)):
+            gemm(e[i], built[j], dx, accumulate=True)
+    del masked, built
+    return _narrow(dx, dv_sum.dtype)
 
 
 def _weight_grads(W: Any, bits: Any, dW_acc: Any, G: Any) -> Any:
