@@ -17,6 +17,8 @@ float64 = np.dtype(np.float64)
 
 #: dtypes accepted for activations and weights.
 FLOAT_DTYPES = (float64, float32, float16, bfloat16)
+#: the 16-bit dtypes: computed in float32, given an fp32 master copy by the optimizers.
+LOW_PRECISION_DTYPES = (float16, bfloat16)
 
 
 def name(dtype: Any) -> str:
@@ -31,3 +33,11 @@ def compute_dtype(dtype: Any) -> np.dtype:
 
 def is_float(dtype: Any) -> bool:
     return np.dtype(dtype) in FLOAT_DTYPES
+
+
+def gradient_dtype_ok(param_dtype: Any, grad_dtype: Any) -> bool:
+    """Whether a parameter of ``param_dtype`` may hold a gradient of ``grad_dtype``: its own dtype; float32
+    for a 16-bit parameter (gradients kept wider); a 16-bit gradient for a float32 parameter (the mask-logit
+    gradients of a 16-bit MGLU layer on the GPU, :func:`pymglu.cuda.training.logit_grad_dtype`)."""
+    p, g = np.dtype(param_dtype), np.dtype(grad_dtype)
+    return g == p or (p in LOW_PRECISION_DTYPES and g == float32) or (p == float32 and g in LOW_PRECISION_DTYPES)

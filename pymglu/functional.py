@@ -183,8 +183,11 @@ def mglu_backward(
             reference to ``cache.t`` or ``cache.s`` is kept).
     Returns:
         ``dx`` ``(..., d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, and ``dlogits``
-        ``(n, h, d)`` in the compute dtype (float32, or float64 for float64 inputs):
-        ``dlogits_i = W * (e_i^T x)``, the STE gradient of the mask logits.
+        ``(n, h, d)``: ``dlogits_i = W * (e_i^T x)``, the STE gradient of the mask logits, in the compute
+        dtype (float32, or float64 for float64 inputs), except on the fused GPU path, where float16 and
+        bfloat16 inputs get them in their own dtype, as ``dW``
+        (:func:`pymglu.cuda.training.logit_grad_dtype`; float32 within
+        ``pymglu.cuda.training.narrow_logit_grads(False)``).
     """
     dy, x, W, masks = unwrap(dy), unwrap(x), unwrap(W), unwrap(masks)
     activations.check_activation(activation)

@@ -121,8 +121,28 @@ def test_gradient_dtypes_accepted_for_16_bit_parameters():
         opt.step()
     q = Parameter(np.ones(3, dtype=np.float32))
     q.grad = np.ones(3)
-    with pytest.raises(ValueError, match="gradient dtype float64 != parameter dtype float32"):
+    with pytest.raises(ValueError, match=r"gradient dtype float64 != parameter dtype float32 \(or float16, bfloat16\)"):
         SGD([q], lr=0.5).step()
+
+
+@pytest.mark.parametrize("grad_dtype", [float16, bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1, weight_decay=0.1), lambda ps: SGD(ps, lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgd"])
+def test_float32_parameters_take_16_bit_gradients(make, grad_dtype):
+    """A float32 parameter (the mask logits of a 16-bit MGLU layer on the GPU) takes a 16-bit gradient and
+    steps exactly as with the same values given in float32."""
+    rng = np.random.default_rng()
+    start = rng.standard_normal((4, 33)).astype(np.float32)
+    grads = [rng.standard_normal(start.shape).astype(grad_dtype) for _ in range(3)]
+    p16, p32 = Parameter(start.copy()), Parameter(start.copy())
+    opt16, opt32 = make([p16]), make([p32])
+    for g in grads:
+        p16.grad, p32.grad = g, g.astype(np.float32)
+        opt16.step()
+        opt32.step()
+    assert p16.data.dtype == np.float32
+    np.testing.assert_array_equal(p16.data, p32.data)
+    assert not np.array_equal(p16.data, start)
 
 
 def test_master_follows_changes_made_outside_the_optimizer():

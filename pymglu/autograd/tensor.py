@@ -3,7 +3,9 @@
 ``backward()`` walks the recorded graph in reverse topological order with an explicit stack (no
 recursion, so graphs of any depth work), accumulates gradients of tensors used more than once, adds
 the result to ``.grad`` of every leaf that requires a gradient (gradient accumulation across calls),
-and frees the graph unless ``retain_graph=True``. ``.grad`` holds a raw array of the tensor's shape.
+and frees the graph unless ``retain_graph=True``. ``.grad`` holds a raw array of the tensor's shape,
+usually in its dtype; a float32 tensor may get float16/bfloat16 gradients (the mask logits of a 16-bit
+MGLU layer on the GPU), and a sum of two such gradients is taken in the tensor's dtype.
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ class Tensor:
             fn = node._creator
             if fn is None:
                 # copy on first store: g may be the caller's array or shared with another leaf
-                node.grad = g.copy() if node.grad is None else node.grad + g
+                node.grad = g.copy() if node.grad is None else _accumulate(node.grad, g, node.dtype)
                 for hook in getattr(node, "_grad_hooks", ()):
                     hook(node)
                 continue
@@ -156,7 +158,7 @@ class Tensor:
                         f"for an input of shape {inp.shape}"
                     )
                 key = id(inp)
-                grads[key] = ig if key not in grads else grads[key] + ig
+                grads[key] = ig if key not in grads else _accumulate(grads[key], ig, inp.dtype)
             if not retain_graph:
                 fn.release()
 
@@ -239,6 +241,15 @@ def _ops() -> Any:
     from pymglu.autograd import ops
 
     return ops
+
+
+def _accumulate(total: Any, g: Any, dtype: Any) -> Any:
+    """``total + g``, in ``dtype`` when both are narrower than it (16-bit gradients of a float32 tensor), so
+    that sums of gradients keep the tensor's precision."""
+    dtype = np.dtype(dtype)
+    if np.dtype(total.dtype).itemsize < dtype.itemsize and np.dtype(g.dtype).itemsize < dtype.itemsize:
+        return total.astype(dtype) + g.astype(dtype)
+    return total + g
 
 
 def _reverse_topological(root: Tensor) -> list[Tensor]:

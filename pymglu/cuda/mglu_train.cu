@@ -4,7 +4,7 @@
 //   apply_mask<T, VEC>          out_p = M_p * W for one or more bit-planes (the masked weights, built on the fly)
 //   mglu_epilogue_fwd<T, VEC>   y = sum_i g(s_i) * (t - s_i)
 //   mglu_epilogue_bwd<T, VEC>   e_i = dy * (t - s_i) * g'(s_i) - dy * g(s_i) and sum_i dy * g(s_i)
-//   mglu_weight_grads<T, VEC>   dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32)
+//   mglu_weight_grads<T, TG, VEC>  dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32 or T)
 //   narrow_float32<T, VEC>      dst = src rounded to T (dx's float32 accumulator, once per backward)
 //   glu_epilogue_fwd<T, VEC>    y = g(gate) * value
 //   glu_epilogue_bwd<T, VEC>    d_gate = dy * value * g'(gate), d_value = dy * g(gate)
@@ -140,12 +140,13 @@ __global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T*
 #undef PYMGLU_BODY
 }
 
-// After the products G_i = e_i^T x (float32, written into the n planes of G) and dW_acc = (sum_i dv_i)^T x:
+// After the products G_i = e_i^T x (written into the n planes of G) and dW_acc = (sum_i dv_i)^T x (float32):
 //   dW_out = dW_acc + sum_i M_i * G_i   (rounded once to T; dW_out may alias dW_acc when T is float)
 //   G_i    = W * G_i                    (the mask-logit gradients, in place)
-// G: n planes of (h, d) float32; W, dW_out: (h, d) T; bits: n planes of (h, words). VEC divides d and 32.
-template <typename T, int VEC>
-__global__ void mglu_weight_grads(float* __restrict__ G, const T* __restrict__ W, const uint32_t* __restrict__ bits,
+// G: n planes of (h, d) of TG, float32 or T (the logit gradients in the compute dtype: half the bytes);
+// W, dW_out: (h, d) T; bits: n planes of (h, words). VEC divides d and 32.
+template <typename T, typename TG, int VEC>
+__global__ void mglu_weight_grads(TG* __restrict__ G, const T* __restrict__ W, const uint32_t* __restrict__ bits,
                                   const float* dW_acc, T* dW_out, int n, int h, int d, int words) {
   const long long chunks = d / VEC;
   const long long hd = (long long)h * d;
@@ -161,13 +162,13 @@ __global__ void mglu_weight_grads(float* __restrict__ G, const T* __restrict__ W
     for (int i = 0; i < n; ++i) {
       const uint32_t word = bits[i * hw + wk] >> (c0 & 31);
       float g[VEC];
-      load_vec<float, VEC>(G + i * hd + k, g);
+      load_vec<TG, VEC>(G + i * hd + k, g);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if ((word >> j) & 1u) acc[j] += g[j];
         g[j] *= w[j];
       }
-      store_vec<float, VEC>(G + i * hd + k, g);
+      store_vec<TG, VEC>(G + i * hd + k, g);
     }
     store_vec<T, VEC>(dW_out + k, acc);
   }

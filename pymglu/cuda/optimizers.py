@@ -26,7 +26,7 @@ import numpy as np
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
 from pymglu.cuda.capture import upload
-from pymglu.dtypes import float32
+from pymglu.dtypes import float32, gradient_dtype_ok
 
 __all__ = ["ENABLED", "disabled", "supports", "kernel_names", "new_sign_bits", "adamw_scalars", "sgd_scalars",
            "adamw_step", "sgd_step", "clip_supports", "clip_grads", "adamw_device_rows", "sgd_device_rows",
@@ -48,14 +48,15 @@ def disabled() -> contextlib.AbstractContextManager:
 def supports(param: Any, grad: Any, *state: Any) -> bool:
     """True when the kernels serve this update: enabled; ``param``, ``grad`` and every non-``None``
     state array CuPy and C-contiguous on one device; ``param`` float32/float16/bfloat16; ``grad`` of
-    the parameter's dtype or float32; the state float32; shapes equal."""
+    a dtype :func:`pymglu.dtypes.gradient_dtype_ok` allows (the parameter's, float32 for a 16-bit
+    parameter, 16 bits for a float32 one); the state float32; shapes equal."""
     if not ENABLED:
         return False
     arrays = [param, grad, *(s for s in state if s is not None)]
     if not all(is_cupy_array(a) and a.flags.c_contiguous for a in arrays):
         return False
     pdt = np.dtype(param.dtype)
-    if pdt not in _CUDA_TYPES or np.dtype(grad.dtype) not in (pdt, float32):
+    if pdt not in _CUDA_TYPES or np.dtype(grad.dtype) not in _CUDA_TYPES or not gradient_dtype_ok(pdt, grad.dtype):
         return False
     if any(np.dtype(s.dtype) != float32 for s in arrays[2:]):
         return False
@@ -73,7 +74,7 @@ def kernel_names() -> list[str]:
     names = []
     for kernel in ("adamw_step", "sgd_step"):
         for pdt in _CUDA_TYPES:
-            for gdt in sorted({pdt, float32}, key=str):
+            for gdt in sorted((g for g in _CUDA_TYPES if gradient_dtype_ok(pdt, g)), key=str):
                 names += [_name(kernel, pdt, gdt, bits) for bits in (False, True)]
     for kernel in ("sum_squares", "scaled_copies"):
         names += [f"pymglu::{kernel}<{_CUDA_TYPES[dt]}>" for dt in _CUDA_TYPES]

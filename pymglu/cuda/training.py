@@ -8,6 +8,8 @@ are the point of the path:
   accumulation; ``t``, ``s_i`` (and GLU's gate and value) are stored in the input dtype, as PyTorch
   stores a SwiGLU's activations; the elementwise math is float32 in fused kernels;
 * ``dx`` and ``dW`` are accumulated over the ``n + 1`` products in float32 buffers and rounded once;
+  the mask-logit gradients of float16/bfloat16 inputs are computed in float32 and stored in the input
+  dtype (:data:`NARROW_LOGIT_GRADS`), not in float32;
 * the mask enters as bit-planes ``(n, h, ceil(d/32))`` uint32; the masked weights ``M_i * W`` are built
   by one kernel into a reused buffer, two at a time from one read of ``W`` when ``n > 2``
   (:data:`MASKED_AT_ONCE`), else one at a time (never ``n`` masked copies at once); on an sm_90 GPU the
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -43,7 +45,8 @@ from pymglu.cuda.gemm import gemm
 from pymglu.dtypes import float32
 
 __all__ = [
-    "ENABLED", "disabled", "supports", "kernel_names", "apply_mask",
+    "ENABLED", "NARROW_LOGIT_GRADS", "disabled", "narrow_logit_grads", "logit_grad_dtype", "supports",
+    "kernel_names", "apply_mask",
     "mglu_forward", "mglu_backward", "mglu_forward_chunked", "mglu_backward_recompute", "default_chunk_tokens",
     "glu_forward", "glu_backward",
 ]
@@ -59,10 +62,33 @@ _KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight
             "glu_epilogue_fwd", "glu_epilogue_bwd")
 _THREADS = 256
 
+#: Whether the backward of float16/bfloat16 inputs writes the ``G_i = e_i^T x`` products and the mask-logit
+#: gradients ``W * G_i`` in the input dtype, as ``dW`` is (float32 accumulation inside the products), instead
+#: of float32: half the bytes of the products' outputs and of the weight-gradient pass, and half the memory
+#: of the logit gradients (docs/benchmarks.md, "Stop 35"). :func:`narrow_logit_grads` switches it.
+NARROW_LOGIT_GRADS = True
+
 
 def disabled() -> contextlib.AbstractContextManager:
     """Within the block, :mod:`pymglu.functional` runs its reference path on CuPy arrays too."""
     return _cuda.switched_off(sys.modules[__name__])
+
+
+@contextlib.contextmanager
+def narrow_logit_grads(on: bool = True) -> Iterator[None]:
+    """Within the block, :data:`NARROW_LOGIT_GRADS` is ``on``; the previous value comes back afterwards."""
+    global NARROW_LOGIT_GRADS
+    previous, NARROW_LOGIT_GRADS = NARROW_LOGIT_GRADS, bool(on)
+    try:
+        yield
+    finally:
+        NARROW_LOGIT_GRADS = previous
+
+
+def logit_grad_dtype(dtype: Any) -> np.dtype:
+    """The dtype of the mask-logit gradients of this path for inputs of ``dtype``: ``dtype`` itself for
+    float16/bfloat16 while :data:`NARROW_LOGIT_GRADS` is on, else float32."""
+    return np.dtype(dtype) if NARROW_LOGIT_GRADS else float32
 
 
 def supports(*arrays: Any) -> bool:
@@ -84,16 +110,30 @@ def kernel_names() -> list[str]:
     names = []
     for dt in _CUDA_TYPES:
         for kernel in _KERNELS:
-            vecs = (4, 1) if kernel in ("mglu_weight_grads", "narrow_float32") else (_wide_vec(dt), 1)
+            if kernel == "mglu_weight_grads":
+                for g_dtype in dict.fromkeys((float32, np.dtype(dt))):
+                    names += [_weight_grads_name(dt, g_dtype, v) for v in _weight_grads_vecs(g_dtype)]
+                continue
+            vecs = (4, 1) if kernel == "narrow_float32" else (_wide_vec(dt), 1)
             names += [_name(kernel, dt, v) for v in vecs]
     return names
 
 
-def _launch(kernel: str, dtype: Any, vec: int, work_items: int, args: tuple) -> None:
+def _weight_grads_name(dtype: Any, g_dtype: Any, vec: int) -> str:
+    return (f"pymglu::mglu_weight_grads<{_CUDA_TYPES[np.dtype(dtype)]}, {_CUDA_TYPES[np.dtype(g_dtype)]}, "
+            f"{vec}>")
+
+
+def _weight_grads_vecs(g_dtype: Any) -> tuple[int, int]:
+    """Vector widths of the weight-gradient pass: 16 bytes of the logit gradients (at most 8 elements, so
+    that a chunk stays inside one mask word), else one element."""
+    return (min(_wide_vec(g_dtype), 8), 1)
+
+
+def _launch(kernel: str, dtype: Any, vec: int, work_items: int, args: tuple, name: str | None = None) -> None:
     if work_items == 0:
         return
-    name = _name(kernel, dtype, vec)
-    fn = _cuda.get_function(_SOURCE, name)
+    fn = _cuda.get_function(_SOURCE, name or _name(kernel, dtype, vec))
     sms = _cuda.multiprocessor_count()
     blocks = min(-(-work_items // _THREADS), sms * 16)
     fn((blocks,), (_THREADS,), args)
@@ -228,14 +268,16 @@ def mglu_forward(x: Any, W: Any, bits: Any, activation: str) -> tuple[Any, tuple
 
 def mglu_backward(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any] | list[Any],
                   consume_cache: bool = False) -> tuple[Any, Any, Any]:
-    """``dx`` ``(N, d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, ``dlogits`` ``(n, h, d)`` float32.
+    """``dx`` ``(N, d)`` in ``x.dtype``, ``dW`` ``(h, d)`` in ``W.dtype``, ``dlogits`` ``(n, h, d)`` in
+    :func:`logit_grad_dtype` of ``x.dtype``.
 
     ``dy`` ``(N, h)`` C-contiguous in ``x.dtype``; ``cache`` ``(t, s)`` from :func:`mglu_forward`. With
     ``consume_cache`` the gradients ``e_i`` overwrite ``s`` (the cache cannot be used again); a ``cache``
     given as a list ``[t, s]`` is also emptied, and ``t`` and ``s`` are then dropped as soon as they are
     dead, which frees them if the caller keeps no other reference.
     """
-    dx, dW_acc, dlogits = _backward_products(dy, x, W, bits, activation, cache, consume_cache)
+    dx, dW_acc, dlogits = _backward_products(dy, x, W, bits, activation, cache, consume_cache,
+                                             logit_dtype=logit_grad_dtype(x.dtype))
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
 
 
@@ -262,7 +304,8 @@ def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
                             chunk_tokens: int | None = None) -> tuple[Any, Any, Any]:
     """:func:`mglu_backward` without a cache: ``t`` and ``s_i`` are recomputed ``chunk_tokens`` rows at a
     time (``n + 1`` more products per pass), and the weight and logit gradients of the chunks are summed
-    in place, so at most ``(n + 1) * chunk_tokens * h`` activations are alive."""
+    in place (``dW`` in float32, the ``G_i`` in :func:`logit_grad_dtype`: each chunk's product adds into
+    them in float32 and rounds once), so at most ``(n + 1) * chunk_tokens * h`` activations are alive."""
     import cupy as cp
 
     dx = cp.empty(x.shape, dtype=x.dtype)
@@ -270,7 +313,7 @@ def mglu_backward_recompute(dy: Any, x: Any, W: Any, bits: Any, activation: str,
     for rows in _token_chunks(x.shape[0], bits.shape[0], chunk_tokens):
         cache = list(mglu_forward(x[rows], W, bits, activation)[1])
         dx[rows], dW_acc, dlogits = _backward_products(dy[rows], x[rows], W, bits, activation, cache, True,
-                                                       dW_acc, dlogits)
+                                                       dW_acc, dlogits, logit_grad_dtype(x.dtype))
     return dx, _weight_grads(W, bits, dW_acc, dlogits), dlogits
 
 
@@ -281,10 +324,11 @@ def _token_chunks(n_rows: int, n_masks: int, chunk_tokens: int | None) -> list[s
 
 
 def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cache: tuple[Any, Any] | list[Any],
-                       consume_cache: bool, dW_acc: Any = None, G: Any = None) -> tuple[Any, Any, Any]:
+                       consume_cache: bool, dW_acc: Any = None, G: Any = None,
+                       logit_dtype: Any = float32) -> tuple[Any, Any, Any]:
     """The products of the backward for the rows of ``x``: ``dx`` (in ``x.dtype``), ``dW_acc =
-    (sum_i dv_i)^T x`` ``(h, d)`` and ``G_i = e_i^T x`` ``(n, h, d)``, float32, allocated after ``dx``'s
-    float32 buffer is freed, or added into the given ``dW_acc`` and ``G``. A consumed ``cache`` list is
+    (sum_i dv_i)^T x`` ``(h, d)`` float32 and ``G_i = e_i^T x`` ``(n, h, d)`` in ``logit_dtype``, allocated
+    after ``dx``'s float32 buffer is freed, or added into the given ``dW_acc`` and ``G``. A consumed ``cache`` list is
     emptied: ``t`` (then holding ``sum_i dv_i``) is dropped before ``G`` is allocated, ``s`` (then
     holding the ``e_i``) after the last product."""
     _check_weight_and_bits(W, bits)
@@ -318,7 +362,7 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     gemm(dv_sum, x, dW_acc, trans_a=True, accumulate=accumulate)
     del dv_sum, t  # with a handed-over cache, the pool reuses t's memory for G
     if not accumulate:
-        G = cp.empty((n, h, d), dtype=float32)
+        G = cp.empty((n, h, d), dtype=logit_dtype)
     for i in range(n):
         gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
     return dx, dW_acc, G
@@ -344,14 +388,15 @@ def _dx_by_cublas(dv_sum: Any, e: Any, W: Any, bits: Any) -> Any:
 
 def _weight_grads(W: Any, bits: Any, dW_acc: Any, G: Any) -> Any:
     """``dW = dW_acc + sum_i M_i * G_i`` (returned in ``W.dtype``) and ``G_i <- W * G_i`` in place (the
-    logit gradients): one pass over all planes."""
+    logit gradients, in ``G.dtype``: float32 or ``W.dtype``): one pass over all planes."""
     import cupy as cp
 
     h, d = W.shape
     dW = dW_acc if W.dtype == float32 else cp.empty_like(W)
-    wvec = 4 if d % 4 == 0 else 1
+    wvec = next(v for v in _weight_grads_vecs(G.dtype) if d % v == 0)
     _launch("mglu_weight_grads", W.dtype, wvec, h * (d // wvec),
-            (G, W, bits, dW_acc, dW, _i32(bits.shape[0]), _i32(h), _i32(d), _i32(bits.shape[-1])))
+            (G, W, bits, dW_acc, dW, _i32(bits.shape[0]), _i32(h), _i32(d), _i32(bits.shape[-1])),
+            name=_weight_grads_name(W.dtype, G.dtype, wvec))
     return dW
 
 

@@ -19,7 +19,7 @@ ParamsLike = Any  # a Module, an iterable of Tensors, or an iterable of group di
 
 
 #: parameter dtypes that get an fp32 master copy in the optimizer state.
-LOW_PRECISION_DTYPES = (_dtypes.float16, _dtypes.bfloat16)
+LOW_PRECISION_DTYPES = _dtypes.LOW_PRECISION_DTYPES
 
 
 def _state_dtype(param_dtype: Any) -> np.dtype:
@@ -202,12 +202,13 @@ class Optimizer(StepScalarsMixin, StateDictMixin):
                     continue
                 if tuple(grad.shape) != tuple(p.shape):
                     problems.append(f"{label}: gradient shape {tuple(grad.shape)} != parameter shape {p.shape}")
-                gdt, pdt = np.dtype(grad.dtype), np.dtype(p.dtype)
-                if gdt != pdt and not (_is_low_precision(pdt) and gdt == _dtypes.float32):
+                pdt = np.dtype(p.dtype)
+                if not _dtypes.gradient_dtype_ok(pdt, grad.dtype):
                     problems.append(
                         f"{label}: gradient dtype {_dtypes.name(grad.dtype)} != parameter dtype "
                         f"{_dtypes.name(p.dtype)}"
                         + (" (or float32)" if _is_low_precision(pdt) else "")
+                        + (" (or float16, bfloat16)" if pdt == _dtypes.float32 else "")
                     )
                 if device_of(grad) != device_of(p.data):
                     problems.append(f"{label}: gradient on {device_of(grad)}, parameter on {device_of(p.data)}")

@@ -233,3 +233,17 @@ def test_packed_bits_of_another_shape_or_dtype_are_refused(bad):
     x, W, logits = random_inputs(rng, (4,), 37, 6, 3)
     with pytest.raises(ValueError, match=r"packed: expected uint32 bit-planes of shape \(3, 6, 2\)"):
         ops.mglu(Tensor(x), Tensor(W), Tensor(logits), packed=bad)
+
+
+def test_logit_gradients_keep_16_bits_only_for_float32_logits():
+    """The op hands float32 logits the 16-bit logit gradients of the GPU path as they are (no widening pass);
+    every other mix is cast to the logits' dtype."""
+    from pymglu.autograd.ops.gated import _logit_grad
+
+    g16 = np.arange(6, dtype=np.float32).reshape(2, 3).astype(dtypes.bfloat16)
+    assert _logit_grad(g16, np.float32) is g16
+    g32 = g16.astype(np.float32)
+    assert _logit_grad(g32, np.float32) is g32
+    assert _logit_grad(g32, dtypes.bfloat16).dtype == dtypes.bfloat16
+    assert _logit_grad(g16, dtypes.float16).dtype == dtypes.float16
+    assert _logit_grad(g32, np.float64).dtype == np.float64

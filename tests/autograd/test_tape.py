@@ -39,6 +39,36 @@ def test_diamond_graph_counts_each_path_once():
     assert float(t.grad) == pytest.approx(16 * 3.0)
 
 
+class _NarrowGradient(Function):
+    """``y = 2 x`` whose backward hands back a bfloat16 gradient, as the GPU path does for float32 mask
+    logits of a bfloat16 MGLU layer."""
+
+    def forward(self, x):
+        return x * 2
+
+    def backward(self, g):
+        from pymglu.dtypes import bfloat16
+
+        return (2 * g).astype(bfloat16)
+
+
+def test_16_bit_gradients_of_a_float32_leaf_are_summed_in_float32():
+    from pymglu.dtypes import bfloat16
+
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    _NarrowGradient.apply(x).backward(np.full(3, 256.0, dtype=np.float32))
+    assert x.grad.dtype == bfloat16  # one gradient is kept as it came: 512
+    # bfloat16 is 4 apart at 512: 512 + 2 rounds to 512 there, and 512 + 2 + 2 stays 512; float32 keeps 516
+    _NarrowGradient.apply(x).backward(np.full(3, 1.0, dtype=np.float32))
+    assert x.grad.dtype == np.float32
+    _NarrowGradient.apply(x).backward(np.full(3, 1.0, dtype=np.float32))
+    np.testing.assert_array_equal(x.grad, [516.0] * 3)
+    y = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)  # two uses within one graph
+    (_NarrowGradient.apply(y) * 256.0 + _NarrowGradient.apply(y)).sum().backward()
+    assert y.grad.dtype == np.float32
+    np.testing.assert_array_equal(y.grad, [514.0] * 3)
+
+
 def test_leaf_gradients_are_private_arrays():
     a, b = Tensor(np.ones(3), requires_grad=True), Tensor(np.ones(3), requires_grad=True)
     u = np.arange(3.0)

@@ -98,13 +98,18 @@ def grads_for(rng, params, steps, grad_dtype):
 SHAPES = [(33, 70), (5, 7, 40), (257,)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("grad32", [False, True], ids=["grad-dtype", "grad-fp32"])
+#: (parameter dtype, gradient dtype): each dtype with its own gradients and float32 ones, and float32
+#: parameters with 16-bit gradients (the mask logits of a 16-bit MGLU layer on the GPU)
+DTYPE_PAIRS = [(dt, gdt) for dt in DTYPES for gdt in dict.fromkeys((dt, float32))] + [
+    (float32, float16), (float32, bfloat16)]
+PAIR_IDS = [f"{np.dtype(p).name}-grad-{np.dtype(g).name}" for p, g in DTYPE_PAIRS]
+
+
+@pytest.mark.parametrize("dtype, grad_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("master", [True, False], ids=["master", "no-master"])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_adamw_kernel_matches_the_expression_path(dtype, grad32, master, wd):
+def test_adamw_kernel_matches_the_expression_path(dtype, grad_dtype, master, wd):
     rng = np.random.default_rng(1)
-    grad_dtype = float32 if grad32 else dtype
     params = make_params(rng, SHAPES, dtype, grad_dtype)
     twins = clone(params)
     start = host(params[0].data)
@@ -119,14 +124,14 @@ def test_adamw_kernel_matches_the_expression_path(dtype, grad32, master, wd):
     assert np.abs(host(params[0].data) - start).max() > 0.05  # the steps did move the parameter
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("dtype, grad_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 @pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_sgd_kernel_matches_the_expression_path(dtype, momentum, nesterov, wd):
+def test_sgd_kernel_matches_the_expression_path(dtype, grad_dtype, momentum, nesterov, wd):
     rng = np.random.default_rng(2)
-    params = make_params(rng, SHAPES, dtype, float32)
+    params = make_params(rng, SHAPES, dtype, grad_dtype)
     twins = clone(params)
-    grads = grads_for(rng, params, 3, float32)
+    grads = grads_for(rng, params, 3, grad_dtype)
 
     def factory(ps):
         return SGD(ps, lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd)
@@ -159,15 +164,18 @@ def test_adamw_kernel_follows_the_float64_formula():
 @pytest.mark.parametrize("d", [1, 31, 32, 33, 70, 96])
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_sign_bits_are_the_packed_new_values(d, kind, dtype):
+@pytest.mark.parametrize("narrow_grad", [False, True], ids=["grad-fp32", "grad-16bit"])
+def test_sign_bits_are_the_packed_new_values(d, kind, dtype, narrow_grad):
+    """16-bit gradients: float32 logits of a bfloat16 MGLU layer get bfloat16 ones from the GPU path."""
     import cupy as cp
 
     from pymglu.cuda import optimizers
 
     rng = np.random.default_rng(d)
     shape = (3, 5, d)
+    grad_dtype = (bfloat16 if dtype == float32 else dtype) if narrow_grad else float32
     param = cp.asarray(rng.standard_normal(shape).astype(dtype))
-    grad = cp.asarray(rng.standard_normal(shape).astype(np.float32))
+    grad = cp.asarray(rng.standard_normal(shape).astype(grad_dtype))
     bits = optimizers.new_sign_bits(param)
     bits.fill(POISON)
     if kind == "adamw":

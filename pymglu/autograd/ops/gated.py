@@ -8,6 +8,7 @@ import numpy as np
 from pymglu import _checks, functional, masks as _masks
 from pymglu.autograd.function import Function
 from pymglu.backend import device_of, is_cupy_array
+from pymglu.dtypes import LOW_PRECISION_DTYPES
 
 
 class MGLU(Function):
@@ -46,8 +47,7 @@ class MGLU(Function):
         dx, dW, dlogits = functional.mglu_backward(g, self.x, self.W, self.masks, self.activation, self.cache,
                                                    consume_cache=not self.graph_retained,
                                                    chunk_tokens=self.chunk_tokens)
-        dl = dlogits.astype(self.logits_dtype, copy=False) if self.is_logits else None
-        return dx, dW, dl
+        return dx, dW, _logit_grad(dlogits, self.logits_dtype) if self.is_logits else None
 
 
 class GLU(Function):
@@ -61,6 +61,16 @@ class GLU(Function):
     def backward(self, g: Any) -> tuple[Any, Any, Any]:
         return functional.glu_backward(g, self.x, self.W_gate, self.W_value, self.activation, self.cache,
                                        consume_cache=not self.graph_retained)
+
+
+def _logit_grad(dlogits: Any, logits_dtype: Any) -> Any:
+    """The logit gradient in the logits' dtype, except that float32 logits take the float16/bfloat16
+    gradients of the fused GPU path as they are: the optimizers compute in float32 from either, and a cast
+    here would be one more pass over ``n h d`` values (the tape accumulates repeated gradients of a leaf in
+    its own dtype, :class:`pymglu.autograd.Tensor`)."""
+    if np.dtype(logits_dtype) == np.float32 and dlogits.dtype in LOW_PRECISION_DTYPES:
+        return dlogits
+    return dlogits.astype(logits_dtype, copy=False)
 
 
 def _check_packed(packed: Any, masks_or_logits: Any) -> None:
