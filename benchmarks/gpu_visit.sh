@@ -10,7 +10,7 @@
 # per tile and persistent, against cuBLAS and apply_mask + cuBLAS; SHAPES overrides), products (benchmarks/masked_products.py:
 # the package's masked-GEMM kernels against apply_mask + cuBLAS and cuBLAS unmasked; SHAPES overrides), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
 # model, stall summary), train-quick (train_layer --quick), train-4096 (train_layer at T = 4096, n = 4, both shapes:
-# the stop-32 comparison of the masked GEMM against apply_mask), fp16-graph (compute-sanitizer memcheck on the
+# the stop-32 comparison of the masked GEMM against apply_mask; TRAIN_ARGS adds train_layer.py options, e.g. --narrow-logits-too), fp16-graph (compute-sanitizer memcheck on the
 # device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
 # against the captured ones, the scaler on the device), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
@@ -58,7 +58,7 @@ case "$mode" in
   quick) python3 benchmarks/decode.py --quick --dtypes bfloat16 ${WARPS:+--warps $WARPS} ${AHEAD:+--ahead $AHEAD} ${PDL:+--pdl $PDL} ${SHAPES:+--shapes $SHAPES} --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train) python3 benchmarks/train_layer.py --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   train-quick) python3 benchmarks/train_layer.py --quick --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
-  train-4096) python3 benchmarks/train_layer.py --tokens 4096 --masks 4 --no-naive --no-torch --recompute-n "" \
+  train-4096) python3 benchmarks/train_layer.py --tokens 4096 --masks 4 --no-naive --no-torch --recompute-n "" ${TRAIN_ARGS:-} \
       --out-dir "$OUT" > "$OUT/bench.log" 2>&1 || status=1 ;;
   optim) { python3 benchmarks/optimizer_step.py --out-dir "$OUT" && python3 benchmarks/train_model.py --out-dir "$OUT"; } \
        > "$OUT/bench.log" 2>&1 || status=1 ;;

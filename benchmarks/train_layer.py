@@ -7,7 +7,7 @@ Usage (on a machine with a CUDA GPU and CuPy):
     python benchmarks/train_layer.py --tokens 16384 --masks 4     # a subset (also --shapes 4096x14336)
 
 One step = forward and backward of the layer on ``T`` tokens in bfloat16 (``y``, then ``dx``, ``dW`` and,
-for MGLU, the float32 mask-logit gradients; MGLU also packs its logits into bit-planes every step, as
+for MGLU, the mask-logit gradients, bfloat16 like ``dW``; MGLU also packs its logits into bit-planes every step, as
 training does). Variants, all in the same run:
 
 * ``mglu``: :mod:`pymglu.functional` on CuPy, i.e. the fused path of :mod:`pymglu.cuda.training`;
@@ -18,6 +18,9 @@ training does). Variants, all in the same run:
   used: other GPUs than sm_90);
 * ``mglu-bits-given-dx-kernel``: the same with the backward's ``dx`` kernel switched on
   (``masked_gemm.dx_kernel()``; off by default since stop 33), its ``n + 1`` products in one kernel;
+* ``mglu-bits-given-fp32-logits`` (with ``--fp32-logits-too``): the bits-given step with the ``G_i``
+  products and the logit gradients in float32 (``pymglu.cuda.training.narrow_logit_grads(False)``), as
+  before stop 35; by default they are bfloat16, as ``dW``;
 * ``mglu-recompute`` (at the n of ``--recompute-n``): the same with ``keep_cache=False``, the backward
   recomputing ``t`` and ``s_i`` in chunks of tokens (``4 (n + 1)`` products per step);
 * ``swiglu``: pymglu's GLU on the same path (two cuBLAS products per pass + fused epilogues);
@@ -58,7 +61,7 @@ import numpy as np
 import cupy as cp
 
 from pymglu import functional, masks as mask_ops
-from pymglu.cuda import masked_gemm
+from pymglu.cuda import masked_gemm, training
 from pymglu.dtypes import bfloat16
 
 SHAPES = [(2048, 8192), (4096, 14336)]
@@ -301,18 +304,25 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             with masked_gemm.dx_kernel(True):
                 return bits_given_step(given)
 
+        def fp32_logits_step(given=given):
+            with training.narrow_logit_grads(False):
+                return bits_given_step(given)
+
         variants.append(("mglu", n, mglu_step, 3 * (n + 1), live))
         if args.bits_given:
             variants.append(("mglu-bits-given", n, bits_given_step, 3 * (n + 1), live + given.nbytes))
             if args.apply_mask_too:
                 variants.append(("mglu-bits-given-apply-mask", n, apply_mask_step, 3 * (n + 1), live + given.nbytes))
                 variants.append(("mglu-bits-given-dx-kernel", n, dx_kernel_step, 3 * (n + 1), live + given.nbytes))
+            if args.fp32_logits_too:
+                variants.append(("mglu-bits-given-fp32-logits", n, fp32_logits_step, 3 * (n + 1),
+                                 live + given.nbytes))
         if n in args.recompute_n:
             variants.append(("mglu-recompute", n, recompute_step, 4 * (n + 1), live))
     replays = {}
     if args.graphs:
         for name, n, step, products, live in list(variants):
-            if name in ("swiglu", "mglu-bits-given", "mglu-bits-given-apply-mask", "mglu-bits-given-dx-kernel"):
+            if name == "swiglu" or name.startswith("mglu-bits-given"):
                 replays[(name, n)] = captured(step)
                 variants.append((f"{name} (graph)", n, replays[(name, n)], products, live))
     times = time_in_turns({(name, n): step for name, n, step, _, _ in variants}, args.warmup, args.reps,
@@ -361,7 +371,6 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
 
 def breakdown(T, d, h, n, args):
     """Time each piece of one fused MGLU step alone; returns rows (piece, count per step, ms each, ms total)."""
-    from pymglu.cuda import training
     from pymglu.cuda.gemm import gemm
 
     rng = np.random.default_rng(1)
@@ -377,7 +386,9 @@ def breakdown(T, d, h, n, args):
     size = groups[0].stop - groups[0].start  # masked weights per apply_mask call (the last may build fewer)
     out_th, masked = cp.empty_like(th), cp.empty((size, h, d), dtype=W.dtype)
     dx32, dW32 = cp.empty((T, d), dtype=f32), cp.empty((h, d), dtype=f32)
-    G = cp.empty((n, h, d), dtype=f32)
+    G = cp.asarray(rng.standard_normal((n, h, d), dtype=f32).astype(training.logit_grad_dtype(W.dtype)))
+    th_G = cp.empty((h, d), dtype=G.dtype)
+    g_vec = training._weight_grads_vecs(G.dtype)[0]
     dW = cp.empty_like(W)
     nh = T * h
     act = 0
@@ -385,15 +396,17 @@ def breakdown(T, d, h, n, args):
         "pack logits to bits": (1, lambda: mask_ops.pack_masks(logits)),
         "x W^T -> bf16 (forward product)": (n + 1, lambda: gemm(x, W, out_th, trans_b=True)),
         "e W -> fp32 += (dx product)": (n + 1, lambda: gemm(th, W, dx32, accumulate=True)),
-        "e^T x -> fp32 (dW/dlogits product)": (n + 1, lambda: gemm(th, x, dW32, trans_a=True)),
+        "(sum dv)^T x -> fp32 (dW product)": (1, lambda: gemm(th, x, dW32, trans_a=True)),
+        f"e^T x -> {G.dtype} (dlogits products)": (n, lambda: gemm(th, x, th_G, trans_a=True)),
         f"apply_mask ({size} masked W per call)": (2 * len(groups), lambda: training.apply_mask(W, bits[:size], masked)),
         "epilogue forward": (1, lambda: training._launch(
             "mglu_epilogue_fwd", W.dtype, 8, nh // 8, (th, s, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
         "epilogue backward": (1, lambda: training._launch(
             "mglu_epilogue_bwd", W.dtype, 8, nh // 8, (th, th, s, e, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
         "weight grads (all masks)": (1, lambda: training._launch(
-            "mglu_weight_grads", W.dtype, 4, h * d // 4,
-            (G, W, bits, dW32, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])))),
+            "mglu_weight_grads", W.dtype, g_vec, h * d // g_vec,
+            (G, W, bits, dW32, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])),
+            name=training._weight_grads_name(W.dtype, G.dtype, g_vec))),
         "dx fp32 -> bf16 (narrow)": (1, lambda: training.narrow(dx32, bfloat16)),
     }
     rows = []
@@ -467,6 +480,9 @@ def main(argv=None):
                    help="skip mglu-bits-given-apply-mask and mglu-bits-given-dx-kernel: the bits-given step "
                         "with pymglu.cuda.masked_gemm off (its masked products built by apply_mask for cuBLAS, "
                         "the path before stop 32), and with its dx kernel on (off by default, stop 33)")
+    p.add_argument("--fp32-logits-too", action="store_true",
+                   help="also time mglu-bits-given-fp32-logits: the bits-given step with the logit gradients in "
+                        "float32 (pymglu.cuda.training.narrow_logit_grads(False)), the default before stop 35")
     p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
     p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
     p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")
