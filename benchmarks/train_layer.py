@@ -18,6 +18,8 @@ training does). Variants, all in the same run:
   used: other GPUs than sm_90);
 * ``mglu-bits-given-dx-kernel``: the same with the backward's ``dx`` kernel switched on
   (``masked_gemm.dx_kernel()``; off by default since stop 33), its ``n + 1`` products in one kernel;
+* ``mglu-bits-given-unbatched`` (with ``--unbatched-too``): the bits-given step with the ``n`` products
+  ``G_i = e_i^T x`` as ``n`` cuBLAS calls, as before stop 35, instead of one strided-batched call;
 * ``mglu-bits-given-fp32-logits`` (with ``--fp32-logits-too``): the bits-given step with the ``G_i``
   products and the logit gradients in float32 (``pymglu.cuda.training.narrow_logit_grads(False)``), as
   before stop 35; by default they are bfloat16, as ``dW``;
@@ -304,6 +306,13 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             with masked_gemm.dx_kernel(True):
                 return bits_given_step(given)
 
+        def unbatched_step(given=given):
+            previous, training._BATCHED_LOGIT_PRODUCTS = training._BATCHED_LOGIT_PRODUCTS, False
+            try:
+                return bits_given_step(given)
+            finally:
+                training._BATCHED_LOGIT_PRODUCTS = previous
+
         def fp32_logits_step(given=given):
             with training.narrow_logit_grads(False):
                 return bits_given_step(given)
@@ -314,6 +323,8 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             if args.apply_mask_too:
                 variants.append(("mglu-bits-given-apply-mask", n, apply_mask_step, 3 * (n + 1), live + given.nbytes))
                 variants.append(("mglu-bits-given-dx-kernel", n, dx_kernel_step, 3 * (n + 1), live + given.nbytes))
+            if args.unbatched_too:
+                variants.append(("mglu-bits-given-unbatched", n, unbatched_step, 3 * (n + 1), live + given.nbytes))
             if args.fp32_logits_too:
                 variants.append(("mglu-bits-given-fp32-logits", n, fp32_logits_step, 3 * (n + 1),
                                  live + given.nbytes))
@@ -480,6 +491,9 @@ def main(argv=None):
                    help="skip mglu-bits-given-apply-mask and mglu-bits-given-dx-kernel: the bits-given step "
                         "with pymglu.cuda.masked_gemm off (its masked products built by apply_mask for cuBLAS, "
                         "the path before stop 32), and with its dx kernel on (off by default, stop 33)")
+    p.add_argument("--unbatched-too", action="store_true",
+                   help="also time mglu-bits-given-unbatched: the bits-given step with its n products G_i = e_i^T x "
+                        "as n cuBLAS calls instead of one strided-batched call (before stop 35)")
     p.add_argument("--fp32-logits-too", action="store_true",
                    help="also time mglu-bits-given-fp32-logits: the bits-given step with the logit gradients in "
                         "float32 (pymglu.cuda.training.narrow_logit_grads(False)), the default before stop 35")

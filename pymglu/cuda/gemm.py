@@ -100,34 +100,42 @@ def gemm(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = Fal
     return out
 
 
-def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False) -> Any:
-    """``out[i] = op(a[i]) @ op(b[i])`` for every ``i`` of a batch, on cuBLAS (strided batched, float32
-    accumulation), all C-contiguous CuPy arrays of 3 dims.
+def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bool = False,
+                 accumulate: bool = False) -> Any:
+    """``out[i] = op(a[i]) @ op(b[i])`` (or ``out[i] += ...`` with ``accumulate``) for every ``i`` of a
+    batch, on cuBLAS (strided batched, float32 accumulation), all C-contiguous CuPy arrays.
 
     Args:
         a: ``(batch, M, K)``, or ``(batch, K, M)`` with ``trans_a``; float32, float16 or bfloat16.
-        b: ``(batch, K, N)``, or ``(batch, N, K)`` with ``trans_b``; same dtype as ``a``.
+        b: ``(batch, K, N)``, or ``(batch, N, K)`` with ``trans_b``; or one matrix of 2 dims that every
+            product of the batch shares (stride 0); same dtype as ``a``.
         out: ``(batch, M, N)`` C-contiguous, in ``a``'s dtype or float32.
+        accumulate: add the products to ``out`` instead of overwriting it.
+
     Returns:
         ``out``.
     """
-    for name, m in (("a", a), ("b", b), ("out", out)):
-        _checks.check_ndim(name, m, 3)
+    for name, m, dims in (("a", a, 3), ("b", b, (2, 3)), ("out", out, 3)):
+        _checks.check_ndim(name, m, dims)
         if not m.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array, got {_checks.describe(m)} with strides {m.strides}")
     in_type, out_type = _data_types(a, b, out)
     batch = a.shape[0]
+    shared = b.ndim == 2
+    b_rows, b_cols = b.shape[-2:]
     M, K = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
-    K2, N = (b.shape[2], b.shape[1]) if trans_b else b.shape[1:]
-    if K2 != K or b.shape[0] != batch:
-        raise ValueError(f"b: expected {batch} matrices with {K} rows in op(b) to match op(a) of shape {(M, K)}, "
-                         f"got {_checks.describe(b)} (trans_b={trans_b})")
+    K2, N = (b_cols, b_rows) if trans_b else (b_rows, b_cols)
+    if K2 != K or (not shared and b.shape[0] != batch):
+        raise ValueError(f"b: expected {batch} matrices (or one shared) with {K} rows in op(b) to match op(a) of "
+                         f"shape {(M, K)}, got {_checks.describe(b)} (trans_b={trans_b})")
     _checks.check_shape("out", out, (batch, M, N))
     if batch == 0 or M == 0 or N == 0:
         return out
     if K == 0:
-        out.fill(0)
+        if not accumulate:
+            out.fill(0)
         return out
+    beta = _ONE if accumulate else _ZERO
     with _host_pointer_handle("gemm_batched") as handle:
         status = _cublas_fn("cublasGemmStridedBatchedEx")(
             handle,
@@ -135,9 +143,9 @@ def gemm_batched(a: Any, b: Any, out: Any, *, trans_a: bool = False, trans_b: bo
             _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
             N, M, K,
             _ONE.ctypes.data,
-            b.data.ptr, in_type, b.shape[2], b.shape[1] * b.shape[2],
+            b.data.ptr, in_type, b_cols, 0 if shared else b_rows * b_cols,
             a.data.ptr, in_type, a.shape[2], a.shape[1] * a.shape[2],
-            _ZERO.ctypes.data,
+            beta.ctypes.data,
             out.data.ptr, out_type, N, M * N,
             batch, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
         )

@@ -41,7 +41,7 @@ from pymglu import _checks
 from pymglu import cuda as _cuda
 from pymglu.backend import is_cupy_array
 from pymglu.cuda import masked_gemm
-from pymglu.cuda.gemm import gemm
+from pymglu.cuda.gemm import gemm, gemm_batched
 from pymglu.dtypes import float32
 
 __all__ = [
@@ -61,6 +61,9 @@ _ACTIVATION_CODES = _cuda.ACTIVATION_CODES
 _KERNELS = ("apply_mask", "mglu_epilogue_fwd", "mglu_epilogue_bwd", "mglu_weight_grads", "narrow_float32",
             "glu_epilogue_fwd", "glu_epilogue_bwd")
 _THREADS = 256
+#: the n products G_i = e_i^T x in one strided-batched cuBLAS call (else one call each); a switch for the
+#: benchmark's comparison of the two (benchmarks/train_layer.py --unbatched-too)
+_BATCHED_LOGIT_PRODUCTS = True
 
 #: Whether the backward of float16/bfloat16 inputs writes the ``G_i = e_i^T x`` products and the mask-logit
 #: gradients ``W * G_i`` in the input dtype, as ``dW`` is (float32 accumulation inside the products), instead
@@ -363,8 +366,11 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
     del dv_sum, t  # with a handed-over cache, the pool reuses t's memory for G
     if not accumulate:
         G = cp.empty((n, h, d), dtype=logit_dtype)
-    for i in range(n):
-        gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
+    if _BATCHED_LOGIT_PRODUCTS:  # one strided-batched call, x shared: fewer partial waves than n calls
+        gemm_batched(e, x, G, trans_a=True, accumulate=accumulate)
+    else:
+        for i in range(n):
+            gemm(e[i], x, G[i], trans_a=True, accumulate=accumulate)
     return dx, dW_acc, G
 
 

@@ -84,6 +84,69 @@ def test_gemm_matches_float64(dtype, trans_a, trans_b, out_fp32, accumulate):
     assert rel_err(out, want) < TOL[np.dtype(dtype)] / 4
 
 
+@pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("shared_b", [False, True], ids=["batched-b", "shared-b"])
+@pytest.mark.parametrize("out_fp32, accumulate", [(False, False), (True, False), (False, True)])
+def test_gemm_batched_matches_float64(dtype, trans_a, trans_b, shared_b, out_fp32, accumulate):
+    """Strided-batched products, ``b`` one per product or one shared by all (stride 0, the G_i = e_i^T x of
+    the backward), overwriting a poisoned output or adding into it."""
+    import cupy as cp
+    from pymglu.cuda.gemm import gemm_batched
+
+    rng = np.random.default_rng()
+    batch, M, K, N = 3, 37, 129, 65
+    a = rounded(rng, (batch,) + ((K, M) if trans_a else (M, K)), dtype)
+    b = rounded(rng, (() if shared_b else (batch,)) + ((N, K) if trans_b else (K, N)), dtype)
+    out_dtype = float32 if out_fp32 else dtype
+    start = rounded(rng, (batch, M, N), out_dtype)
+    out = cp.asarray(start) if accumulate else cp.full((batch, M, N), np.nan, dtype=out_dtype)
+    gemm_batched(cp.asarray(a), cp.asarray(b), out, trans_a=trans_a, trans_b=trans_b, accumulate=accumulate)
+    a64 = a.astype(np.float64)
+    b64 = np.broadcast_to(b.astype(np.float64), (batch,) + b.shape[-2:])
+    want = (a64.transpose(0, 2, 1) if trans_a else a64) @ (b64.transpose(0, 2, 1) if trans_b else b64)
+    if accumulate:
+        want = want + start.astype(np.float64)
+    assert rel_err(out, want) < TOL[np.dtype(dtype)] / 4
+
+
+def test_gemm_batched_refuses_bad_operands():
+    import cupy as cp
+    from pymglu.cuda.gemm import gemm_batched
+
+    a = cp.ones((2, 4, 8), dtype=float32)
+    out = cp.full((2, 4, 3), 7.0, dtype=float32)
+    with pytest.raises(ValueError, match="b: expected 2 matrices"):
+        gemm_batched(a, cp.ones((3, 8, 3), dtype=float32), out)
+    with pytest.raises(ValueError, match="b: expected 2 matrices"):
+        gemm_batched(a, cp.ones((7, 3), dtype=float32), out)
+    with pytest.raises(ValueError, match="b: expected a 2 or 3-d array"):
+        gemm_batched(a, cp.ones(8, dtype=float32), out)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        gemm_batched(a, cp.ones((8, 3), dtype=float32), cp.empty((2, 3, 4), dtype=float32))
+    assert bool(cp.all(out == 7.0))
+
+
+def test_logit_products_batched_or_not_agree():
+    """The backward's n products G_i = e_i^T x as one strided-batched call (the default) or n calls."""
+    import cupy as cp
+    from pymglu.cuda import training
+
+    rng = np.random.default_rng()
+    x, W, logits, dy = _mglu_case(rng, (70,), 96, 130, 3, bfloat16)
+    xg, Wg, bits, dyg = cp.asarray(x), cp.asarray(W), mask_ops.pack_masks(cp.asarray(logits)), cp.asarray(dy)
+    _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
+    batched = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
+    assert training._BATCHED_LOGIT_PRODUCTS
+    training._BATCHED_LOGIT_PRODUCTS = False
+    try:
+        single = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
+    finally:
+        training._BATCHED_LOGIT_PRODUCTS = True
+    for name, got, want in zip(("dx", "dW", "dlogits"), batched, single):
+        assert rel_err(got, cp.asnumpy(want).astype(np.float64)) < 1e-2, name
+
+
 def test_gemm_refuses_bad_operands():
     import cupy as cp
     from pymglu.cuda.gemm import gemm
