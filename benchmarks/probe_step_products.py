@@ -105,6 +105,7 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
     """Per launch label: the median GPU milliseconds of that launch in the step (part 1)."""
     records: list = []
     original_gemm, original_launch = training.gemm, training._launch
+    original_batched = training.gemm_batched
     original_masked = masked_gemm.launch_unchecked
     original_dx, original_transpose = masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits
 
@@ -121,8 +122,15 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
         records.append((label_of_gemm(a, b, out, **kw), ev))
         return result
 
-    def launch(kernel, dtype, vec, work_items, args):
-        original_launch(kernel, dtype, vec, work_items, args)
+    def batched(a, b, out, **kw):
+        result = original_batched(a, b, out, **kw)
+        ev = cp.cuda.Event()
+        ev.record()
+        records.append((f"gemm_batched {out.shape[0]} x " + label_of_gemm(a[0], b if b.ndim == 2 else b[0], out[0], **kw), ev))
+        return result
+
+    def launch(kernel, dtype, vec, work_items, args, name=None):
+        original_launch(kernel, dtype, vec, work_items, args, name=name)
         ev = cp.cuda.Event()
         ev.record()
         records.append((kernel, ev))
@@ -151,9 +159,11 @@ def in_place(steps: dict, n_steps: int, head_start_ms: float) -> dict:
     def patch(on):
         if on:
             training.gemm, training._launch, masked_gemm.launch_unchecked = gemm, launch, masked
+            training.gemm_batched = batched
             masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits = masked_dx, transpose
         else:
             training.gemm, training._launch, masked_gemm.launch_unchecked = original_gemm, original_launch, original_masked
+            training.gemm_batched = original_batched
             masked_gemm.launch_dx_unchecked, masked_gemm.transpose_bits = original_dx, original_transpose
 
     spin = cp.RawKernel(_SPIN, "spin")
