@@ -63,7 +63,7 @@ import numpy as np
 import cupy as cp
 
 from pymglu import functional, masks as mask_ops
-from pymglu.cuda import masked_gemm, training
+from pymglu.cuda import masked_gemm, switched, training
 from pymglu.dtypes import bfloat16
 
 SHAPES = [(2048, 8192), (4096, 14336)]
@@ -307,11 +307,8 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
                 return bits_given_step(given)
 
         def unbatched_step(given=given):
-            previous, training._BATCHED_LOGIT_PRODUCTS = training._BATCHED_LOGIT_PRODUCTS, False
-            try:
+            with switched(training, "_BATCHED_LOGIT_PRODUCTS", False):
                 return bits_given_step(given)
-            finally:
-                training._BATCHED_LOGIT_PRODUCTS = previous
 
         def fp32_logits_step(given=given):
             with training.narrow_logit_grads(False):

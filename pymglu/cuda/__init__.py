@@ -35,6 +35,7 @@ __all__ = [
     "headers_digest",
     "clear_module_cache",
     "multiprocessor_count",
+    "switched",
     "switched_off",
     "CUDA_TYPE_NAMES",
     "ACTIVATION_CODES",
@@ -215,12 +216,17 @@ def multiprocessor_count() -> int:
 
 
 @contextlib.contextmanager
-def switched_off(module: Any, flag: str = "ENABLED") -> Iterator[None]:
-    """Within the block, ``module.<flag>`` is ``False``; its previous value comes back afterwards (the
-    ``disabled()`` switches of :mod:`pymglu.cuda.training` and :mod:`pymglu.cuda.optimizers`)."""
+def switched(module: Any, flag: str, value: Any) -> Iterator[None]:
+    """Within the block, ``module.<flag>`` is ``value``; its previous value comes back afterwards (the
+    module-level switches: ``disabled()``, ``masked_gemm.dx_kernel()``, ``training.narrow_logit_grads()``)."""
     previous = getattr(module, flag)
-    setattr(module, flag, False)
+    setattr(module, flag, value)
     try:
         yield
     finally:
         setattr(module, flag, previous)
+
+
+def switched_off(module: Any, flag: str = "ENABLED") -> contextlib.AbstractContextManager:
+    """Within the block, ``module.<flag>`` is ``False`` (:func:`switched`)."""
+    return switched(module, flag, False)

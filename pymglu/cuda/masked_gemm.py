@@ -30,7 +30,7 @@ import ctypes
 import functools
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -80,16 +80,10 @@ def disabled() -> contextlib.AbstractContextManager:
     return _cuda.switched_off(sys.modules[__name__])
 
 
-@contextlib.contextmanager
-def dx_kernel(on: bool = True) -> Iterator[None]:
+def dx_kernel(on: bool = True) -> contextlib.AbstractContextManager:
     """Within the block, :data:`DX_ENABLED` is ``on``: the training backward's ``dx`` runs in :func:`masked_dx`
     (where :func:`usable_dx` allows) or on ``apply_mask`` + cuBLAS; the previous value comes back afterwards."""
-    global DX_ENABLED
-    previous, DX_ENABLED = DX_ENABLED, bool(on)
-    try:
-        yield
-    finally:
-        DX_ENABLED = previous
+    return _cuda.switched(sys.modules[__name__], "DX_ENABLED", bool(on))
 
 
 def supports(x: Any, W: Any, bits: Any, out: Any) -> bool:

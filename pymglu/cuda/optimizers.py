@@ -56,7 +56,7 @@ def supports(param: Any, grad: Any, *state: Any) -> bool:
     if not all(is_cupy_array(a) and a.flags.c_contiguous for a in arrays):
         return False
     pdt = np.dtype(param.dtype)
-    if pdt not in _CUDA_TYPES or np.dtype(grad.dtype) not in _CUDA_TYPES or not gradient_dtype_ok(pdt, grad.dtype):
+    if pdt not in _CUDA_TYPES or not gradient_dtype_ok(pdt, grad.dtype):  # implies a float32/16-bit grad
         return False
     if any(np.dtype(s.dtype) != float32 for s in arrays[2:]):
         return False

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -77,15 +77,9 @@ def disabled() -> contextlib.AbstractContextManager:
     return _cuda.switched_off(sys.modules[__name__])
 
 
-@contextlib.contextmanager
-def narrow_logit_grads(on: bool = True) -> Iterator[None]:
+def narrow_logit_grads(on: bool = True) -> contextlib.AbstractContextManager:
     """Within the block, :data:`NARROW_LOGIT_GRADS` is ``on``; the previous value comes back afterwards."""
-    global NARROW_LOGIT_GRADS
-    previous, NARROW_LOGIT_GRADS = NARROW_LOGIT_GRADS, bool(on)
-    try:
-        yield
-    finally:
-        NARROW_LOGIT_GRADS = previous
+    return _cuda.switched(sys.modules[__name__], "NARROW_LOGIT_GRADS", bool(on))
 
 
 def logit_grad_dtype(dtype: Any) -> np.dtype:

@@ -130,7 +130,7 @@ def test_gemm_batched_refuses_bad_operands():
 def test_logit_products_batched_or_not_agree():
     """The backward's n products G_i = e_i^T x as one strided-batched call (the default) or n calls."""
     import cupy as cp
-    from pymglu.cuda import training
+    from pymglu.cuda import switched, training
 
     rng = np.random.default_rng()
     x, W, logits, dy = _mglu_case(rng, (70,), 96, 130, 3, bfloat16)
@@ -138,11 +138,9 @@ def test_logit_products_batched_or_not_agree():
     _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
     batched = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
     assert training._BATCHED_LOGIT_PRODUCTS
-    training._BATCHED_LOGIT_PRODUCTS = False
-    try:
+    with switched(training, "_BATCHED_LOGIT_PRODUCTS", False):
         single = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
-    finally:
-        training._BATCHED_LOGIT_PRODUCTS = True
+    assert training._BATCHED_LOGIT_PRODUCTS
     for name, got, want in zip(("dx", "dW", "dlogits"), batched, single):
         assert rel_err(got, cp.asnumpy(want).astype(np.float64)) < 1e-2, name
 
