@@ -34,34 +34,73 @@ def _erf(xp: Any, z: Any) -> Any:
     return erf(z)
 
 
-def sigmoid(s: Any) -> Any:
-    """Logistic function, written through tanh so that it never overflows."""
+def sigmoid(s: Any, out: Any = None) -> Any:
+    """Logistic function, written through tanh so that it never overflows; into ``out`` (an array of
+    ``s``'s shape and dtype, which may be ``s`` itself) when given."""
     xp = get_array_module(s)
-    return 0.5 * (1.0 + xp.tanh(0.5 * s))
+    out = xp.multiply(s, 0.5, out=out)
+    xp.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
 
 
-def forward(s: Any, name: str) -> Any:
-    """``g(s)`` for the gating function ``name``."""
+def forward(s: Any, name: str, out: Any = None) -> Any:
+    """``g(s)`` for the gating function ``name``; into ``out`` (an array of ``s``'s shape and dtype, not ``s``
+    itself) when given."""
+    _check_out("out", out, s)
     xp = get_array_module(s)
-    if name == "silu":
-        return s * sigmoid(s)
-    if name == "gelu":
-        return 0.5 * s * (1.0 + _erf(xp, s * _SQRT_HALF))
-    if name == "gelu_tanh":
-        return 0.5 * s * (1.0 + xp.tanh(_TANH_K * (s + _TANH_C * s * s * s)))
-    if name == "relu":
-        return xp.maximum(s, 0)
+    if name == "silu":  # s * sigmoid(s), in one buffer
+        g = sigmoid(s, out=out)
+        g *= s
+        return g
     if name == "sigmoid":
-        return sigmoid(s)
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+        return sigmoid(s, out=out)
+    if name == "gelu":
+        g = 0.5 * s * (1.0 + _erf(xp, s * _SQRT_HALF))
+    elif name == "gelu_tanh":
+        g = 0.5 * s * (1.0 + xp.tanh(_TANH_K * (s + _TANH_C * s * s * s)))
+    elif name == "relu":
+        g = xp.maximum(s, 0)
+    else:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+    return g if out is None else _into(out, g)
+
+
+def _check_out(name: str, out: Any, s: Any) -> None:
+    if out is not None and (out is s or out.shape != s.shape or out.dtype != s.dtype):
+        raise ValueError(f"{name}: expected a buffer of shape {s.shape} and dtype {s.dtype} other than the "
+                         f"input, got {'the input' if out is s else f'{out.shape} {out.dtype}'}")
+
+
+def _into(out: Any, value: Any) -> Any:
+    get_array_module(out).copyto(out, value)
+    return out
+
+
+def _silu_slope(s: Any, sig: Any, out: Any = None) -> Any:
+    """``sig * (1 + s * (1 - sig))``, SiLU's derivative from ``sig = sigmoid(s)``, with one temporary."""
+    xp = get_array_module(s)
+    slope = xp.subtract(1.0, sig, out=out)
+    slope *= s
+    slope += 1.0
+    slope *= sig
+    return slope
+
+
+def _sigmoid_slope(sig: Any, out: Any = None) -> Any:
+    """``sig * (1 - sig)``, the logistic function's derivative from ``sig``."""
+    xp = get_array_module(sig)
+    slope = xp.subtract(1.0, sig, out=out)
+    slope *= sig
+    return slope
 
 
 def derivative(s: Any, name: str) -> Any:
     """``g'(s)`` for the gating function ``name`` (ReLU: 0 at s = 0)."""
     xp = get_array_module(s)
     if name == "silu":
-        sig = sigmoid(s)
-        return sig * (1.0 + s * (1.0 - sig))
+        return _silu_slope(s, sigmoid(s))
     if name == "gelu":
         return 0.5 * (1.0 + _erf(xp, s * _SQRT_HALF)) + s * _INV_SQRT_2PI * xp.exp(-0.5 * s * s)
     if name == "gelu_tanh":
@@ -70,25 +109,35 @@ def derivative(s: Any, name: str) -> Any:
     if name == "relu":
         return (s > 0).astype(s.dtype)
     if name == "sigmoid":
-        sig = sigmoid(s)
-        return sig * (1.0 - sig)
+        return _sigmoid_slope(sigmoid(s))
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
-def forward_and_derivative(s: Any, name: str) -> tuple[Any, Any]:
-    """``(g(s), g'(s))`` in one pass, sharing the sigmoid, erf or tanh that both need."""
+def forward_and_derivative(s: Any, name: str, out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+    """``(g(s), g'(s))`` in one pass, sharing the sigmoid, erf or tanh that both need; into the two arrays
+    of ``out`` (``s``'s shape and dtype, neither of them ``s``) when given."""
     xp = get_array_module(s)
-    if name == "silu":
-        sig = sigmoid(s)
-        return s * sig, sig * (1.0 + s * (1.0 - sig))
-    if name == "sigmoid":
-        sig = sigmoid(s)
-        return sig, sig * (1.0 - sig)
+    value_out, slope_out = (None, None) if out is None else out
+    _check_out("out[0]", value_out, s)
+    _check_out("out[1]", slope_out, s)
+    if value_out is not None and value_out is slope_out:
+        raise ValueError("out: expected two different buffers, got the same array twice")
+    if name in ("silu", "sigmoid"):
+        sig = sigmoid(s, out=value_out)
+        if name == "sigmoid":
+            return sig, _sigmoid_slope(sig, out=slope_out)
+        slope = _silu_slope(s, sig, out=slope_out)
+        sig *= s
+        return sig, slope
     if name == "gelu":
         cdf = 0.5 * (1.0 + _erf(xp, s * _SQRT_HALF))
-        return s * cdf, cdf + s * _INV_SQRT_2PI * xp.exp(-0.5 * s * s)
-    if name == "gelu_tanh":
+        value, slope = s * cdf, cdf + s * _INV_SQRT_2PI * xp.exp(-0.5 * s * s)
+    elif name == "gelu_tanh":
         th = xp.tanh(_TANH_K * (s + _TANH_C * s * s * s))
-        return (0.5 * s * (1.0 + th),
-                0.5 * (1.0 + th) + 0.5 * s * (1.0 - th * th) * _TANH_K * (1.0 + 3.0 * _TANH_C * s * s))
-    return forward(s, name), derivative(s, name)
+        value = 0.5 * s * (1.0 + th)
+        slope = 0.5 * (1.0 + th) + 0.5 * s * (1.0 - th * th) * _TANH_K * (1.0 + 3.0 * _TANH_C * s * s)
+    else:
+        value, slope = forward(s, name), derivative(s, name)
+    if out is None:
+        return value, slope
+    return _into(value_out, value), _into(slope_out, slope)

@@ -156,8 +156,15 @@ def mglu_forward(x: Any, W: Any, masks: Any, activation: str = "silu", keep_cach
     xf = _flatten(x, ct)
     Wc = W.astype(ct, copy=False)
     t = xf @ Wc.T
-    s = xp.stack([xf @ (Wc * m).T for m in masks])
-    y = (activations.forward(s, activation) * (t - s)).sum(axis=0)
+    s = xp.empty((masks.shape[0],) + t.shape, dtype=ct)
+    for i, m in enumerate(masks):  # one masked copy of W at a time
+        xp.matmul(xf, (Wc * m).T, out=s[i])
+    # y = sum_i g(s_i) * (t - s_i), a plane at a time in two reused buffers
+    y, gated, value = xp.zeros_like(t), xp.empty_like(t), xp.empty_like(t)
+    for s_i in s:
+        activations.forward(s_i, activation, out=gated)
+        gated *= xp.subtract(t, s_i, out=value)
+        y += gated
     return y.astype(x.dtype, copy=False).reshape(out_shape), MGLUCache(t, s) if keep_cache else None
 
 
@@ -221,10 +228,19 @@ def mglu_backward(
     dyf = dy.reshape(-1, h).astype(ct, copy=False)
     Wc = W.astype(ct, copy=False)
     t, s = cache.take() if consume_cache else cache
-    a, da = activations.forward_and_derivative(s, activation)
-    dv = dyf * a                                   # (n, N, h)
-    e = dyf * (t - s) * da - dv
-    dv_sum = dv.sum(axis=0)                        # (N, h)
+    # e_i = ds_i - dv_i with dv_i = dy * g(s_i) and ds_i = dy * (t - s_i) * g'(s_i), a plane at a time; a
+    # handed-over cache takes e_i in place of s_i
+    e = s if consume_cache else xp.empty_like(s)
+    dv_sum, a, da = xp.zeros_like(t), xp.empty_like(t), xp.empty_like(t)
+    for s_i, e_i in zip(s, e):
+        activations.forward_and_derivative(s_i, activation, out=(a, da))
+        xp.subtract(t, s_i, out=e_i)
+        e_i *= da
+        e_i *= dyf
+        a *= dyf                                   # dv_i
+        e_i -= a
+        dv_sum += a
+    del s, a, da
     dx = dv_sum @ Wc
     dW = dv_sum.T @ xf
     dlogits = xp.empty(masks.shape, dtype=ct)
@@ -261,7 +277,8 @@ def glu_forward(x: Any, W_gate: Any, W_value: Any, activation: str = "silu") -> 
     xf = _flatten(x, ct)
     gate = xf @ W_gate.astype(ct, copy=False).T
     value = xf @ W_value.astype(ct, copy=False).T
-    y = activations.forward(gate, activation) * value
+    y = activations.forward(gate, activation)
+    y *= value
     return y.astype(x.dtype, copy=False).reshape(x.shape[:-1] + (W_gate.shape[0],)), (gate, value)
 
 
@@ -301,9 +318,10 @@ def glu_backward(
     ct = compute_dtype(x.dtype)
     xf = _flatten(x, ct)
     dyf = dy.reshape(-1, h).astype(ct, copy=False)
-    a, da = activations.forward_and_derivative(gate, activation)
-    d_value = dyf * a
-    d_gate = dyf * value * da
+    d_value, d_gate = activations.forward_and_derivative(gate, activation)  # g(gate), g'(gate)
+    d_value *= dyf
+    d_gate *= value
+    d_gate *= dyf
     dx = d_gate @ W_gate.astype(ct, copy=False) + d_value @ W_value.astype(ct, copy=False)
     return (
         dx.astype(x.dtype, copy=False).reshape(x.shape),

@@ -63,3 +63,28 @@ def test_forward_and_derivative_equal_the_separate_functions(name):
     value, slope = activations.forward_and_derivative(s, name)
     np.testing.assert_array_equal(value, activations.forward(s, name))
     np.testing.assert_allclose(slope, activations.derivative(s, name), rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_results_written_into_out_equal_the_allocated_ones(name, dtype):
+    """``out=`` (the planes of the MGLU reference path) changes where the results go, not their bits; the
+    buffers hold NaN first, so a value left unwritten fails."""
+    from pymglu import activations
+
+    s = (np.random.default_rng(5).standard_normal((6, 9)) * 3).astype(dtype)
+    value = np.full_like(s, np.nan)
+    assert activations.forward(s, name, out=value) is value
+    np.testing.assert_array_equal(value, activations.forward(s, name))
+    pair = (np.full_like(s, np.nan), np.full_like(s, np.nan))
+    got = activations.forward_and_derivative(s, name, out=pair)
+    assert got[0] is pair[0] and got[1] is pair[1]
+    want = activations.forward_and_derivative(s, name)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="out: expected a buffer of shape"):
+        activations.forward(s, name, out=s)  # silu would read s after writing sigmoid(s) over it
+    with pytest.raises(ValueError, match=r"out\[1\]: expected a buffer of shape \(6, 9\)"):
+        activations.forward_and_derivative(s, name, out=(value, np.empty((9, 6), dtype)))
+    with pytest.raises(ValueError, match="two different buffers"):
+        activations.forward_and_derivative(s, name, out=(value, value))
