@@ -48,7 +48,7 @@ __device__ __forceinline__ void mbar_wait_cluster(u32 bar, u32 parity) {
 // arrive on the mbarrier at the same shared-memory offset as bar in block `rank` of the cluster
 // (release and acquire at cluster scope, here and in mbar_wait_cluster: stop 34 found these fences to be what
 // made the pairs slow; with CTA-scope semantics the package's paired kernels, commit 4b2ea24, ran as fast
-// as the blocks alone, docs/benchmarks.md "Stop 34")
+// as the blocks alone, docs/train_layer_history.md "Stop 34")
 __device__ __forceinline__ void mbar_arrive_in(u32 bar, u32 rank) {
   u32 remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));

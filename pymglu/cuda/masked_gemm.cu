@@ -1,5 +1,5 @@
 // Masked products on Hopper's tensor cores (sm_90a only), without a masked copy of W. Built by
-// pymglu/cuda/masked_gemm.py (NVRTC, -arch=sm_90a); measured in docs/benchmarks.md, "Stop 32" and "Stop 33";
+// pymglu/cuda/masked_gemm.py (NVRTC, -arch=sm_90a); measured in docs/train_layer_history.md, "Stop 32" and "Stop 33";
 // benchmarks/probe_masked_gemm.cu, the probe this kernel comes from, is timed against cuBLAS there.
 //
 //   * masked_gemm_*, the forward's s_i = x (M_i * W)^T of pymglu.cuda.training:

@@ -48,13 +48,13 @@ ENABLED = True
 #: Whether the training backward may use :func:`masked_dx` (see :func:`usable_dx`). Off: on the H200 the
 #: kernel took 3.19 ms in place at T = d = 4096, h = 14336, n = 4 against 3.17 ms for the five cuBLAS products,
 #: two ``apply_mask`` calls and the rounding it replaces, and the replayed step was 2% slower with it
-#: (docs/benchmarks.md, "Stop 33"). :func:`dx_kernel` switches it on.
+#: (docs/train_layer_history.md, "Stop 33"). :func:`dx_kernel` switches it on.
 DX_ENABLED = False
 
 #: The training path uses the kernel only for products with at most this many tokens per column of ``W``
 #: (``T <= MAX_TOKENS_PER_K * K``). On the H200 it beat ``apply_mask`` + cuBLAS by 6.0% at T = K = 4096
 #: and by 4.6% at T = 2K = 4096, and lost by 3.1% at T = 4K = 16384, where building ``M * W`` once is spread
-#: over more tokens (docs/benchmarks.md, "Stop 32").
+#: over more tokens (docs/train_layer_history.md, "Stop 32").
 MAX_TOKENS_PER_K = 2
 
 _SOURCE = "masked_gemm.cu"
