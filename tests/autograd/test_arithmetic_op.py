@@ -38,7 +38,8 @@ def test_scalar_operands_and_overloads():
     np.testing.assert_array_equal(t.grad, -np.ones((3, 2)))
 
 
-@pytest.mark.parametrize("a_shape, b_shape", [((3, 4), (4, 5)), ((2, 3, 4), (4, 2)), ((2, 1, 3, 4), (5, 4, 1)), ((7, 1), (1, 3))])
+@pytest.mark.parametrize("a_shape, b_shape", [((3, 4), (4, 5)), ((2, 3, 4), (4, 2)), ((2, 1, 3, 4), (5, 4, 1)), ((7, 1), (1, 3)),
+                                              ((3, 2, 5, 4), (4, 3))])
 def test_matmul(a_shape, b_shape):
     rng = np.random.default_rng(len(a_shape) * 10 + len(b_shape))
     a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
@@ -54,6 +55,21 @@ def test_matmul(a_shape, b_shape):
     np.testing.assert_allclose(out.data, ref, rtol=1e-12, atol=1e-12)
     check_grads(ops.matmul, [a, b])
     check_grads(lambda x, y: x @ y, [a, b])
+
+
+def test_matmul_by_a_matrix_takes_strided_operands():
+    """A Linear layer's product: ``x (..., m, k)`` (here a transposed, non-contiguous view) times ``W^T``
+    (a transposed view), computed over all rows at once; values and both gradients against float64 loops."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 4, 3, 5)).swapaxes(1, 2)  # (2, 3, 4, 5), not C-contiguous
+    W = rng.standard_normal((6, 5))
+    g = rng.standard_normal((2, 3, 4, 6))
+    tx, tW = Tensor(x, requires_grad=True), Tensor(W, requires_grad=True)
+    out = ops.matmul(tx, tW.T)
+    np.testing.assert_allclose(out.data, np.einsum("abik,jk->abij", x, W), rtol=1e-12, atol=1e-12)
+    out.backward(g)
+    np.testing.assert_allclose(tx.grad, np.einsum("abij,jk->abik", g, W), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tW.grad, np.einsum("abij,abik->jk", g, x), rtol=1e-12, atol=1e-12)
 
 
 def test_matmul_errors_name_shapes():

@@ -24,9 +24,22 @@ _GEMM_DTYPES = (np.dtype(float32), np.dtype(float16), np.dtype(bfloat16))
 
 
 def _product(a: Any, b: Any) -> Any:
-    """``a @ b`` computed in the compute dtype of ``a``'s dtype, returned in ``a``'s dtype."""
+    """``a @ b`` computed in the compute dtype of ``a``'s dtype, returned in ``a``'s dtype. A matrix ``b``
+    takes every row of ``a (..., m, k)`` in one product (NumPy's ``@`` would run one small product per
+    leading index: about twice the time at a Linear layer's shapes)."""
     ct = compute_dtype(a.dtype)
-    return (a.astype(ct, copy=False) @ b.astype(ct, copy=False)).astype(a.dtype, copy=False)
+    ac, bc = a.astype(ct, copy=False), b.astype(ct, copy=False)
+    if b.ndim == 2 and a.ndim > 2:
+        out = (ac.reshape(-1, a.shape[-1]) @ bc).reshape(a.shape[:-1] + (b.shape[1],))
+    else:
+        out = ac @ bc
+    return out.astype(a.dtype, copy=False)
+
+
+def _weight_grad(a: Any, g: Any) -> Any:
+    """``a^T g`` summed over every leading index of ``a (..., m, k)`` and ``g (..., m, n)``: ``(k, n)``, the
+    gradient of a matrix ``b`` in ``a @ b``, as one product over all rows."""
+    return _product(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
 
 
 def _on_cublas(a: Any, b: Any) -> bool:
@@ -123,7 +136,10 @@ class MatMul(Function):
         if _on_cublas(a, b):
             return _gemm_grads(a, b, g, self.needs_input_grad[0], self.needs_input_grad[1])
         da = unbroadcast(_product(g, b.swapaxes(-1, -2)), a.shape) if self.needs_input_grad[0] else None
-        db = unbroadcast(_product(a.swapaxes(-1, -2), g), b.shape) if self.needs_input_grad[1] else None
+        db = None
+        if self.needs_input_grad[1]:
+            db = (_weight_grad(a, g) if b.ndim == 2 and a.ndim > 2
+                  else unbroadcast(_product(a.swapaxes(-1, -2), g), b.shape))
         return da, db
 
 
