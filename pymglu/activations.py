@@ -6,6 +6,7 @@ results keep their dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -35,14 +36,21 @@ def _erf(xp: Any, z: Any) -> Any:
 
 
 def sigmoid(s: Any, out: Any = None) -> Any:
-    """Logistic function, written through tanh so that it never overflows; into ``out`` (an array of
-    ``s``'s shape and dtype, which may be ``s`` itself) when given."""
+    """Logistic function ``1 / (1 + exp(-s))``; into ``out`` (an array of ``s``'s shape and dtype, which may
+    be ``s`` itself) when given. For very negative ``s``, ``exp(-s)`` overflows to infinity and the result
+    is its exact limit, 0; NumPy's overflow warning for it is silenced. (``exp`` takes about half the time
+    of ``tanh`` in NumPy on an AVX2 CPU, whose ``0.5 (1 + tanh(s / 2))`` this replaced at stop 36.)"""
     xp = get_array_module(s)
-    out = xp.multiply(s, 0.5, out=out)
-    xp.tanh(out, out=out)
-    out += 1.0
-    out *= 0.5
+    with _overflow_to_inf(xp):
+        out = xp.negative(s, out=out)
+        xp.exp(out, out=out)
+        out += 1.0
+        xp.divide(1.0, out, out=out)
     return out
+
+
+def _overflow_to_inf(xp: Any) -> contextlib.AbstractContextManager:
+    return xp.errstate(over="ignore") if xp.__name__ == "numpy" else contextlib.nullcontext()
 
 
 def forward(s: Any, name: str, out: Any = None) -> Any:
