@@ -2,7 +2,7 @@
 
 The reference path is what the README's main job (``examples/train_lm.py`` on a machine without a GPU)
 trains with. This times it at that job's layer size by default (``N = 16 x 64`` tokens, ``d = 128``,
-``h = 384``) for SwiMGLU at each ``--masks`` and for SwiGLU, float32, on fresh random inputs (``dy`` too),
+``h = 384``) for SwiMGLU at each ``--masks`` and for SwiGLU, float32, on normal random inputs drawn once (``dy`` too),
 the cache handed to the backward as the tape hands it (``consume_cache=True``). The variants take turns for
 ``--rounds`` rounds of ``--steps`` steps each; the median per-step time is reported, with the time spent
 in the products alone (the same matrix products, timed by themselves) to show what the elementwise work costs.

@@ -20,9 +20,6 @@ training does). Variants, all in the same run:
   (``masked_gemm.dx_kernel()``; off by default since stop 33), its ``n + 1`` products in one kernel;
 * ``mglu-bits-given-unbatched`` (with ``--unbatched-too``): the bits-given step with the ``n`` products
   ``G_i = e_i^T x`` as ``n`` cuBLAS calls, as before stop 35, instead of one strided-batched call;
-* ``mglu-bits-given-narrow-dw`` (with ``--narrow-dw-product-too``): the bits-given step with its product
-  ``(sum_i dv_i)^T x`` in bfloat16 like the ``G_i`` instead of float32 (``training._NARROW_DW_PRODUCT``,
-  written at stop 36, off by default until measured);
 * ``mglu-bits-given-fp32-logits`` (with ``--fp32-logits-too``): the bits-given step with the ``G_i``
   products and the logit gradients in float32 (``pymglu.cuda.training.narrow_logit_grads(False)``), as
   before stop 35; by default they are bfloat16, as ``dW``;
@@ -313,10 +310,6 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
             with switched(training, "_BATCHED_LOGIT_PRODUCTS", False):
                 return bits_given_step(given)
 
-        def narrow_dw_product_step(given=given):
-            with switched(training, "_NARROW_DW_PRODUCT", True):
-                return bits_given_step(given)
-
         def fp32_logits_step(given=given):
             with training.narrow_logit_grads(False):
                 return bits_given_step(given)
@@ -329,9 +322,6 @@ def bench_shape(T, d, h, n_list, args, have_torch, tracker):
                 variants.append(("mglu-bits-given-dx-kernel", n, dx_kernel_step, 3 * (n + 1), live + given.nbytes))
             if args.unbatched_too:
                 variants.append(("mglu-bits-given-unbatched", n, unbatched_step, 3 * (n + 1), live + given.nbytes))
-            if args.narrow_dw_product_too:
-                variants.append(("mglu-bits-given-narrow-dw", n, narrow_dw_product_step, 3 * (n + 1),
-                                 live + given.nbytes))
             if args.fp32_logits_too:
                 variants.append(("mglu-bits-given-fp32-logits", n, fp32_logits_step, 3 * (n + 1),
                                  live + given.nbytes))
@@ -403,11 +393,9 @@ def breakdown(T, d, h, n, args):
     groups = training._masked_groups(n)
     size = groups[0].stop - groups[0].start  # masked weights per apply_mask call (the last may build fewer)
     out_th, masked = cp.empty_like(th), cp.empty((size, h, d), dtype=W.dtype)
-    dx32 = cp.empty((T, d), dtype=f32)
+    dx32, dW32 = cp.empty((T, d), dtype=f32), cp.empty((h, d), dtype=f32)
     G = cp.asarray(rng.standard_normal((n, h, d), dtype=f32).astype(training.logit_grad_dtype(W.dtype)))
     th_G = cp.empty((h, d), dtype=G.dtype)
-    acc_dtype = G.dtype if training._NARROW_DW_PRODUCT else f32  # of (sum dv)^T x
-    dW_acc = cp.asarray(rng.standard_normal((h, d), dtype=f32).astype(acc_dtype))
     g_vec = training._weight_grads_vecs(G.dtype)[0]
     dW = cp.empty_like(W)
     nh = T * h
@@ -416,7 +404,7 @@ def breakdown(T, d, h, n, args):
         "pack logits to bits": (1, lambda: mask_ops.pack_masks(logits)),
         "x W^T -> bf16 (forward product)": (n + 1, lambda: gemm(x, W, out_th, trans_b=True)),
         "e W -> fp32 += (dx product)": (n + 1, lambda: gemm(th, W, dx32, accumulate=True)),
-        f"(sum dv)^T x -> {dW_acc.dtype} (dW product)": (1, lambda: gemm(th, x, dW_acc, trans_a=True)),
+        "(sum dv)^T x -> fp32 (dW product)": (1, lambda: gemm(th, x, dW32, trans_a=True)),
         f"e^T x -> {G.dtype} (dlogits products)": (n, lambda: gemm(th, x, th_G, trans_a=True)),
         f"apply_mask ({size} masked W per call)": (2 * len(groups), lambda: training.apply_mask(W, bits[:size], masked)),
         "epilogue forward": (1, lambda: training._launch(
@@ -425,8 +413,8 @@ def breakdown(T, d, h, n, args):
             "mglu_epilogue_bwd", W.dtype, 8, nh // 8, (th, th, s, e, out_th, np.int32(n), np.int64(nh), np.int32(act)))),
         "weight grads (all masks)": (1, lambda: training._launch(
             "mglu_weight_grads", W.dtype, g_vec, h * d // g_vec,
-            (G, W, bits, dW_acc, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])),
-            name=training._weight_grads_name(W.dtype, G.dtype, dW_acc.dtype, g_vec))),
+            (G, W, bits, dW32, dW, np.int32(n), np.int32(h), np.int32(d), np.int32(bits.shape[-1])),
+            name=training._weight_grads_name(W.dtype, G.dtype, g_vec))),
         "dx fp32 -> bf16 (narrow)": (1, lambda: training.narrow(dx32, bfloat16)),
     }
     rows = []
@@ -506,9 +494,6 @@ def main(argv=None):
     p.add_argument("--fp32-logits-too", action="store_true",
                    help="also time mglu-bits-given-fp32-logits: the bits-given step with the logit gradients in "
                         "float32 (pymglu.cuda.training.narrow_logit_grads(False)), the default before stop 35")
-    p.add_argument("--narrow-dw-product-too", action="store_true",
-                   help="also time mglu-bits-given-narrow-dw: the bits-given step with its product (sum_i dv_i)^T x "
-                        "in the logit gradients' dtype instead of float32 (training._NARROW_DW_PRODUCT, stop 36)")
     p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
     p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
     p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")

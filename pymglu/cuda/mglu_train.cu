@@ -4,8 +4,7 @@
 //   apply_mask<T, VEC>          out_p = M_p * W for one or more bit-planes (the masked weights, built on the fly)
 //   mglu_epilogue_fwd<T, VEC>   y = sum_i g(s_i) * (t - s_i)
 //   mglu_epilogue_bwd<T, VEC>   e_i = dy * (t - s_i) * g'(s_i) - dy * g(s_i) and sum_i dy * g(s_i)
-//   mglu_weight_grads<T, TG, TA, VEC>  dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x in TG,
-//                               dW_acc = (sum_i dv_i)^T x in TA; each float32 or T)
+//   mglu_weight_grads<T, TG, VEC>  dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32 or T)
 //   narrow_float32<T, VEC>      dst = src rounded to T (dx's float32 accumulator, once per backward)
 //   glu_epilogue_fwd<T, VEC>    y = g(gate) * value
 //   glu_epilogue_bwd<T, VEC>    d_gate = dy * value * g'(gate), d_value = dy * g(gate)
@@ -141,15 +140,14 @@ __global__ void mglu_epilogue_bwd(const T* __restrict__ dy, const T* t, const T*
 #undef PYMGLU_BODY
 }
 
-// After the products G_i = e_i^T x (written into the n planes of G) and dW_acc = (sum_i dv_i)^T x:
-//   dW_out = dW_acc + sum_i M_i * G_i   (summed in float32, rounded once to T; dW_out may alias dW_acc when
-//                                        TA is T)
+// After the products G_i = e_i^T x (written into the n planes of G) and dW_acc = (sum_i dv_i)^T x (float32):
+//   dW_out = dW_acc + sum_i M_i * G_i   (rounded once to T; dW_out may alias dW_acc when T is float)
 //   G_i    = W * G_i                    (the mask-logit gradients, in place)
-// G: n planes of (h, d) of TG; dW_acc: (h, d) of TA; each float32 or T (in the compute dtype: half the
-// bytes); W, dW_out: (h, d) T; bits: n planes of (h, words). VEC divides d and 32.
-template <typename T, typename TG, typename TA, int VEC>
+// G: n planes of (h, d) of TG, float32 or T (the logit gradients in the compute dtype: half the bytes);
+// W, dW_out: (h, d) T; bits: n planes of (h, words). VEC divides d and 32.
+template <typename T, typename TG, int VEC>
 __global__ void mglu_weight_grads(TG* __restrict__ G, const T* __restrict__ W, const uint32_t* __restrict__ bits,
-                                  const TA* dW_acc, T* dW_out, int n, int h, int d, int words) {
+                                  const float* dW_acc, T* dW_out, int n, int h, int d, int words) {
   const long long chunks = d / VEC;
   const long long hd = (long long)h * d;
   const long long hw = (long long)h * words;
@@ -160,7 +158,7 @@ __global__ void mglu_weight_grads(TG* __restrict__ G, const T* __restrict__ W, c
     const long long wk = r * words + (c0 >> 5);
     float w[VEC], acc[VEC];
     load_vec<T, VEC>(W + k, w);
-    load_vec<TA, VEC>(dW_acc + k, acc);
+    load_vec<float, VEC>(dW_acc + k, acc);
     for (int i = 0; i < n; ++i) {
       const uint32_t word = bits[i * hw + wk] >> (c0 & 31);
       float g[VEC];

@@ -64,12 +64,6 @@ _THREADS = 256
 #: the n products G_i = e_i^T x in one strided-batched cuBLAS call (else one call each); a switch for the
 #: benchmark's comparison of the two (benchmarks/train_layer.py --unbatched-too)
 _BATCHED_LOGIT_PRODUCTS = True
-#: ``(sum_i dv_i)^T x`` in the dtype of the logit gradients instead of float32: 0.23 GB less traffic at
-#: d = 4096, h = 14336 (the product's output and the weight-gradient pass's read of it), one more rounding
-#: in ``dW`` (the ``G_i`` are rounded already). Written at stop 36 without a GPU: off until the gpu tests
-#: have passed with it on the H200 and benchmarks/train_layer.py --narrow-dw-product-too has measured it
-#: (docs/training.md, "After stop 35")
-_NARROW_DW_PRODUCT = False
 
 #: Whether the backward of float16/bfloat16 inputs writes the ``G_i = e_i^T x`` products and the mask-logit
 #: gradients ``W * G_i`` in the input dtype, as ``dW`` is (float32 accumulation inside the products), instead
@@ -114,18 +108,17 @@ def kernel_names() -> list[str]:
     for dt in _CUDA_TYPES:
         for kernel in _KERNELS:
             if kernel == "mglu_weight_grads":
-                for g_dtype, acc_dtype in dict.fromkeys(((float32, float32), (np.dtype(dt), np.dtype(dt)),
-                                                         (np.dtype(dt), float32))):
-                    names += [_weight_grads_name(dt, g_dtype, acc_dtype, v) for v in _weight_grads_vecs(g_dtype)]
+                for g_dtype in dict.fromkeys((float32, np.dtype(dt))):
+                    names += [_weight_grads_name(dt, g_dtype, v) for v in _weight_grads_vecs(g_dtype)]
                 continue
             vecs = (4, 1) if kernel == "narrow_float32" else (_wide_vec(dt), 1)
             names += [_name(kernel, dt, v) for v in vecs]
     return names
 
 
-def _weight_grads_name(dtype: Any, g_dtype: Any, acc_dtype: Any, vec: int) -> str:
-    types = ", ".join(_CUDA_TYPES[np.dtype(t)] for t in (dtype, g_dtype, acc_dtype))
-    return f"pymglu::mglu_weight_grads<{types}, {vec}>"
+def _weight_grads_name(dtype: Any, g_dtype: Any, vec: int) -> str:
+    return (f"pymglu::mglu_weight_grads<{_CUDA_TYPES[np.dtype(dtype)]}, {_CUDA_TYPES[np.dtype(g_dtype)]}, "
+            f"{vec}>")
 
 
 def _weight_grads_vecs(g_dtype: Any) -> tuple[int, int]:
@@ -331,8 +324,7 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
                        consume_cache: bool, dW_acc: Any = None, G: Any = None,
                        logit_dtype: Any = float32) -> tuple[Any, Any, Any]:
     """The products of the backward for the rows of ``x``: ``dx`` (in ``x.dtype``), ``dW_acc =
-    (sum_i dv_i)^T x`` ``(h, d)`` in float32 (in ``logit_dtype`` while :data:`_NARROW_DW_PRODUCT` is on) and
-    ``G_i = e_i^T x`` ``(n, h, d)`` in ``logit_dtype``, allocated
+    (sum_i dv_i)^T x`` ``(h, d)`` float32 and ``G_i = e_i^T x`` ``(n, h, d)`` in ``logit_dtype``, allocated
     after ``dx``'s float32 buffer is freed, or added into the given ``dW_acc`` and ``G``. A consumed ``cache`` list is
     emptied: ``t`` (then holding ``sum_i dv_i``) is dropped before ``G`` is allocated, ``s`` (then
     holding the ``e_i``) after the last product."""
@@ -363,7 +355,7 @@ def _backward_products(dy: Any, x: Any, W: Any, bits: Any, activation: str, cach
 
     accumulate = dW_acc is not None
     if not accumulate:
-        dW_acc = cp.empty((h, d), dtype=logit_dtype if _NARROW_DW_PRODUCT else float32)
+        dW_acc = cp.empty((h, d), dtype=float32)
     gemm(dv_sum, x, dW_acc, trans_a=True, accumulate=accumulate)
     del dv_sum, t  # with a handed-over cache, the pool reuses t's memory for G
     if not accumulate:
@@ -395,17 +387,16 @@ def _dx_by_cublas(dv_sum: Any, e: Any, W: Any, bits: Any) -> Any:
 
 
 def _weight_grads(W: Any, bits: Any, dW_acc: Any, G: Any) -> Any:
-    """``dW = dW_acc + sum_i M_i * G_i`` (summed in float32, returned in ``W.dtype``, in ``dW_acc``'s memory
-    when the dtypes agree) and ``G_i <- W * G_i`` in place (the logit gradients); ``dW_acc`` and ``G`` each
-    float32 or ``W.dtype``: one pass over all planes."""
+    """``dW = dW_acc + sum_i M_i * G_i`` (returned in ``W.dtype``) and ``G_i <- W * G_i`` in place (the
+    logit gradients, in ``G.dtype``: float32 or ``W.dtype``): one pass over all planes."""
     import cupy as cp
 
     h, d = W.shape
-    dW = dW_acc if dW_acc.dtype == W.dtype else cp.empty_like(W)
+    dW = dW_acc if W.dtype == float32 else cp.empty_like(W)
     wvec = next(v for v in _weight_grads_vecs(G.dtype) if d % v == 0)
     _launch("mglu_weight_grads", W.dtype, wvec, h * (d // wvec),
             (G, W, bits, dW_acc, dW, _i32(bits.shape[0]), _i32(h), _i32(d), _i32(bits.shape[-1])),
-            name=_weight_grads_name(W.dtype, G.dtype, dW_acc.dtype, wvec))
+            name=_weight_grads_name(W.dtype, G.dtype, wvec))
     return dW
 
 

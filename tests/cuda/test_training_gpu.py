@@ -145,36 +145,6 @@ def test_logit_products_batched_or_not_agree():
         assert rel_err(got, cp.asnumpy(want).astype(np.float64)) < 1e-2, name
 
 
-@pytest.mark.parametrize("dtype", [float16, bfloat16], ids=["fp16", "bf16"])
-def test_dw_product_narrow_or_float32_agree_with_float64(dtype):
-    """``(sum_i dv_i)^T x`` in float32 (the default) or in the input dtype (``training._NARROW_DW_PRODUCT``,
-    stop 36): ``dW`` within the dtype's tolerance of the float64 reference either way, ``dx`` and the logit
-    gradients the same bits."""
-    import cupy as cp
-    from pymglu.cuda import switched, training
-
-    rng = np.random.default_rng()
-    x, W, logits, dy = _mglu_case(rng, (300,), 136, 200, 4, dtype)
-    xg, Wg, bits, dyg = cp.asarray(x), cp.asarray(W), mask_ops.pack_masks(cp.asarray(logits)), cp.asarray(dy)
-    _, cache = functional.mglu_forward(xg, Wg, bits, "silu")
-    wide = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
-    assert not training._NARROW_DW_PRODUCT
-    with switched(training, "_NARROW_DW_PRODUCT", True):
-        narrow = functional.mglu_backward(dyg, xg, Wg, bits, "silu", cache)
-    assert not training._NARROW_DW_PRODUCT
-    np.testing.assert_array_equal(cp.asnumpy(narrow[0]), cp.asnumpy(wide[0]))
-    np.testing.assert_array_equal(cp.asnumpy(narrow[2]), cp.asnumpy(wide[2]))
-    masks = logits > 0
-    _, dW64, _ = functional.mglu_backward(dy.astype(np.float64), x.astype(np.float64), W.astype(np.float64),
-                                          masks, "silu")
-    errors = []
-    for got in (narrow[1], wide[1]):
-        assert got.dtype == np.dtype(dtype)
-        errors.append(rel_err(got, dW64))
-    assert max(errors) < TOL[np.dtype(dtype)], errors
-    assert errors[0] < 1.5 * errors[1] + TOL[np.dtype(dtype)] / 10, errors  # one more rounding, not worse
-
-
 def test_gemm_refuses_bad_operands():
     import cupy as cp
     from pymglu.cuda.gemm import gemm
