@@ -15,7 +15,8 @@ training does). Variants, all in the same run:
   loop runs when the optimizer's update writes them (:mod:`pymglu.cuda.optimizers`);
 * ``mglu-bits-given-apply-mask``: the same with :mod:`pymglu.cuda.masked_gemm` switched off, the masked
   products built by ``apply_mask`` for cuBLAS as before stop 32 (the same step wherever the kernels are not
-  used: other GPUs than sm_90);
+  used: other GPUs than sm_90, and more than ``masked_gemm.MAX_TOKENS`` tokens, which
+  ``--masked-gemm-max-tokens`` changes for the run);
 * ``mglu-bits-given-dx-kernel``: the same with the backward's ``dx`` kernel switched on
   (``masked_gemm.dx_kernel()``; off by default since stop 33), its ``n + 1`` products in one kernel;
 * ``mglu-bits-given-unbatched`` (with ``--unbatched-too``): the bits-given step with the ``n`` products
@@ -494,11 +495,16 @@ def main(argv=None):
     p.add_argument("--fp32-logits-too", action="store_true",
                    help="also time mglu-bits-given-fp32-logits: the bits-given step with the logit gradients in "
                         "float32 (pymglu.cuda.training.narrow_logit_grads(False)), the default before stop 35")
+    p.add_argument("--masked-gemm-max-tokens", type=int,
+                   help="the bound on T up to which the forward's masked products run in pymglu.cuda.masked_gemm "
+                        "(default: masked_gemm.MAX_TOKENS, 2048 since stop 37; a large value times the kernel at every T)")
     p.add_argument("--recompute-n", default="4", help="masks at which the recompute variant also runs ('' for none)")
     p.add_argument("--shapes", help="comma list of dxh (default: the issue's 2048x8192,4096x14336)")
     p.add_argument("--tokens", help="comma list of T (default: 4096,16384)")
     p.add_argument("--masks", help="comma list of n (default: 1,2,4,8)")
     args = p.parse_args(argv)
+    if args.masked_gemm_max_tokens is not None:
+        masked_gemm.MAX_TOKENS = args.masked_gemm_max_tokens
     args.recompute_n = [int(v) for v in args.recompute_n.split(",") if v]
     have_torch = False
     if args.torch:

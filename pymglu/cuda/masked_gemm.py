@@ -39,7 +39,7 @@ from pymglu import cuda as _cuda
 from pymglu.backend import cupy_or_none, is_cupy_array
 from pymglu.dtypes import bfloat16, float16
 
-__all__ = ["ENABLED", "DX_ENABLED", "MAX_TOKENS_PER_K", "disabled", "dx_kernel", "supports", "usable",
+__all__ = ["ENABLED", "DX_ENABLED", "MAX_TOKENS", "disabled", "dx_kernel", "supports", "usable",
            "masked_product", "launch_unchecked", "supports_dx", "usable_dx", "masked_dx", "launch_dx_unchecked",
            "transpose_bits"]
 
@@ -51,11 +51,14 @@ ENABLED = True
 #: (docs/train_layer_history.md, "Stop 33"). :func:`dx_kernel` switches it on.
 DX_ENABLED = False
 
-#: The training path uses the kernel only for products with at most this many tokens per column of ``W``
-#: (``T <= MAX_TOKENS_PER_K * K``). On the H200 it beat ``apply_mask`` + cuBLAS by 6.0% at T = K = 4096
-#: and by 4.6% at T = 2K = 4096, and lost by 3.1% at T = 4K = 16384, where building ``M * W`` once is spread
-#: over more tokens (docs/train_layer_history.md, "Stop 32").
-MAX_TOKENS_PER_K = 2
+#: The training path uses the kernel only for products of at most this many tokens (``T <= MAX_TOKENS``).
+#: ``apply_mask`` costs the same for any ``T`` (it writes ``M * W`` once per call), while the kernel's main
+#: loop runs some percent slower than cuBLAS's on a built ``M * W`` for every token, so the kernel pays off
+#: only up to some token count. Replayed n = 4 steps on the H200 at stop 37, kernel against ``apply_mask`` +
+#: cuBLAS (docs/benchmarks.md, "Stop 37"; one path timed twice in a run differs by up to 1.3%):
+#: d = 2048: +3.9%, +2.6%, +0.8%, level at T = 1024, 2048, 3072, 4096; d = 4096: +1.5%, +2.2%, -1.9%,
+#: -1.3 to -1.4%, -3.7% at T = 1024, 2048, 3072, 4096, 8192. (Until stop 37 the bound was ``T <= 2 d``.)
+MAX_TOKENS = 2048
 
 _SOURCE = "masked_gemm.cu"
 _ENTRIES = {np.dtype(bfloat16): "masked_gemm_bf16", np.dtype(float16): "masked_gemm_f16"}
@@ -105,8 +108,8 @@ def supports(x: Any, W: Any, bits: Any, out: Any) -> bool:
 
 def usable(x: Any, W: Any, bits: Any, out: Any) -> bool:
     """Whether the training path runs this product here: :data:`ENABLED`, :func:`supports`, and at most
-    :data:`MAX_TOKENS_PER_K` tokens per column of ``W``."""
-    return ENABLED and x.shape[0] <= MAX_TOKENS_PER_K * W.shape[1] and supports(x, W, bits, out)
+    :data:`MAX_TOKENS` tokens (rows of ``x``)."""
+    return ENABLED and x.shape[0] <= MAX_TOKENS and supports(x, W, bits, out)
 
 
 def masked_product(x: Any, W: Any, bits: Any, out: Any) -> Any:

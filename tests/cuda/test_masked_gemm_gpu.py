@@ -102,6 +102,24 @@ def test_training_forward_equals_the_apply_mask_path(activation):
     assert np.array_equal(cp.asnumpy(t), cp.asnumpy(t_ref))
 
 
+def test_training_runs_the_kernel_up_to_max_tokens_only():
+    """``usable``: the kernel serves products of at most ``MAX_TOKENS`` rows; longer ones go to ``apply_mask``
+    + cuBLAS (stop 37's bound, independent of ``d``), and ``disabled()`` turns it off at any length."""
+    import cupy as cp
+
+    from pymglu.cuda import masked_gemm
+
+    d, h = 64, 32
+    W = cp.ones((h, d), dtype=bfloat16)
+    bits = cp.zeros((h, d // 32), dtype=np.uint32)
+    for rows, expected in ((1, True), (masked_gemm.MAX_TOKENS, True), (masked_gemm.MAX_TOKENS + 1, False)):
+        x = cp.ones((rows, d), dtype=bfloat16)
+        out = cp.empty((rows, h), dtype=bfloat16)
+        assert masked_gemm.usable(x, W, bits, out) is expected, rows
+        with masked_gemm.disabled():
+            assert not masked_gemm.usable(x, W, bits, out)
+
+
 def test_bad_input_names_the_argument():
     import cupy as cp
 
