@@ -10,7 +10,8 @@
 # per tile and persistent, against cuBLAS and apply_mask + cuBLAS; SHAPES overrides), sparse-probe
 # (benchmarks/probe_sparse_wgmma.py: the 2:4-sparse wgmma fed as the sparse route would, against the dense one), graph-probe
 # (benchmarks/probe_graph_products.py: the training products and steps eager against replayed, at both issue-4 shapes
-# at T = 4096; SHAPES overrides, a space-separated list of TxDxH), products (benchmarks/masked_products.py:
+# at T = 4096; SHAPES overrides, a space-separated list of TxDxH), weight-probe (benchmarks/probe_weight_passes.py: the
+# step's elementwise passes against kernels with the same loads and stores; SHAPES overrides, a list of DxH), products (benchmarks/masked_products.py:
 # the package's masked-GEMM kernels against apply_mask + cuBLAS and cuBLAS unmasked; SHAPES overrides), ncu-fused (benchmarks/ncu_fused.sh: Nsight Compute on one fused decode step per
 # model, stall summary), train-quick (train_layer --quick), train-4096 (train_layer at T = 4096, n = 4, both shapes:
 # the stop-32 comparison of the masked GEMM against apply_mask; TRAIN_ARGS adds train_layer.py options, e.g. --narrow-logits-too), fp16-graph (compute-sanitizer memcheck on the
@@ -72,6 +73,11 @@ case "$mode" in
     : > "$OUT/bench.log"
     for shape in ${SHAPES:-4096x4096x14336 4096x2048x8192}; do
       timeout 200 python3 -u benchmarks/probe_graph_products.py --shape "$shape" >> "$OUT/bench.log" 2>&1 || status=1
+    done ;;
+  weight-probe)  # the issue-4 elementwise passes against the bytes they move (stop 37)
+    : > "$OUT/bench.log"
+    for shape in ${SHAPES:-4096x14336 2048x8192}; do
+      timeout 150 python3 -u benchmarks/probe_weight_passes.py --shape "$shape" >> "$OUT/bench.log" 2>&1 || status=1
     done ;;
   gemm-probe)  # the issue-4 masked-GEMM probe, one block per tile and persistent, against cuBLAS (SHAPES overrides)
     timeout 300 python3 -u benchmarks/probe_masked_gemm.py --rounds 7 \

@@ -16,7 +16,8 @@ times, in turns, at one (d, h) in bfloat16:
   ``epi fwd sums`` / ``epi bwd products``: their loads and stores with plain sums and products instead of
   the activation (no exponentials): what the activation's arithmetic costs.
 
-Usage (GPU machine): ``python benchmarks/probe_weight_passes.py [--shape 4096x14336] [--masks 4]``.
+Usage (GPU machine): ``python benchmarks/probe_weight_passes.py [--shape 4096x14336] [--masks 4]``, or both
+shapes with ``bash benchmarks/gpu_visit.sh weight-probe``.
 Prints a Markdown table: ms per call (median over rounds of 20 launches rotating three sets of arrays) and
 TB/s by the bytes each call must move.
 
