@@ -8,11 +8,12 @@ of ``fused_products.cuh`` replaced (the outputs are wrong; only the times mean s
 
 - ``library``: the kernel as shipped (since stop 16 the cross-warp reduction of a strip stores ``t`` and
   every ``s_i`` at once, behind one pair of team barriers);
-- ``n + 1 passes``: the reduction of stop 15 and before, one product per pass behind its own pair of
-  barriers (correct results, the same bits);
 - ``t only``: the mask words are still loaded but only the full product ``t`` is multiplied (one
   ``mma.sp`` per tile instead of n + 1);
 - ``no masks``: the mask words are neither loaded nor multiplied (``t`` only).
+
+(Stop 16 also ran ``n + 1 passes``, the reduction of stop 15 and before; its markers left the source
+since, and the variant was dropped at stop 38. Its numbers are in docs/decode_e2e_history.md.)
 
 The variants take turns for ``--rounds`` rounds; each profile is the median over the layers of the per-
 phase critical path (``profile_fused_step.profile``), and the table keeps the fastest round of each.
@@ -36,31 +37,7 @@ from pymglu import cuda as pc  # noqa: E402
 from pymglu.cuda import decode_fused  # noqa: E402
 from pymglu.models import GraphDecoder, TransformerConfig  # noqa: E402
 
-MGLU_MMA = "            if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);"
-REDUCTION_START = "      // Every product's tile at once"
-REDUCTION_END = "      const int row = strip * 16 + (tt >> 3), b = tt & 7;"
-PASSES = """      float t_val = 0.0f, y_val = 0.0f;
-#pragma unroll
-      for (int pass = 0; pass <= NM; ++pass) {
-        if (pass > n) break;
-        float v[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          v[c] = acc_t[c];
-#pragma unroll
-          for (int i = 0; i < NM; ++i)
-            if (pass == i + 1) v[c] = acc_s[i][c];
-        }
-        store_tile(cx.red, v);
-        team_sync(team, team_warps * 32);
-        if (tt < 128) {
-          const float s = team_total(cx.red, team * team_warps, team_warps, tt);
-          if (pass == 0) t_val = s;
-          else y_val += gate_fn(s, cx.act) * (t_val - s);
-        }
-        team_sync(team, team_warps * 32);
-      }
-"""
+MGLU_MMA = "        if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);"
 # the mask-word loads of load_next_group (FlashMGLU's lane-major words: one 16-byte load per chunk of four
 # masks, one 4-byte load per leftover mask)
 MASK_LOAD_CHUNK = "        const uint4 v = load_stream(reinterpret_cast<const uint4*>(mp + 128 * j) + lane);"
@@ -69,9 +46,8 @@ MASK_LOAD = "          m[i] = i < n ? load_stream(mp + 32 * i + lane) : 0u;  // 
 VARIANTS = {
     "library": [],
     # the mask words stay live (a test on their value) so that the compiler keeps their loads
-    "t only": [(MGLU_MMA, "            acc_t[0] += __uint_as_float(m[i] & 1u);")],
-    "n + 1 passes": [(REDUCTION_START, REDUCTION_END)],  # a span, replaced by PASSES
-    "no masks": [(MGLU_MMA, "            (void)m[i];"), (MASK_LOAD_CHUNK, "        const uint4 v = make_uint4(0u, 0u, 0u, 0u);"),
+    "t only": [(MGLU_MMA, "        acc_t[0] += __uint_as_float(m[i] & 1u);")],
+    "no masks": [(MGLU_MMA, "        (void)m[i];"), (MASK_LOAD_CHUNK, "        const uint4 v = make_uint4(0u, 0u, 0u, 0u);"),
                  (MASK_LOAD, "          m[i] = 0u;")],
 }
 
@@ -83,12 +59,6 @@ def variant_source_dir(root: Path, name: str) -> Path:
     header = target / "fused_products.cuh"
     text = header.read_text()
     for old, new in VARIANTS[name]:
-        if new == REDUCTION_END:  # replace the span from `old` up to `new` by the old reduction
-            if text.count(old) != 1 or text.count(new) != 1:
-                raise SystemExit(f"variant {name!r}: the reduction's markers are not in fused_products.cuh once")
-            i, j = text.index(old), text.index(new)
-            text = text[:i] + PASSES + text[j:]
-            continue
         if text.count(old) != 1:
             raise SystemExit(f"variant {name!r}: the line to replace is not in fused_products.cuh once: {old.strip()!r}")
         text = text.replace(old, new)

@@ -280,13 +280,19 @@ __device__ __forceinline__ PhaseShape phase_shape(int groups, int teams) {
   return ps;
 }
 
-// The weight loads a warp keeps in flight in a product phase: the W tiles and mask words of its next
-// AHEAD groups, and where the next load goes (strip, index among the warp's groups of that strip).
+// The weight loads of a product phase: a ring of AHEAD + 1 register buffers, each the W tiles and mask
+// words of one 64-column group, and where the next load goes (strip, index among the warp's groups of that
+// strip). The warp's groups run through the ring in order (group j of its sequence in buffer j % (AHEAD + 1)):
+// while it multiplies one buffer, the next AHEAD groups are in flight in the others. The buffer indices are
+// compile-time constants (product_phase unrolls its steps over the ring), so no buffer is ever copied: a
+// copy of a buffer whose load is pending waits for that load. (Until stop 38 the buffers were a shift
+// register, wq[a] = wq[a + 1] per group, and the copy of the newest buffer waited for the load issued one
+// group before: one group in flight per warp whatever AHEAD was.)
 template <int NM, int AHEAD>
 struct PhaseLoads {
-  static constexpr int NMS = NM > 0 ? NM : 1;
-  uint4 wq[AHEAD][4];
-  uint32_t mq[AHEAD][NMS];
+  static constexpr int NMS = NM > 0 ? NM : 1, RING = AHEAD + 1;
+  uint4 wq[RING][4];
+  uint32_t mq[RING][NMS];
   int ld_strip, ld_i;
 };
 
@@ -329,13 +335,13 @@ __device__ __forceinline__ void load_next_group(PhaseLoads<NM, AHEAD>& pl, const
   }
 }
 
-// Issues the warp's first AHEAD groups of loads of a product phase. The weights do not depend on the
-// phases before, so the decode step calls this before the wait for the phase's input (between the
-// arrival and the wait of the grid barrier before the o product; before the packet staging of the up and
-// down products and of the q k v products after the first layer's), and the loads' latency passes while
-// the block waits. The first layer's q k v and the logits load after their staging. (Before stop 30 the
-// q k v loads, held across the RMSNorm of stage_input, made the 16-warp MGLU instance spill; with the
-// packet staging they do not.)
+// Issues the warp's first AHEAD groups of loads of a product phase, into buffers 0 .. AHEAD - 1 of the ring.
+// The weights do not depend on the phases before, so the decode step calls this before the wait for the
+// phase's input (between the arrival and the wait of the grid barrier before the o product; before the
+// packet staging of the up and down products and of the q k v products after the first layer's), and the
+// loads' latency passes while the block waits. The first layer's q k v and the logits load after their
+// staging. (Before stop 30 the q k v loads, held across the RMSNorm of stage_input, made the 16-warp MGLU
+// instance spill; with the packet staging they do not.)
 template <int NM, int AHEAD>
 __device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const uint4* __restrict__ tiles,
                                                const uint32_t* __restrict__ masks, int n, int strips, int groups,
@@ -343,7 +349,8 @@ __device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const 
   const PhaseShape ps = phase_shape(groups, teams);
   pl.ld_strip = ps.first;
   pl.ld_i = 0;
-  // Every slot is written here, loaded or not, so that nothing of the previous phase stays live.
+  // Every slot is written here, loaded or not, so that nothing of the previous phase stays live (the last
+  // buffer of the ring is written by product_phase, after the staging).
 #pragma unroll
   for (int a = 0; a < AHEAD; ++a) {
 #pragma unroll
@@ -353,6 +360,91 @@ __device__ __forceinline__ void prefetch_phase(PhaseLoads<NM, AHEAD>& pl, const 
   }
 #pragma unroll
   for (int a = 0; a < AHEAD; ++a) load_next_group(pl, ps, tiles, masks, n, strips, groups, pl.wq[a], pl.mq[a]);
+}
+
+// acc_t (and acc_s[i] for MGLU) += the warp's group grp of the strip, from the W tiles w and mask words m.
+template <typename T, int NM, int NMS>
+__device__ __forceinline__ void multiply_group(const FusedCtx<T>& cx, int n, int grp, const uint4 (&w)[4],
+                                               const uint32_t (&m)[NMS], float (&acc_t)[4],
+                                               float (&acc_s)[NMS][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+  const bool tok_ok = g < cx.B;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if constexpr (NM == 0) {
+      const uint32_t* xrow = reinterpret_cast<const uint32_t*>(cx.xs + (tok_ok ? g : 0) * cx.xs_stride) + tg;
+      const int kp = grp * 32 + q * 8;  // the element pair k0 = 64 grp + 16 q, in 32-bit words
+      const uint32_t b0 = tok_ok ? xrow[kp] : 0u;
+      const uint32_t b1 = tok_ok ? xrow[kp + 4] : 0u;
+      Mma<T>::run(acc_t, w[q].x, w[q].y, w[q].z, w[q].w, b0, b1);
+    } else {  // FlashMGLU's format: sparse mma with the masks as metadata (tensor_core.cuh)
+      // the lane's x quads (elements 4 tg .. 4 tg + 3 of each tile; rows are 8-byte aligned)
+      const T* xquad = cx.xs + (tok_ok ? g : 0) * cx.xs_stride + 4 * tg;
+      const uint2 v = tok_ok ? *reinterpret_cast<const uint2*>(xquad + grp * 64 + q * 16) : make_uint2(0u, 0u);
+      const uint4 bq = sparse_b_fragment(v);
+      masked_mma_metadata<T>(acc_t, w[q], bq, ALL_ON_METADATA, q);
+      // Up to 4 masks (16 warps at 128 registers) every slot is multiplied, those past n with zero
+      // words; a guard per mask costs the registers that keep that instance from spilling.
+#pragma unroll
+      for (int i = 0; i < NM; ++i)
+        if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);
+    }
+  }
+}
+
+// The strip's reduction over the team's warps and its epilogue (the accumulators are then zeroed).
+template <typename T, int NM, int EPI, int NMS>
+__device__ __forceinline__ void finish_strip(FusedCtx<T>& cx, const FusedLayer& L, const PhaseShape& ps, int n,
+                                             int strip, float (&acc_t)[4], float (&acc_s)[NMS][4], float res0,
+                                             float res1, Packet* out_sets, int out_set) {
+  const int warp = threadIdx.x >> 5;
+  const int team_warps = ps.team_warps, team = ps.team, tt = ps.tt;
+  if (NM == 0) {
+    store_tile(cx.red, acc_t);
+    team_sync(team, team_warps * 32);
+    if (tt < 64) {
+      const int p = tt >> 3, b = tt & 7;
+      const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
+      const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
+      if constexpr (EPI == EPI_RESIDUAL || EPI == EPI_GLU)  // every thread: the packets pair rows
+        packet_epilogue<T, EPI>(cx, out_sets, out_set, strip, p, b, a, c, res0, res1);
+      else if (b < cx.B)
+        dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
+    }
+    team_sync(team, team_warps * 32);
+  } else {
+    // Every product's tile at once (red holds NM + 1 slots per warp), so that a strip costs one pair of
+    // team barriers instead of n + 1; the sums run over the warps in the same fixed order as before.
+    constexpr int SLOTS = NM + 1;
+    float* mine = cx.red + warp * SLOTS * 128;
+    store_tile_at(mine, acc_t);
+#pragma unroll
+    for (int i = 0; i < NM; ++i)
+      if (i < n) store_tile_at(mine + (i + 1) * 128, acc_s[i]);
+    team_sync(team, team_warps * 32);
+    float y_val = 0.0f;
+    if (tt < 128) {
+      const float* first = cx.red + team * team_warps * SLOTS * 128 + tt;
+      float t_val = 0.0f;
+      for (int w = 0; w < team_warps; ++w) t_val += first[w * SLOTS * 128];
+#pragma unroll
+      for (int i = 0; i < NM; ++i) {
+        if (i < n) {
+          float s = 0.0f;
+          for (int w = 0; w < team_warps; ++w) s += first[w * SLOTS * 128 + (i + 1) * 128];
+          y_val += gate_fn(s, cx.act) * (t_val - s);
+        }
+      }
+    }
+    team_sync(team, team_warps * 32);
+    if (tt < 128) store_hidden_pair(cx, out_sets, out_set, strip * 16 + (tt >> 3), tt & 7, y_val);  // four whole warps
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    acc_t[c] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NMS; ++i) acc_s[i][c] = 0.0f;
+  }
 }
 
 // One product of the staged input (xs) with `strips` strips of `groups` 64-column groups, and its epilogue,
@@ -368,104 +460,41 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
                                               const uint32_t* __restrict__ masks, int n, int strips, int groups,
                                               int teams, PhaseLoads<NM, AHEAD>& pl, const Packet* res_sets = nullptr,
                                               int res_set = 0, Packet* out_sets = nullptr, int out_set = 0) {
-  constexpr int NMS = PhaseLoads<NM, AHEAD>::NMS;
+  constexpr int NMS = PhaseLoads<NM, AHEAD>::NMS, RING = PhaseLoads<NM, AHEAD>::RING;
   const PhaseShape ps = phase_shape(groups, teams);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int team_warps = ps.team_warps, team = ps.team, twarp = ps.twarp, tt = ps.tt;
-  const int per_strip = ps.per_strip, stride = ps.stride, first = ps.first;
-  const int g = lane >> 2, tg = lane & 3;
-  const bool tok_ok = g < cx.B;
-  const uint32_t* xrow = reinterpret_cast<const uint32_t*>(cx.xs + (tok_ok ? g : 0) * cx.xs_stride) + tg;
-  // MGLU: the lane's x quads (elements 4 tg .. 4 tg + 3 of each tile; rows are 8-byte aligned)
-  const T* xquad = cx.xs + (tok_ok ? g : 0) * cx.xs_stride + 4 * tg;
-  auto& wq = pl.wq;
-  auto& mq = pl.mq;
-
-  for (int strip = first; strip < strips; strip += stride) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) pl.wq[AHEAD][q] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < NMS; ++i) pl.mq[AHEAD][i] = 0u;
+  float acc_t[4], acc_s[NMS][4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    acc_t[c] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NMS; ++i) acc_s[i][c] = 0.0f;
+  }
+  int next = 0;  // the ring buffer that holds the warp's next group
+  for (int strip = ps.first; strip < strips; strip += ps.stride) {
     float res0 = 0.0f, res1 = 0.0f;
-    if constexpr (NM == 0 && EPI == EPI_RESIDUAL) residual_pair(cx, res_sets, res_set, strip, tt, res0, res1);
-    float acc_t[4], acc_s[NMS][4];
+    if constexpr (NM == 0 && EPI == EPI_RESIDUAL) residual_pair(cx, res_sets, res_set, strip, ps.tt, res0, res1);
+    for (int gi = 0; gi < ps.per_strip;) {
+      // One pass over the ring from buffer `next`: each step issues the load into the buffer that the step
+      // before emptied, then multiplies its own; the pass stops early at the strip's end, and the next
+      // strip goes on from the buffer where it stopped.
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      acc_t[c] = 0.0f;
-#pragma unroll
-      for (int i = 0; i < NMS; ++i) acc_s[i][c] = 0.0f;
-    }
-    for (int gi = 0; gi < per_strip; ++gi) {
-      const int grp = twarp + gi * team_warps;
-      uint4 w[4];
-      uint32_t m[NMS];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w[q] = wq[0][q];
-#pragma unroll
-      for (int i = 0; i < NMS; ++i) m[i] = mq[0][i];
-#pragma unroll
-      for (int a = 0; a + 1 < AHEAD; ++a) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) wq[a][q] = wq[a + 1][q];
-#pragma unroll
-        for (int i = 0; i < NMS; ++i) mq[a][i] = mq[a + 1][i];
-      }
-      load_next_group(pl, ps, tiles, masks, n, strips, groups, wq[AHEAD - 1], mq[AHEAD - 1]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if constexpr (NM == 0) {
-          const int kp = grp * 32 + q * 8;  // the element pair k0 = 64 grp + 16 q, in 32-bit words
-          const uint32_t b0 = tok_ok ? xrow[kp] : 0u;
-          const uint32_t b1 = tok_ok ? xrow[kp + 4] : 0u;
-          Mma<T>::run(acc_t, w[q].x, w[q].y, w[q].z, w[q].w, b0, b1);
-        } else {  // FlashMGLU's format: sparse mma with the masks as metadata (tensor_core.cuh)
-          const uint2 v = tok_ok ? *reinterpret_cast<const uint2*>(xquad + grp * 64 + q * 16) : make_uint2(0u, 0u);
-          const uint4 bq = sparse_b_fragment(v);
-          masked_mma_metadata<T>(acc_t, w[q], bq, ALL_ON_METADATA, q);
-          // Up to 4 masks (16 warps at 128 registers) every slot is multiplied, those past n with zero
-          // words; a guard per mask costs the registers that keep that instance from spilling.
-#pragma unroll
-          for (int i = 0; i < NM; ++i)
-            if (NM <= 4 || i < n) masked_mma<T>(acc_s[i], w[q], bq, m[i], q);
+      for (int r = 0; r < RING; ++r) {
+        if (r >= next && gi < ps.per_strip) {
+          // buffer (r + AHEAD) % RING is the one multiplied one step before
+          load_next_group(pl, ps, tiles, masks, n, strips, groups, pl.wq[(r + AHEAD) % RING],
+                          pl.mq[(r + AHEAD) % RING]);
+          multiply_group<T, NM, NMS>(cx, n, ps.twarp + gi * ps.team_warps, pl.wq[r], pl.mq[r], acc_t, acc_s);
+          ++gi;
+          next = r + 1;
         }
       }
+      if (next == RING) next = 0;
     }
-    if (NM == 0) {
-      store_tile(cx.red, acc_t);
-      team_sync(team, team_warps * 32);
-      if (tt < 64) {
-        const int p = tt >> 3, b = tt & 7;
-        const float a = team_total(cx.red, team * team_warps, team_warps, p * 8 + b);
-        const float c = team_total(cx.red, team * team_warps, team_warps, (p + 8) * 8 + b);
-        if constexpr (EPI == EPI_RESIDUAL || EPI == EPI_GLU)  // every thread: the packets pair rows
-          packet_epilogue<T, EPI>(cx, out_sets, out_set, strip, p, b, a, c, res0, res1);
-        else if (b < cx.B)
-          dense_epilogue<T, EPI>(cx, L, strip, p, b, a, c);
-      }
-      team_sync(team, team_warps * 32);
-    } else {
-      // Every product's tile at once (red holds NM + 1 slots per warp), so that a strip costs one pair of
-      // team barriers instead of n + 1; the sums run over the warps in the same fixed order as before.
-      constexpr int SLOTS = NM + 1;
-      float* mine = cx.red + warp * SLOTS * 128;
-      store_tile_at(mine, acc_t);
-#pragma unroll
-      for (int i = 0; i < NM; ++i)
-        if (i < n) store_tile_at(mine + (i + 1) * 128, acc_s[i]);
-      team_sync(team, team_warps * 32);
-      float y_val = 0.0f;
-      if (tt < 128) {
-        const float* first = cx.red + team * team_warps * SLOTS * 128 + tt;
-        float t_val = 0.0f;
-        for (int w = 0; w < team_warps; ++w) t_val += first[w * SLOTS * 128];
-#pragma unroll
-        for (int i = 0; i < NM; ++i) {
-          if (i < n) {
-            float s = 0.0f;
-            for (int w = 0; w < team_warps; ++w) s += first[w * SLOTS * 128 + (i + 1) * 128];
-            y_val += gate_fn(s, cx.act) * (t_val - s);
-          }
-        }
-      }
-      team_sync(team, team_warps * 32);
-      if (tt < 128) store_hidden_pair(cx, out_sets, out_set, strip * 16 + (tt >> 3), tt & 7, y_val);  // four whole warps
-    }
+    finish_strip<T, NM, EPI, NMS>(cx, L, ps, n, strip, acc_t, acc_s, res0, res1, out_sets, out_set);
   }
 }
 
