@@ -5,7 +5,8 @@ copies of ``W`` each) and 0.38 ms in the weight-gradient pass (``mglu_weight_gra
 (stop 37: 3.2 and 3.7 TB/s by their bytes; a device-to-device copy reaches 4.1-4.25 TB/s). This probe
 times, in turns, at one (d, h) in bfloat16:
 
-* ``apply_mask``: the library's kernel (``pymglu.cuda.training``, 2 planes per call);
+* ``apply_mask``: the library's kernel (``pymglu.cuda.training``, 2 planes per call; ``apply_mask_flat``
+  since stop 38);
 * ``replicate``: the same loop without the mask (``W`` read, two copies written): the bound of the pattern;
 * ``mask rows``: a 2-d grid (a block row per group of rows, 32-bit column indices), no 64-bit division;
 * ``mask x2``: the library's loop with two chunks per thread and iteration, both loads issued first;
@@ -26,8 +27,13 @@ epilogues run at 3.7-3.85 TB/s, the forward epilogue's activation costing 6% aga
 ``apply_mask`` at 3.40 / 2.78 TB/s (d = 4096 / 2048) against 3.86 / 3.57 for ``replicate``, and
 ``mask stream`` 6% / 17% faster than the library's. In the step the streaming stores made MGLU 0.3-0.9%
 slower (the product that reads the masked copy next loses its L2 hits), so they were not kept. That run's
-``wgrad copy`` stored each value back unchanged and the compiler dropped it; the sign flip here came after
-and has not run yet.
+``wgrad copy`` stored each value back unchanged and the compiler dropped it.
+
+Stop 38's run (benchmarks/results_stop38_probes_h200.md), with the library's ``apply_mask`` now
+``apply_mask_flat`` for these shapes (no division per chunk, both planes' words loaded before the first
+store): 0.0995 / 0.0311 ms (3.69 / 3.37 TB/s) against 0.0946 / 0.0293 for ``replicate``, as fast as
+``mask stream`` without its streaming stores; the weight-gradient pass at 0.371 / 0.107 ms against 0.352 /
+0.103 for ``wgrad copy`` (its loads and stores, the sign flipped), i.e. at 95-96% of its pattern's bound.
 """
 from __future__ import annotations
 

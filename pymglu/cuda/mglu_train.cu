@@ -2,6 +2,7 @@
 // cuBLAS products of the n + 1 scheme, DESIGN.md section 2):
 //
 //   apply_mask<T, VEC>          out_p = M_p * W for one or more bit-planes (the masked weights, built on the fly)
+//   apply_mask_flat<T, VEC, COUNT>  the same for d % 32 == 0 and 1 or 2 planes, without a division per chunk
 //   mglu_epilogue_fwd<T, VEC>   y = sum_i g(s_i) * (t - s_i)
 //   mglu_epilogue_bwd<T, VEC>   e_i = dy * (t - s_i) * g'(s_i) - dy * g(s_i) and sum_i dy * g(s_i)
 //   mglu_weight_grads<T, TG, VEC>  dW = dW_acc + sum_i M_i * G_i and G_i <- W * G_i  (G_i = e_i^T x, float32 or T)
@@ -60,6 +61,32 @@ __global__ void apply_mask(const T* __restrict__ W, const uint32_t* __restrict__
       for (int j = 0; j < VEC; ++j)
         if (!((word >> j) & 1u)) pk.v[j] = from_float<T>(0.0f);
       *reinterpret_cast<Pack<T, VEC>*>(out + p * hd + r * d + c0) = pk;
+    }
+  }
+}
+
+// apply_mask for d % 32 == 0 and COUNT (1 or 2) planes known at compile time: rows are then whole mask
+// words, so element f of the flat (h, d) plane is bit f % 32 of word f / 32 of the plane's bits (no
+// division per chunk), and every plane's word is loaded before the first store. VEC divides 32.
+// (The general kernel's 64-bit division per chunk and its loop over a runtime plane count, one word load
+// after each store, cost it 12-22% against the same loop without the mask: docs/benchmarks.md, "Stop 38".)
+template <typename T, int VEC, int COUNT>
+__global__ void apply_mask_flat(const T* __restrict__ W, const uint32_t* __restrict__ bits, T* __restrict__ out,
+                                long long hd) {
+  const long long hw = hd >> 5;
+  PYMGLU_GRID_STRIDE(idx, hd / VEC) {
+    const long long f = idx * VEC;
+    const Pack<T, VEC> w = *reinterpret_cast<const Pack<T, VEC>*>(W + f);
+    uint32_t word[COUNT];
+#pragma unroll
+    for (int p = 0; p < COUNT; ++p) word[p] = bits[p * hw + (f >> 5)] >> (f & 31);
+#pragma unroll
+    for (int p = 0; p < COUNT; ++p) {
+      Pack<T, VEC> pk = w;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (!((word[p] >> j) & 1u)) pk.v[j] = from_float<T>(0.0f);
+      *reinterpret_cast<Pack<T, VEC>*>(out + p * hd + f) = pk;
     }
   }
 }

@@ -113,7 +113,16 @@ def kernel_names() -> list[str]:
                 continue
             vecs = (4, 1) if kernel == "narrow_float32" else (_wide_vec(dt), 1)
             names += [_name(kernel, dt, v) for v in vecs]
+        names += [_flat_mask_name(dt, _wide_vec(dt), c) for c in _FLAT_MASK_COUNTS]
     return names
+
+
+#: plane counts of the ``apply_mask_flat`` instances (``d % 32 == 0``; other counts take ``apply_mask``)
+_FLAT_MASK_COUNTS = (1, 2)
+
+
+def _flat_mask_name(dtype: Any, vec: int, count: int) -> str:
+    return f"pymglu::apply_mask_flat<{_CUDA_TYPES[np.dtype(dtype)]}, {vec}, {count}>"
 
 
 def _weight_grads_name(dtype: Any, g_dtype: Any, vec: int) -> str:
@@ -176,8 +185,12 @@ def _apply_mask(W: Any, bits: Any, out: Any) -> Any:
     h, d = W.shape
     count = 1 if bits.ndim == 2 else bits.shape[0]
     vec = _wide_vec(W.dtype) if d % _wide_vec(W.dtype) == 0 else 1
-    _launch("apply_mask", W.dtype, vec, h * (d // vec),
-            (W, bits, out, _i32(count), _i32(h), _i32(d), _i32(bits.shape[-1])))
+    if d % 32 == 0 and count in _FLAT_MASK_COUNTS:  # rows are whole mask words: no division per chunk
+        _launch("apply_mask_flat", W.dtype, vec, h * (d // vec), (W, bits, out, np.int64(h * d)),
+                name=_flat_mask_name(W.dtype, vec, count))
+    else:
+        _launch("apply_mask", W.dtype, vec, h * (d // vec),
+                (W, bits, out, _i32(count), _i32(h), _i32(d), _i32(bits.shape[-1])))
     return out
 
 

@@ -161,9 +161,10 @@ def test_gemm_refuses_bad_operands():
 
 
 @pytest.mark.parametrize("dtype", [float32, float16, bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("h, d", [(5, 8), (33, 1000), (17, 777), (64, 4096)])
+@pytest.mark.parametrize("h, d", [(5, 8), (33, 1000), (17, 777), (64, 4096), (33, 96), (7, 32)])
 @pytest.mark.parametrize("planes", [None, 1, 2, 3], ids=["plane", "1of1", "2", "3"])
 def test_apply_mask_is_exact(dtype, h, d, planes):
+    """Both kernels: ``apply_mask_flat`` (``d % 32 == 0``, one or two planes) and ``apply_mask`` (the rest)."""
     import cupy as cp
     from pymglu.cuda import training
 
