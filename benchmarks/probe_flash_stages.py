@@ -25,6 +25,13 @@ unless ``--no-pdl``:
   instead of two), the mask words in the library's lane-major chunks; the probe passes a random buffer
   of the same size; ``interleaved 4-byte masks``: the same with mask-major words and 4-byte loads.
 
+- ``ring`` (stop 38): the groups in flight in a ring of ``AHEAD + 1`` register buffers with compile-time
+  indices (each group's loads go into the buffer the group before emptied, nothing is copied), instead of
+  the library's shift register, whose copy of the newest buffer waits for its load (one group in flight
+  per warp); the fused decode step's pipeline since stop 38 (docs/flash_mglu.md, "What limits it").
+  Computes the library's results. Stop 38's run: 1.7-11% slower than the library in most cells, 10-33% at
+  n = 8, T = 8 (benchmarks/results_flash_ring_h200.md).
+
 ``a&b`` applies the replacements of both (e.g. ``interleaved&loads only``).
 
 The time of a variant against ``library`` bounds what the left-out stage costs on the critical path.
@@ -132,6 +139,78 @@ def mask_major(variant: str) -> bool:
     return any(part == "warp-major masks" for part in variant.split("&"))
 
 
+PIPELINE_START = "  // Software pipeline: the W tiles and mask words of the next AHEAD groups"
+PIPELINE_END = "#ifdef PYMGLU_PDL_TRIGGER_AT_END\n  pdl_launch_dependents();\n#endif\n  // Cross-warp reduction"
+RING_PIPELINE = r'''  static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 groups");
+  constexpr int RING = AHEAD + 1;
+  constexpr bool X_AHEAD = N_MASKS * NT < 32;
+  uint4 w_ring[RING][4];
+  uint32_t m_ring[RING][N_MASKS];
+  uint2 b_ring[X_AHEAD ? RING : 1][4][NT];
+  const bool d_quads = (d & 3) == 0;
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  int x_offset[NT];
+  bool tok_ok[NT];
+  int tok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    tok[nt] = PAIRED ? (g & 3) : nt * 8 + g;
+    tok_ok[nt] = tok[nt] < n_tokens;
+    x_offset[nt] = (tok_ok[nt] ? tok[nt] : 0) * d + 4 * tg;
+  }
+  const bool complement = PAIRED && g >= 4;
+  const uint32_t sel_even = complement ? B_LOW_EVEN : B_HIGH_EVEN;
+  const uint32_t sel_odd = complement ? B_LOW_ODD : B_HIGH_ODD;
+#ifndef PYMGLU_PDL_TRIGGER_AT_END
+  pdl_launch_dependents();
+#endif
+#pragma unroll
+  for (int a = 0; a < AHEAD; ++a)
+    if (warp + a * WARPS < groups)
+      load_weights<N_MASKS>(w_strip, m_strip, warp + a * WARPS, lane, w_ring[a], m_ring[a]);
+  pdl_wait();
+  if (X_AHEAD && warp < groups) load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, warp, b_ring[0]);
+  for (int first = warp; first < groups; first += RING * WARPS) {
+#pragma unroll
+    for (int r = 0; r < RING; ++r) {
+      const int grp = first + r * WARPS;
+      if (grp < groups) {
+        if (grp + AHEAD * WARPS < groups)
+          load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, lane, w_ring[(r + AHEAD) % RING],
+                                m_ring[(r + AHEAD) % RING]);
+        uint2 (&b)[4][NT] = b_ring[X_AHEAD ? r : 0];
+        if constexpr (X_AHEAD) {
+          if (grp + WARPS < groups)
+            load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp + WARPS, b_ring[(r + 1) % RING]);
+        } else {
+          load_x<T, NT>(x, x16, x_offset, tok_ok, tok, d_quads, n_tokens, d, tg, grp, b);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4 bq = sparse_b_fragment(b[q][nt], sel_even, sel_odd);
+            if (!PAIRED) masked_mma_metadata<T>(acc_t[nt], w_ring[r][q], bq, ALL_ON_METADATA, q);
+#pragma unroll
+            for (int i = 0; i < N_MASKS; ++i) masked_mma<T>(acc_s[i][nt], w_ring[r][q], bq, m_ring[r][i], q);
+          }
+        }
+      }
+    }
+  }
+
+'''
+
+
+def ring_pipeline() -> list[tuple[str, str]]:
+    """The kernel's software pipeline, from its comment to the end of the group loop, replaced by the ring."""
+    code = pymglu_cuda.source_path("flash_mglu.cu").read_text(encoding="utf-8")
+    if code.count(PIPELINE_START) != 1 or code.count(PIPELINE_END) != 1:
+        raise RuntimeError("probe replacement no longer matches flash_mglu.cu: the software pipeline's markers")
+    span = code[code.index(PIPELINE_START):code.index(PIPELINE_END)]
+    return [(span, RING_PIPELINE)]
+
+
 VARIANTS = {
     "library": [],
     "no x loads": [("__ldg(p + q * 4)", "make_uint2((uint32_t)(size_t)(p + q * 4), 0x3f803f80u)")],
@@ -146,6 +225,7 @@ VARIANTS = {
     "no bound": [("#ifdef PYMGLU_MMA_NO_MIN_BLOCKS", "#if 1  // probe: no register bound")],
     "interleaved": interleaved(True),
     "interleaved 4-byte masks": interleaved(False),
+    "ring": ring_pipeline(),
 }
 
 
