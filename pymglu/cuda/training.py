@@ -68,7 +68,7 @@ _BATCHED_LOGIT_PRODUCTS = True
 #: Whether the backward of float16/bfloat16 inputs writes the ``G_i = e_i^T x`` products and the mask-logit
 #: gradients ``W * G_i`` in the input dtype, as ``dW`` is (float32 accumulation inside the products), instead
 #: of float32: half the bytes of the products' outputs and of the weight-gradient pass, and half the memory
-#: of the logit gradients (docs/benchmarks.md, "Stop 35"). :func:`narrow_logit_grads` switches it.
+#: of the logit gradients (docs/train_layer_history.md, "Stop 35"). :func:`narrow_logit_grads` switches it.
 NARROW_LOGIT_GRADS = True
 
 
