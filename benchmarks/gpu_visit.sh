@@ -18,7 +18,8 @@
 # device-skip tests, then train_model.py --dtype float16: eager float16 steps, the loss scaler on the host,
 # against the captured ones, the scaler on the device), optim (optimizer_step.py and train_model.py: the
 # optimizer's kernels against its array expressions), train (train_layer
-# sweep), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), e2e-ab (the fused step of this tree
+# sweep), train-ab (train_layer.py at T = 4096, n = 4, this tree against BASE in the order base, new, new, base, the
+# replayed rows printed; base_ref/ as for e2e-ab), e2e (benchmarks/decode_e2e.py: the 1B-class graph-decode comparison), e2e-ab (the fused step of this tree
 # against the commit BASE, default HEAD~1, from a git archive of its pymglu: decode_e2e.py --kinds fused in the
 # order base, new, new, base, then profile_fused_step.py of each), sampling (benchmarks/decode_sampling.py:
 # tokens sampled on the device against on the host), nccl-hang (2 GPUs; source .gpu/mpi/setup.sh first: the NCCL
@@ -82,6 +83,23 @@ case "$mode" in
   gemm-probe)  # the issue-4 masked-GEMM probe, one block per tile and persistent, against cuBLAS (SHAPES overrides)
     timeout 300 python3 -u benchmarks/probe_masked_gemm.py --rounds 7 \
       --shapes "${SHAPES:-4096x14336x4096,16384x14336x4096,4096x8192x2048}" ${VARIANTS:+--variants "$VARIANTS"} > "$OUT/bench.log" 2>&1 || status=1 ;;
+  train-ab)  # the layer's training step of this tree against BASE in turns (base, new, new, base), as e2e-ab
+    # does for decode: train_layer.py at T = 4096, n = 4, both shapes (TRAIN_ARGS adds options); the graph rows
+    base=${BASE:-HEAD~1}
+    rm -rf "$OUT/base_ref" && mkdir -p "$OUT/base_ref"
+    if [ -d base_ref/pymglu ]; then cp -r base_ref/pymglu "$OUT/base_ref/"; else git archive "$base" pymglu | tar -x -C "$OUT/base_ref" || status=1; fi
+    : > "$OUT/bench.log"
+    i=0
+    for run in base new new base; do
+      i=$((i + 1)); root=$PWD; [ $run = base ] && root=$OUT/base_ref
+      echo "### $i: $run ($( [ $run = base ] && echo "$base" || echo tree))" >> "$OUT/bench.log"
+      PYTHONPATH=/tmp/site:$root:$PWD timeout 150 python3 benchmarks/train_layer.py --tokens 4096 --masks 4 --no-naive \
+        --no-torch --recompute-n "" --no-breakdown --reps 9 ${TRAIN_ARGS:-} --out-dir "/tmp/train_${i}_$run" \
+        > "$OUT/train_${i}_$run.log" 2>&1 || status=1
+      cp "/tmp/train_${i}_$run/train_layer.json" "$OUT/train_${i}_$run.json" 2>/dev/null || status=1
+      grep "(graph)" "/tmp/train_${i}_$run/train_layer.md" >> "$OUT/bench.log" 2>/dev/null || status=1
+    done
+    rm -rf "$OUT/base_ref" ;;
   e2e-ab)  # the fused step of this tree against BASE (a commit; default HEAD~1) in turns: base, new, new, base
     # the base's pymglu: base_ref/ when the copied tree has it (made beside the checkout, as the GPU machine's
     # copy may lack .git: git archive BASE pymglu | tar -x -C base_ref), else a git archive of BASE
