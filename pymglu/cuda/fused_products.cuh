@@ -462,6 +462,8 @@ __device__ __forceinline__ void product_phase(FusedCtx<T>& cx, const FusedLayer&
                                               int res_set = 0, Packet* out_sets = nullptr, int out_set = 0) {
   constexpr int NMS = PhaseLoads<NM, AHEAD>::NMS, RING = PhaseLoads<NM, AHEAD>::RING;
   const PhaseShape ps = phase_shape(groups, teams);
+  // the ring's last buffer, which prefetch_phase leaves empty: zeroed so that nothing of the previous phase
+  // stays live in it
 #pragma unroll
   for (int q = 0; q < 4; ++q) pl.wq[AHEAD][q] = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
