@@ -139,32 +139,15 @@ def mask_major(variant: str) -> bool:
     return any(part == "warp-major masks" for part in variant.split("&"))
 
 
-PIPELINE_START = "  // Software pipeline: the W tiles and mask words of the next AHEAD groups"
-PIPELINE_END = "#ifdef PYMGLU_PDL_TRIGGER_AT_END\n  pdl_launch_dependents();\n#endif\n  // Cross-warp reduction"
-RING_PIPELINE = r'''  static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 groups");
-  constexpr int RING = AHEAD + 1;
-  constexpr bool X_AHEAD = N_MASKS * NT < 32;
+RING_BUFFERS = ("  uint4 w_ahead[AHEAD][4];\n  uint32_t m_ahead[AHEAD][N_MASKS];\n  uint2 b_next[4][NT];\n",
+                """  constexpr int RING = AHEAD + 1;
   uint4 w_ring[RING][4];
   uint32_t m_ring[RING][N_MASKS];
-  uint2 b_ring[X_AHEAD ? RING : 1][4][NT];
-  const bool d_quads = (d & 3) == 0;
-  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
-  int x_offset[NT];
-  bool tok_ok[NT];
-  int tok[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    tok[nt] = PAIRED ? (g & 3) : nt * 8 + g;
-    tok_ok[nt] = tok[nt] < n_tokens;
-    x_offset[nt] = (tok_ok[nt] ? tok[nt] : 0) * d + 4 * tg;
-  }
-  const bool complement = PAIRED && g >= 4;
-  const uint32_t sel_even = complement ? B_LOW_EVEN : B_HIGH_EVEN;
-  const uint32_t sel_odd = complement ? B_LOW_ODD : B_HIGH_ODD;
-#ifndef PYMGLU_PDL_TRIGGER_AT_END
-  pdl_launch_dependents();
-#endif
-#pragma unroll
+  uint2 b_ring[X_AHEAD ? RING : 1][4][NT];  // X_AHEAD: the x values of the warp's j-th group in b_ring[j % RING]
+""")
+LOOP_START = "  int grp = warp;\n"
+LOOP_END = "#ifdef PYMGLU_PDL_TRIGGER_AT_END\n  pdl_launch_dependents();\n#endif\n  // Cross-warp reduction"
+RING_LOOP = r"""#pragma unroll
   for (int a = 0; a < AHEAD; ++a)
     if (warp + a * WARPS < groups)
       load_weights<N_MASKS>(w_strip, m_strip, warp + a * WARPS, lane, w_ring[a], m_ring[a]);
@@ -175,7 +158,7 @@ RING_PIPELINE = r'''  static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 gro
     for (int r = 0; r < RING; ++r) {
       const int grp = first + r * WARPS;
       if (grp < groups) {
-        if (grp + AHEAD * WARPS < groups)
+        if (grp + AHEAD * WARPS < groups)  // into the buffer the group before emptied
           load_weights<N_MASKS>(w_strip, m_strip, grp + AHEAD * WARPS, lane, w_ring[(r + AHEAD) % RING],
                                 m_ring[(r + AHEAD) % RING]);
         uint2 (&b)[4][NT] = b_ring[X_AHEAD ? r : 0];
@@ -199,16 +182,17 @@ RING_PIPELINE = r'''  static_assert(AHEAD >= 1 && AHEAD <= 3, "AHEAD: 1 to 3 gro
     }
   }
 
-'''
+"""
 
 
 def ring_pipeline() -> list[tuple[str, str]]:
-    """The kernel's software pipeline, from its comment to the end of the group loop, replaced by the ring."""
+    """The kernel's buffer declarations and its group loop (from its first loads to the loop's end)
+    replaced by the ring; the setup between them stays the library's."""
     code = pymglu_cuda.source_path("flash_mglu.cu").read_text(encoding="utf-8")
-    if code.count(PIPELINE_START) != 1 or code.count(PIPELINE_END) != 1:
-        raise RuntimeError("probe replacement no longer matches flash_mglu.cu: the software pipeline's markers")
-    span = code[code.index(PIPELINE_START):code.index(PIPELINE_END)]
-    return [(span, RING_PIPELINE)]
+    if code.count(LOOP_START) != 1 or code.count(LOOP_END) != 1:
+        raise RuntimeError("probe replacement no longer matches flash_mglu.cu: the group loop's markers")
+    loop = code[code.index(LOOP_START):code.index(LOOP_END)]
+    return [RING_BUFFERS, (loop, RING_LOOP)]
 
 
 VARIANTS = {
