@@ -106,10 +106,10 @@ __device__ __forceinline__ bool pair_current(Packet p0, Packet p1, int j, int wr
 // loads, and a pair that a late block still owes does not hold up the reads of the thread's other pairs.
 // (Measured on the H200, docs/decode_e2e_history.md, stop 30, and docs/benchmarks.md, stop 31: the sweep
 // shortened the wait after the MGLU up phase, whose blocks all end at once, by about 0.2 us against waiting
-// on each stale pair before reading the next. More pairs in flight gained nothing for GLU at 4 pairs, nor for either model at 2, and spill
-// the 16-warp MGLU instance at 4; cp.async copies into shared memory, all of a block's pairs in flight at
-// once, made both models 2.7-4.8% slower, and for hidden alone MGLU 3%; a __nanosleep before each re-read
-// made both slower.)
+// on each stale pair before reading the next. More pairs in flight gained nothing for GLU at 4 pairs, nor
+// for either model at 2, and spill the 16-warp MGLU instance at 4; cp.async copies into shared memory, all
+// of a block's pairs in flight at once, made both models 2.7-4.8% slower, and for hidden alone MGLU 3%; a
+// __nanosleep before each re-read made both slower.)
 // `boundary`: the phase boundary whose release the trace records once every row is in.
 template <typename T>
 __device__ void stage_packets(FusedCtx<T>& cx, const Packet* set, int row_packets, const T* norm, int K, int KP,
